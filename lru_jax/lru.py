@@ -1,0 +1,189 @@
+"""The Linear Recurrent Unit (Orvieto et al. 2023, "Resurrecting Recurrent Neural Networks for
+Long Sequences"), as pure functions.
+
+With model width H and state size N:
+
+    λ = exp(-exp(ν_log) + i exp(θ_log))                    [N]   stable: |λ| < 1 always
+    γ = exp(γ_log), initialised to sqrt(1 - |λ|²)          [N]   keeps E|h|² ≈ E|Bu|² at init
+    h_t = λ ⊙ h_{t-1} + γ ⊙ (B u_t),  B = B_re + i B_im     [N]   complex64
+    y_t = Re(C h_t) + D ⊙ u_t,        C = C_re + i C_im     [H]
+
+Ring initialisation: |λ| uniform on the ring r_min <= |λ| <= r_max (by area), phase uniform in
+[0, max_phase]. B ~ N(0, 1/(2H)) per real part, C ~ N(0, 1/N) per real part, D ~ N(0, 1).
+
+The recurrence runs through `lru_jax.scan.linear_scan` with λ time-invariant, so the parallel
+forward and the one-step form (`step`) are the same computation in different orders.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from lru_jax import _checks, scan
+
+Params = dict[str, jax.Array]
+
+PARAM_SHAPES = {
+    "nu_log": ("N",),
+    "theta_log": ("N",),
+    "gamma_log": ("N",),
+    "B_re": ("N", "H"),
+    "B_im": ("N", "H"),
+    "C_re": ("H", "N"),
+    "C_im": ("H", "N"),
+    "D": ("H",),
+}
+
+
+def check_ring(r_min: float, r_max: float, max_phase: float) -> None:
+    if not 0.0 <= r_min < r_max <= 1.0:
+        raise ValueError(f"r_min, r_max: expected 0 <= r_min < r_max <= 1, got {r_min}, {r_max}")
+    if not max_phase > 0.0:
+        raise ValueError(f"max_phase: expected a positive angle, got {max_phase}")
+
+
+def init_nu_log(key, d_state: int, r_min: float = 0.0, r_max: float = 1.0) -> jax.Array:
+    """ν_log [N] such that |λ| = exp(-exp(ν_log)) is uniform by area on [r_min, r_max]."""
+    u = jax.random.uniform(key, (d_state,), jnp.float32, minval=1e-7)
+    radius_sq = u * (r_max**2 - r_min**2) + r_min**2
+    # |λ| = 1 (u near 1 with r_max = 1) would give ν_log = -inf: keep |λ| a hair inside.
+    radius_sq = jnp.minimum(radius_sq, 1.0 - 1e-7)
+    return jnp.log(-0.5 * jnp.log(radius_sq))
+
+
+def init_theta_log(key, d_state: int, max_phase: float = 2 * math.pi) -> jax.Array:
+    """θ_log [N] with the phase exp(θ_log) uniform on [0, max_phase]."""
+    u = jax.random.uniform(key, (d_state,), jnp.float32, minval=1e-7)
+    return jnp.log(max_phase * u)
+
+
+def gamma_log_for(nu_log: jax.Array) -> jax.Array:
+    """γ_log [N] = log sqrt(1 - |λ|²), the normalisation for the initial eigenvalues."""
+    radius_sq = jnp.exp(-2.0 * jnp.exp(nu_log))
+    return 0.5 * jnp.log1p(-radius_sq)
+
+
+def init_matrix(key, shape: tuple[int, int], fan_in: int, complex_parts: int) -> jax.Array:
+    """Gaussian with variance 1/(complex_parts * fan_in): 1/(2H) for B, 1/N for C."""
+    return jax.random.normal(key, shape, jnp.float32) / math.sqrt(complex_parts * fan_in)
+
+
+def init(
+    key,
+    d_model: int,
+    d_state: int,
+    r_min: float = 0.0,
+    r_max: float = 1.0,
+    max_phase: float = 2 * math.pi,
+) -> Params:
+    """Fresh LRU parameters for width H = d_model and state size N = d_state."""
+    _checks.positive_int("d_model", d_model)
+    _checks.positive_int("d_state", d_state)
+    check_ring(r_min, r_max, max_phase)
+    k = jax.random.split(key, 7)
+    h, n = d_model, d_state
+    nu_log = init_nu_log(k[0], n, r_min, r_max)
+    return {
+        "nu_log": nu_log,
+        "theta_log": init_theta_log(k[1], n, max_phase),
+        "gamma_log": gamma_log_for(nu_log),
+        "B_re": init_matrix(k[2], (n, h), h, 2),
+        "B_im": init_matrix(k[3], (n, h), h, 2),
+        "C_re": init_matrix(k[4], (h, n), n, 1),
+        "C_im": init_matrix(k[5], (h, n), n, 1),
+        "D": jax.random.normal(k[6], (h,), jnp.float32),
+    }
+
+
+def eigenvalues(params: Params) -> jax.Array:
+    """λ [N] complex64."""
+    return jnp.exp(-jnp.exp(params["nu_log"]) + 1j * jnp.exp(params["theta_log"]))
+
+
+def input_term(params: Params, u: jax.Array) -> jax.Array:
+    """γ ⊙ (B u): u [..., H] real -> [..., N] complex64, by two real matmuls."""
+    gamma = jnp.exp(params["gamma_log"])[:, None]
+    re = u @ (params["B_re"] * gamma).T
+    im = u @ (params["B_im"] * gamma).T
+    return jax.lax.complex(re.astype(jnp.float32), im.astype(jnp.float32))
+
+
+def readout(params: Params, h: jax.Array, u: jax.Array) -> jax.Array:
+    """Re(C h) + D ⊙ u: h [..., N] complex, u [..., H] -> [..., H] real."""
+    return h.real @ params["C_re"].T - h.imag @ params["C_im"].T + params["D"] * u
+
+
+def check_input(params: Params, u, name: str = "u") -> None:
+    _checks.floating(name, u, allow_complex=False)
+    _checks.feature_size(name, u.shape[-1], params["D"].shape[0])
+
+
+def zero_state(batch_shape: tuple[int, ...], d_state: int) -> jax.Array:
+    return jnp.zeros((*batch_shape, d_state), jnp.complex64)
+
+
+def forward(
+    params: Params,
+    u: jax.Array,
+    h0: jax.Array | None = None,
+    *,
+    seq_lengths: jax.Array | None = None,
+    reverse: bool = False,
+    resets: jax.Array | None = None,
+    method: str = "auto",
+) -> tuple[jax.Array, jax.Array]:
+    """The LRU over a whole sequence, in parallel where `method` allows.
+
+    Args:
+      params: LRU parameters (see `init`).
+      u: [time, ..., H] real inputs, time-major; usually [time, batch, H].
+      h0: optional [..., N] complex initial state.
+      seq_lengths: optional int [batch] for u [time, batch, H]: outputs past a length are zero
+        and the returned state is the one after the last valid step.
+      reverse: run from the last (valid) step to the first.
+      resets: optional bool [time, ...]: restart the state from zero at these steps.
+      method: a `linear_scan` method.
+
+    Returns:
+      (y [time, ..., H], h_last [..., N]): outputs and the final state.
+    """
+    check_input(params, u)
+    if u.ndim < 2:
+        raise ValueError(f"u: expected rank >= 2 [time, ..., H], got shape {u.shape}")
+    if seq_lengths is not None:
+        _checks.rank("u", u, 3, "[time, batch, H] when seq_lengths is given")
+        seq_lengths = _checks.seq_lengths(seq_lengths, u.shape[1], u.shape[0])
+        if reverse:
+            u = scan.reverse_within_lengths(u, seq_lengths)
+            resets = None if resets is None else scan.reverse_within_lengths(resets, seq_lengths)
+        run_reversed = False
+    else:
+        run_reversed = reverse
+    n = params["nu_log"].shape[0]
+    if h0 is None:
+        h0 = zero_state(u.shape[1:-1], n)
+    hs = scan.linear_scan(
+        eigenvalues(params),
+        input_term(params, u),
+        h0,
+        method=method,
+        reverse=run_reversed,
+        resets=resets,
+    )
+    y = readout(params, hs, u)
+    if seq_lengths is None:
+        return y, hs[0] if reverse else hs[-1]
+    h_last = scan.last_valid(hs, seq_lengths, jnp.broadcast_to(h0, hs.shape[1:]))
+    y = jnp.where(scan.step_mask(seq_lengths, u.shape[0])[..., None], y, 0.0)
+    if reverse:
+        y = scan.reverse_within_lengths(y, seq_lengths)
+    return y, h_last
+
+
+def step(params: Params, h: jax.Array, u: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """One step for generation: h [..., N] complex, u [..., H] -> (h', y [..., H])."""
+    h = eigenvalues(params) * h + input_term(params, u)
+    return h, readout(params, h, u)

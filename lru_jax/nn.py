@@ -1,0 +1,341 @@
+"""Flax Linen modules over the functional core: recurrent layers, the LRU, bidirectional and
+stacked layers, and the residual sequence block.
+
+Modules are batch-major: x is [batch, time, features], as in `flax.linen.RNN`. Every sequence
+layer is called as
+
+    layer(x, seq_lengths=None, *, initial_carry=None, return_carry=False, reverse=False)
+
+and returns y [batch, time, out], or (carry, y) with `return_carry`. With `seq_lengths`
+(int [batch]), outputs past each length are exactly zero and the carry is the one after the
+last valid step. Causal layers also have `step(carry, x_t) -> (carry, y_t)` for generation,
+one step at a time with the trained variables (`module.apply(variables, c, x_t, method="step")`)
+and `initial_carry(batch_size)`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from lru_jax import _checks, cells, lru, scan
+
+
+def check_sequence(x, seq_lengths, name: str = "x"):
+    """Checks x: float [batch, time, features] and seq_lengths; returns int32 lengths or None."""
+    _checks.rank(name, x, 3, "[batch, time, features]")
+    _checks.floating(name, x, allow_complex=False)
+    return _checks.seq_lengths(seq_lengths, x.shape[0], x.shape[1])
+
+
+def _time_major(x):
+    return jnp.swapaxes(x, 0, 1)
+
+
+class RecurrentLayer(nn.Module):
+    """A layer running a functional cell (`lru_jax.cells`); see SimpleRNN, LSTM, GRU.
+
+    Its parameters are exactly the cell's: `variables["params"]` can be passed to
+    `cells.unroll` and `Cell.step` unchanged.
+    """
+
+    hidden_size: int
+    unroll: int = 1
+
+    def make_cell(self) -> cells.Cell:
+        raise NotImplementedError("RecurrentLayer is abstract: use SimpleRNN, LSTM or GRU")
+
+    @nn.compact
+    def __call__(
+        self, x, seq_lengths=None, *, initial_carry=None, return_carry=False, reverse=False
+    ):
+        """x: [batch, time, in] -> y [batch, time, hidden] (or (carry, y))."""
+        _checks.positive_int("hidden_size", self.hidden_size)
+        seq_lengths = check_sequence(x, seq_lengths)
+        if self.has_variable("params", "w_ih"):
+            _checks.feature_size("x", x.shape[-1], self.get_variable("params", "w_ih").shape[0])
+        cell = self.make_cell()
+        inits = cell.param_inits(x.shape[-1], self.hidden_size)
+        params = {name: self.param(name, init) for name, init in inits.items()}
+        carry, ys = cells.unroll(
+            cell,
+            params,
+            _time_major(x),
+            initial_carry,
+            seq_lengths=seq_lengths,
+            reverse=reverse,
+            unroll=self.unroll,
+        )
+        ys = _time_major(ys)
+        return (carry, ys) if return_carry else ys
+
+    def initial_carry(self, batch_size: int, dtype=jnp.float32):
+        """The zero carry for `batch_size` sequences."""
+        return self.make_cell().zero_carry((batch_size,), self.hidden_size, dtype)
+
+    def step(self, carry, x):
+        """One step: x [batch, in] -> (carry, y [batch, hidden]). Needs initialised variables."""
+        params = self.variables["params"]
+        _checks.rank("x", x, 2, "[batch, features]")
+        cells.check_input(params, x, "x")
+        return self.make_cell().step(params, carry, x)
+
+
+class SimpleRNN(RecurrentLayer):
+    """Elman RNN layer, activation "tanh" or "relu"."""
+
+    activation: str = "tanh"
+
+    def make_cell(self) -> cells.Cell:
+        return cells.simple_rnn(self.activation)
+
+
+class LSTM(RecurrentLayer):
+    """LSTM layer; carry (c, h)."""
+
+    def make_cell(self) -> cells.Cell:
+        return cells.lstm()
+
+
+class GRU(RecurrentLayer):
+    """GRU layer."""
+
+    def make_cell(self) -> cells.Cell:
+        return cells.gru()
+
+
+class LRU(nn.Module):
+    """Linear Recurrent Unit layer (Orvieto et al. 2023); width H is x's last axis.
+
+    Parameters: nu_log [N], theta_log [N], gamma_log [N], B_re [N,H], B_im [N,H], C_re [H,N],
+    C_im [H,N], D [H]. The carry is the complex64 state [batch, N].
+    """
+
+    d_state: int
+    r_min: float = 0.0
+    r_max: float = 1.0
+    max_phase: float = 2 * math.pi
+    scan_method: str = "auto"
+
+    @nn.compact
+    def __call__(
+        self,
+        x,
+        seq_lengths=None,
+        *,
+        initial_carry=None,
+        return_carry=False,
+        reverse=False,
+        resets=None,
+    ):
+        """x: [batch, time, H] -> y [batch, time, H] (or (h_last [batch, N], y)).
+
+        `resets`, optional bool [batch, time], restarts the state from zero at those steps.
+        """
+        _checks.positive_int("d_state", self.d_state)
+        lru.check_ring(self.r_min, self.r_max, self.max_phase)
+        _checks.one_of("scan_method", self.scan_method, (*scan.METHODS, "auto"))
+        seq_lengths = check_sequence(x, seq_lengths)
+        if self.has_variable("params", "D"):
+            _checks.feature_size("x", x.shape[-1], self.get_variable("params", "D").shape[0])
+        params = self._params(x.shape[-1])
+        if resets is not None:
+            _checks.rank("resets", resets, 2, "[batch, time]")
+            resets = _time_major(resets)
+        y, h_last = lru.forward(
+            params,
+            _time_major(x),
+            initial_carry,
+            seq_lengths=seq_lengths,
+            reverse=reverse,
+            resets=resets,
+            method=self.scan_method,
+        )
+        y = _time_major(y)
+        return (h_last, y) if return_carry else y
+
+    def _params(self, width: int):
+        n = self.d_state
+        normal = lru.init_matrix
+        nu_log = self.param("nu_log", lru.init_nu_log, n, self.r_min, self.r_max)
+        return {
+            "nu_log": nu_log,
+            "theta_log": self.param("theta_log", lru.init_theta_log, n, self.max_phase),
+            "gamma_log": self.param("gamma_log", lambda _: lru.gamma_log_for(nu_log)),
+            "B_re": self.param("B_re", normal, (n, width), width, 2),
+            "B_im": self.param("B_im", normal, (n, width), width, 2),
+            "C_re": self.param("C_re", normal, (width, n), n, 1),
+            "C_im": self.param("C_im", normal, (width, n), n, 1),
+            "D": self.param("D", jax.random.normal, (width,)),
+        }
+
+    def initial_carry(self, batch_size: int):
+        return lru.zero_state((batch_size,), self.d_state)
+
+    def step(self, carry, x):
+        """One step: x [batch, H] -> (h [batch, N], y [batch, H]), equal to the parallel form."""
+        params = self.variables["params"]
+        _checks.rank("x", x, 2, "[batch, H]")
+        lru.check_input(params, x, "x")
+        return lru.step(params, carry, x)
+
+
+class Bidirectional(nn.Module):
+    """Runs `forward_layer` forwards and `backward_layer` backwards and merges their outputs.
+
+    With `seq_lengths` the backward layer reads each sequence from its own last valid step.
+    merge: "concat" (features of both) | "sum". The carry is (forward carry, backward carry).
+    """
+
+    forward_layer: nn.Module
+    backward_layer: nn.Module
+    merge: str = "concat"
+
+    @nn.compact
+    def __call__(
+        self, x, seq_lengths=None, *, initial_carry=None, return_carry=False, reverse=False
+    ):
+        _checks.one_of("merge", self.merge, ("concat", "sum"))
+        if reverse:
+            raise ValueError("reverse: a Bidirectional layer already runs both ways; got True")
+        fwd_carry, bwd_carry = (None, None) if initial_carry is None else initial_carry
+        fwd_carry, y_f = self.forward_layer(
+            x, seq_lengths, initial_carry=fwd_carry, return_carry=True
+        )
+        bwd_carry, y_b = self.backward_layer(
+            x, seq_lengths, initial_carry=bwd_carry, return_carry=True, reverse=True
+        )
+        y = jnp.concatenate([y_f, y_b], axis=-1) if self.merge == "concat" else y_f + y_b
+        return ((fwd_carry, bwd_carry), y) if return_carry else y
+
+
+class Stack(nn.Module):
+    """Sequence layers applied in order, with dropout between them (not after the last).
+
+    The carry is a tuple with one entry per layer. Dropout draws from the "dropout" RNG
+    stream when `deterministic` is False.
+    """
+
+    layers: Sequence[nn.Module]
+    dropout_rate: float = 0.0
+
+    @nn.compact
+    def __call__(
+        self,
+        x,
+        seq_lengths=None,
+        *,
+        initial_carry=None,
+        return_carry=False,
+        reverse=False,
+        deterministic=True,
+    ):
+        if not 0.0 <= self.dropout_rate < 1.0:
+            raise ValueError(f"dropout_rate: expected a value in [0, 1), got {self.dropout_rate}")
+        _check_carries(initial_carry, len(self.layers))
+        carries = []
+        for i, layer in enumerate(self.layers):
+            if i > 0 and self.dropout_rate > 0.0:
+                x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
+            carry = None if initial_carry is None else initial_carry[i]
+            kwargs = {"reverse": True} if reverse else {}
+            carry, x = layer(x, seq_lengths, initial_carry=carry, return_carry=True, **kwargs)
+            carries.append(carry)
+        return (tuple(carries), x) if return_carry else x
+
+    def initial_carry(self, batch_size: int):
+        return tuple(layer.initial_carry(batch_size) for layer in self.layers)
+
+    def step(self, carry, x):
+        """One step through every layer: x [batch, in] -> (carries, y [batch, out])."""
+        _check_carries(carry, len(self.layers))
+        new = []
+        for layer, c in zip(self.layers, carry, strict=True):
+            c, x = layer.step(c, x)
+            new.append(c)
+        return tuple(new), x
+
+
+def _check_carries(carry, n_layers: int) -> None:
+    if carry is not None and (not isinstance(carry, (tuple, list)) or len(carry) != n_layers):
+        raise ValueError(f"initial_carry: expected a tuple of {n_layers} per-layer carries")
+
+
+class SequenceBlock(nn.Module):
+    """The residual block of deep sequence models (the LRU paper's, and S4/S5's).
+
+        z = norm(x) if prenorm else x
+        z = mixer(z);  z = dropout(gelu(z))
+        z = GLU(z) = W1 z * sigmoid(W2 z)   (ffn="glu")   or   W z   (ffn="gelu")
+        x = x + dropout(z);  x = norm(x) if not prenorm
+
+    `mixer` is any sequence layer with the common call signature (LRU, LSTM, ...). Padded
+    positions are masked out of BatchNorm statistics and are zero in the output. `deterministic`
+    turns dropout off and makes BatchNorm use its running averages.
+    """
+
+    d_model: int
+    mixer: nn.Module
+    norm: str = "layer"
+    prenorm: bool = True
+    ffn: str = "glu"
+    dropout_rate: float = 0.0
+
+    def setup(self):
+        _checks.positive_int("d_model", self.d_model)
+        _checks.one_of("norm", self.norm, ("layer", "batch"))
+        _checks.one_of("ffn", self.ffn, ("glu", "gelu"))
+        if not 0.0 <= self.dropout_rate < 1.0:
+            raise ValueError(f"dropout_rate: expected a value in [0, 1), got {self.dropout_rate}")
+        self.norm_layer = nn.LayerNorm() if self.norm == "layer" else nn.BatchNorm(momentum=0.9)
+        width = 2 * self.d_model if self.ffn == "glu" else self.d_model
+        self.out = nn.Dense(width)
+        self.dropout = nn.Dropout(self.dropout_rate)
+
+    def _normalise(self, x, deterministic, mask=None):
+        if self.norm == "layer":
+            return self.norm_layer(x)
+        return self.norm_layer(x, use_running_average=deterministic, mask=mask)
+
+    def _feed_forward(self, z, deterministic):
+        z = self.dropout(nn.gelu(z), deterministic=deterministic)
+        z = self.out(z)
+        if self.ffn == "glu":
+            value, gate = jnp.split(z, 2, axis=-1)
+            z = value * jax.nn.sigmoid(gate)
+        return self.dropout(z, deterministic=deterministic)
+
+    def __call__(
+        self, x, seq_lengths=None, *, initial_carry=None, return_carry=False, deterministic=True
+    ):
+        """x: [batch, time, d_model] -> [batch, time, d_model] (or (carry, y))."""
+        seq_lengths = check_sequence(x, seq_lengths)
+        _checks.feature_size("x", x.shape[-1], self.d_model, "features (d_model)")
+        mask = None
+        if seq_lengths is not None:
+            mask = _time_major(scan.step_mask(seq_lengths, x.shape[1]))[..., None]  # [B, T, 1]
+        z = self._normalise(x, deterministic, mask) if self.prenorm else x
+        carry, z = self.mixer(z, seq_lengths, initial_carry=initial_carry, return_carry=True)
+        x = x + self._feed_forward(z, deterministic)
+        if not self.prenorm:
+            x = self._normalise(x, deterministic, mask)
+        if mask is not None:
+            x = jnp.where(mask, x, 0.0)
+        return (carry, x) if return_carry else x
+
+    def initial_carry(self, batch_size: int):
+        return self.mixer.initial_carry(batch_size)
+
+    def step(self, carry, x):
+        """One step of a causal mixer: x [batch, d_model] -> (carry, y [batch, d_model])."""
+        _checks.rank("x", x, 2, "[batch, d_model]")
+        z = self._normalise(x, True) if self.prenorm else x
+        carry, z = self.mixer.step(carry, z)
+        x = x + self._feed_forward(z, True)
+        if not self.prenorm:
+            x = self._normalise(x, True)
+        return carry, x
