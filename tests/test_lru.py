@@ -7,29 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.test_util import check_grads
+from references import numpy_lru
 
 from lru_jax import lru
 from lru_jax import nn as lnn
 
 METHODS = ["sequential", "associative", "chunked"]
-
-
-def numpy_lru(p, u, h0=None, reverse=False):
-    """Orvieto et al. 2023, eqs. for the LRU, one step at a time in complex128.
-
-    u: [time, batch, H]; returns (y [time, batch, H], h_last [batch, N]).
-    """
-    p = {k: np.asarray(v, np.float64) for k, v in p.items()}
-    lam = np.exp(-np.exp(p["nu_log"]) + 1j * np.exp(p["theta_log"]))
-    b_norm = (p["B_re"] + 1j * p["B_im"]) * np.exp(p["gamma_log"])[:, None]
-    c = p["C_re"] + 1j * p["C_im"]
-    time, batch, _ = u.shape
-    h = np.zeros((batch, lam.size), complex) if h0 is None else np.asarray(h0, complex)
-    y = np.zeros(u.shape)
-    for t in range(time - 1, -1, -1) if reverse else range(time):
-        h = lam * h + u[t] @ b_norm.T
-        y[t] = (h @ c.T).real + p["D"] * u[t]
-    return y, h
 
 
 def _params(key=0, h=3, n=5, **ring):
