@@ -1,1 +1,11 @@
-"""lru_jax: recurrent networks, the Linear Recurrent Unit and attention in JAX/Flax."""
+"""lru_jax: recurrent networks, the Linear Recurrent Unit and attention in JAX/Flax.
+
+Modules: `scan` (the linear recurrence), `cells` (functional SimpleRNN/LSTM/GRU), `lru`
+(the Linear Recurrent Unit), `nn` (Flax Linen modules), `interop` (from PyTorch).
+"""
+
+from lru_jax import cells, lru, nn, scan
+from lru_jax.scan import linear_scan
+
+__version__ = "0.1.0"
+__all__ = ["cells", "linear_scan", "lru", "nn", "scan"]
