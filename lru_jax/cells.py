@@ -66,10 +66,9 @@ def _inits(in_dim: int, hidden: int, gates: int, biases: dict[str, float]):
         return jax.nn.initializers.lecun_normal()(key, (in_dim, gates * hidden), jnp.float32)
 
     def w_hh(key):  # orthogonal per gate: each gate's recurrent map preserves norms at init
-        blocks = jax.nn.initializers.orthogonal(column_axis=-1)(
-            key, (gates, hidden, hidden), jnp.float32
-        )
-        return jnp.concatenate(list(blocks), axis=1)
+        orthogonal = jax.nn.initializers.orthogonal()
+        keys = jax.random.split(key, gates)
+        return jnp.concatenate([orthogonal(k, (hidden, hidden), jnp.float32) for k in keys], 1)
 
     def constant(value_per_gate):
         return lambda key: jnp.repeat(jnp.asarray(value_per_gate, jnp.float32), hidden)
@@ -207,10 +206,11 @@ def unroll(
     seq_lengths = _checks.seq_lengths(seq_lengths, batch, time)
     _checks.positive_int("unroll", unroll)
     hidden = hidden_size(params)
+    dtype = jnp.result_type(xs, params["w_hh"])
     if carry is None:
-        carry = cell.zero_carry((batch,), hidden, jnp.result_type(xs, params["w_hh"]))
+        carry = cell.zero_carry((batch,), hidden, dtype)
     else:
-        _check_carry(cell, carry, batch, hidden)
+        _check_carry(cell, carry, batch, hidden, dtype)
 
     if reverse:
         xs = reverse_within_lengths(xs, seq_lengths)
@@ -231,8 +231,11 @@ def unroll(
     return carry, ys
 
 
-def _check_carry(cell: Cell, carry, batch: int, hidden: int) -> None:
+def _check_carry(cell: Cell, carry, batch: int, hidden: int, dtype) -> None:
     want = jax.tree.map(jnp.shape, cell.zero_carry((batch,), hidden))
     got = jax.tree.map(jnp.shape, carry)
     if jax.tree.structure(want) != jax.tree.structure(got) or want != got:
         raise ValueError(f"carry: expected {cell.name} carry with shapes {want}, got {got}")
+    for leaf in jax.tree.leaves(carry):
+        if leaf.dtype != dtype:
+            raise TypeError(f"carry: expected dtype {dtype} (the computation's), got {leaf.dtype}")

@@ -310,9 +310,13 @@ class SequenceBlock(nn.Module):
         return self.dropout(z, deterministic=deterministic)
 
     def __call__(
-        self, x, seq_lengths=None, *, initial_carry=None, return_carry=False, deterministic=True
+        self, x, seq_lengths=None, initial_carry=None, return_carry=False, deterministic=True
     ):
-        """x: [batch, time, d_model] -> [batch, time, d_model] (or (carry, y))."""
+        """x: [batch, time, d_model] -> [batch, time, d_model] (or (carry, y)).
+
+        The arguments may be given by position, for `nn.remat(SequenceBlock,
+        static_argnums=(4, 5))` (`self` counts as argument 0).
+        """
         seq_lengths = check_sequence(x, seq_lengths)
         _checks.feature_size("x", x.shape[-1], self.d_model, "features (d_model)")
         mask = None
