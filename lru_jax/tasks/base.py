@@ -1,0 +1,93 @@
+"""What every task is: a description (`TaskSpec`) and a stateless batch function.
+
+A task never keeps an iterator: `batch(split, index, batch_size)` returns the same numpy arrays
+for the same arguments in any process. Training at step s asks for index s, so a resumed run
+sees exactly the data an uninterrupted one would have seen.
+
+Batches are dicts of numpy arrays, batch-major:
+    "inputs":  int32 [batch, time] token ids, or float32 [batch, time, input_dim]
+    "targets": int32 [batch] (classification), float32 [batch, output_dim] (regression),
+               or int32 [batch, time] (per-step prediction, e.g. language modelling)
+    "lengths": int32 [batch], optional: valid steps per sequence (padding after them)
+    "mask":    float32 [batch, time], only for per-step targets: which steps count in the loss
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Protocol
+
+import numpy as np
+
+SPLITS = ("train", "valid", "test")
+KINDS = ("classification", "regression", "per_step")
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSpec:
+    """What a task is, for building models, losses and reports.
+
+    Attributes:
+      name: the task's registry name.
+      kind: "classification" (one class per sequence), "regression" (one vector per
+        sequence) or "per_step" (a class at every step, e.g. next-token prediction).
+      seq_len: the (maximum) number of time steps of "inputs".
+      num_outputs: classes, regression dimensions, or the per-step vocabulary size.
+      vocab_size: token vocabulary of the inputs, or None for float inputs.
+      input_dim: features per step for float inputs, or None for token inputs.
+      baseline: the loss (or metric, see baseline_metric) of the trivial, memoryless predictor.
+      baseline_metric: the metric `baseline` is measured in, e.g. "mse", "loss", "accuracy".
+      is_language_model: per-step next-token prediction over text, with generation.
+    """
+
+    name: str
+    kind: str
+    seq_len: int
+    num_outputs: int
+    vocab_size: int | None = None
+    input_dim: int | None = None
+    baseline: float | None = None
+    baseline_metric: str = "loss"
+    is_language_model: bool = False
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"kind: expected one of {list(KINDS)}, got {self.kind!r}")
+        if (self.vocab_size is None) == (self.input_dim is None):
+            raise ValueError("exactly one of vocab_size (token inputs) and input_dim is set")
+
+
+class Task(Protocol):
+    spec: TaskSpec
+
+    def batch(self, split: str, index: int, batch_size: int) -> dict[str, np.ndarray]:
+        """The `index`-th batch of `split` ("train", "valid", "test"); deterministic."""
+
+    def num_examples(self, split: str) -> int | None:
+        """Examples in a finite split, or None for generated-on-demand splits."""
+
+
+def check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"split: expected one of {list(SPLITS)}, got {split!r}")
+
+
+def split_rng(seed: int, split: str, index: int) -> np.random.Generator:
+    """A generator for batch `index` of `split`, independent across all three."""
+    check_split(split)
+    return np.random.default_rng([seed, SPLITS.index(split), index])
+
+
+def epoch_batch_indices(n: int, seed: int, index: int, batch_size: int) -> np.ndarray:
+    """Example indices of batch `index` when a finite split of n examples is shuffled anew
+    every epoch (epoch e uses the permutation drawn from (seed, e)). Batches may straddle
+    epochs; every example is seen once per epoch."""
+    start = index * batch_size
+    positions = np.arange(start, start + batch_size)
+    epochs, offsets = np.divmod(positions, n)
+    out = np.empty(batch_size, np.int64)
+    for epoch in np.unique(epochs):
+        perm = np.random.default_rng([seed, 1_000_003, int(epoch)]).permutation(n)
+        sel = epochs == epoch
+        out[sel] = perm[offsets[sel]]
+    return out

@@ -1,0 +1,150 @@
+"""Byte-level language modelling on text that ships with installed packages (no downloads)."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sysconfig
+
+import numpy as np
+
+from lru_jax.tasks._args import check_batch_args, check_choice, check_int, sequential_indices
+from lru_jax.tasks.base import SPLITS, TaskSpec, check_split, split_rng
+
+CORPORA = ("jokes", "stdlib")
+STDLIB_MAX_BYTES = 3_000_000  # cap on the "stdlib" corpus
+SPLIT_FRACTIONS = {"valid": 0.05, "test": 0.05}  # of the documents; train takes the rest
+
+
+@functools.lru_cache(maxsize=2)
+def load_corpus(corpus: str) -> tuple[str, ...]:
+    """The documents of a corpus, deduplicated, in a fixed order, each ending with "\\n".
+
+    "jokes": every English joke of the `pyjokes` package (all categories), one per document.
+    "stdlib": the top-level .py files of this Python's standard library in sorted order, up to
+    STDLIB_MAX_BYTES in all, one file per document (so it differs between Python versions).
+    """
+    check_choice("corpus", corpus, CORPORA)
+    if corpus == "jokes":
+        from pyjokes.jokes_en import jokes_en
+
+        docs = [joke + "\n" for category in jokes_en.values() for joke in category]
+    else:
+        root = sysconfig.get_paths()["stdlib"]
+        docs, total = [], 0
+        for name in sorted(os.listdir(root)):
+            path = os.path.join(root, name)
+            if not (name.endswith(".py") and os.path.isfile(path)):
+                continue
+            with open(path, "rb") as f:
+                raw = f.read()
+            if total + len(raw) > STDLIB_MAX_BYTES:
+                break
+            total += len(raw)
+            text = raw.decode("utf-8", errors="replace")
+            docs.append(text if text.endswith("\n") else text + "\n")
+    return tuple(dict.fromkeys(docs))  # dict keeps the first occurrence's order
+
+
+def encode(text: str) -> np.ndarray:
+    """str -> int32 [num_bytes] UTF-8 byte values."""
+    if not isinstance(text, str):
+        raise TypeError(f"text: expected a str, got {type(text).__name__}")
+    return np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32)
+
+
+def decode(ids) -> str:
+    """int [num_bytes] byte values -> str (invalid UTF-8 becomes U+FFFD)."""
+    ids = np.asarray(ids)
+    if ids.size and (ids.min() < 0 or ids.max() > 255):
+        raise ValueError(f"ids: expected byte values in [0, 255], got [{ids.min()}, {ids.max()}]")
+    return bytes(ids.astype(np.uint8).ravel()).decode("utf-8", errors="replace")
+
+
+class CharText:
+    """Predict the next byte of text: byte-level language modelling (vocabulary 256).
+
+    The corpus's documents are split by a permutation drawn from `split_seed` (kept apart from
+    `seed` so every run evaluates on the same text): about 5% valid, 5% test, the rest train,
+    so no document is in two splits. A split's text is its documents concatenated.
+
+    Batches: inputs and targets int32 [batch, seq_len], targets the inputs shifted by one byte
+    (the next byte), mask float32 all ones. Train windows start at offsets drawn from
+    `split_rng(seed, "train", index)`; valid and test tile their text with consecutive,
+    non-overlapping windows, batch `index` holding windows index * batch .. (wrapping), so
+    `num_examples` counts those windows (None for train). The baseline is the unigram entropy of
+    the training bytes in nats: the loss of a model that ignores context.
+    """
+
+    def __init__(
+        self, corpus: str = "jokes", seq_len: int = 128, seed: int = 0, split_seed: int = 0
+    ):
+        self.corpus = check_choice("corpus", corpus, CORPORA)
+        self.seq_len = check_int("seq_len", seq_len, 1)
+        self.seed = check_int("seed", seed, 0)
+        self.split_seed = check_int("split_seed", split_seed, 0)
+        self._docs = self._split_documents(load_corpus(corpus))
+        self._text = {s: encode("".join(self._docs[s])).astype(np.uint8) for s in SPLITS}
+        for split, text in self._text.items():
+            if len(text) < self.seq_len + 1:
+                raise ValueError(
+                    f"seq_len: expected at most {len(text) - 1} (the {split} text of corpus "
+                    f"{corpus!r} has {len(text)} bytes), got {self.seq_len}"
+                )
+        self.spec = TaskSpec(
+            name="text",
+            kind="per_step",
+            seq_len=self.seq_len,
+            num_outputs=256,
+            vocab_size=256,
+            baseline=self._unigram_entropy(self._text["train"]),
+            baseline_metric="loss",
+            is_language_model=True,
+        )
+
+    def _split_documents(self, docs: tuple[str, ...]) -> dict[str, list[str]]:
+        order = np.random.default_rng([self.split_seed, 0xD0C5]).permutation(len(docs))
+        counts = {s: max(1, round(f * len(docs))) for s, f in SPLIT_FRACTIONS.items()}
+        valid_end = counts["valid"]
+        test_end = valid_end + counts["test"]
+        parts = {"valid": order[:valid_end], "test": order[valid_end:test_end]}
+        parts["train"] = order[test_end:]
+        # Sorted so each split reads in the corpus's own order.
+        return {s: [docs[i] for i in sorted(parts[s])] for s in SPLITS}
+
+    @staticmethod
+    def _unigram_entropy(text: np.ndarray) -> float:
+        p = np.bincount(text, minlength=256) / len(text)
+        p = p[p > 0]
+        return float(-(p * np.log(p)).sum())
+
+    encode = staticmethod(encode)
+    decode = staticmethod(decode)
+
+    def documents(self, split: str) -> list[str]:
+        """The documents of `split`, in corpus order."""
+        check_split(split)
+        return list(self._docs[split])
+
+    def num_examples(self, split: str) -> int | None:
+        check_split(split)
+        if split == "train":
+            return None
+        return (len(self._text[split]) - 1) // self.seq_len
+
+    def batch(self, split: str, index: int, batch_size: int) -> dict[str, np.ndarray]:
+        """Returns inputs, targets int32 [batch_size, seq_len] and mask float32 [batch_size,
+        seq_len] (all ones)."""
+        check_split(split)
+        index, batch_size = check_batch_args(index, batch_size)
+        text, t = self._text[split], self.seq_len
+        if split == "train":
+            starts = split_rng(self.seed, split, index).integers(0, len(text) - t, batch_size)
+        else:
+            starts = t * sequential_indices(self.num_examples(split), index, batch_size)
+        windows = text[starts[:, None] + np.arange(t + 1)].astype(np.int32)
+        return {
+            "inputs": windows[:, :-1],
+            "targets": windows[:, 1:],
+            "mask": np.ones((batch_size, t), np.float32),
+        }

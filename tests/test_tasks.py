@@ -1,0 +1,439 @@
+"""Tasks against independent checks: hand-written layouts, targets recovered from the inputs by
+separate code, baselines measured on batches, and a second ListOps evaluator built on eval."""
+
+import collections
+import math
+
+import numpy as np
+import pytest
+
+from lru_jax.tasks import (
+    MNIST1D,
+    TASKS,
+    AddingProblem,
+    AssociativeRecall,
+    CharText,
+    CopyMemory,
+    ListOps,
+    SelectiveCopy,
+    get_task,
+)
+from lru_jax.tasks import listops as listops_lib
+
+SPLITS = ("train", "valid", "test")
+
+# Small but non-trivial arguments for every registered task.
+SMALL = {
+    "adding": dict(seq_len=20),
+    "copy": dict(delay=12),
+    "selective_copy": dict(seq_len=24, num_tokens=4),
+    "associative_recall": dict(num_pairs=4, num_queries=3, seq_len=20),
+    "mnist1d": dict(num_samples=1000),
+    "listops": dict(num_train=200, num_valid=50, num_test=50, min_length=8, max_length=40),
+    "text": dict(seq_len=32),
+}
+
+
+@pytest.fixture(scope="module")
+def tasks():
+    return {name: get_task(name, **kwargs) for name, kwargs in SMALL.items()}
+
+
+def test_small_configs_cover_the_registry():
+    assert set(SMALL) == set(TASKS)
+
+
+# ---------------------------------------------------------------- shared contract
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_batch_shapes_and_dtypes_match_spec(tasks, name):
+    task, spec = tasks[name], tasks[name].spec
+    assert spec.name == name
+    for split in SPLITS:
+        b = task.batch(split, 1, 5)
+        x, y = b["inputs"], b["targets"]
+        if spec.vocab_size is not None:
+            assert x.dtype == np.int32 and x.shape == (5, spec.seq_len)
+            assert 0 <= x.min() and x.max() < spec.vocab_size
+        else:
+            assert x.dtype == np.float32 and x.shape == (5, spec.seq_len, spec.input_dim)
+        if spec.kind == "classification":
+            assert y.dtype == np.int32 and y.shape == (5,)
+            assert 0 <= y.min() and y.max() < spec.num_outputs
+        elif spec.kind == "regression":
+            assert y.dtype == np.float32 and y.shape == (5, spec.num_outputs)
+        else:
+            assert y.dtype == np.int32 and y.shape == (5, spec.seq_len)
+            assert 0 <= y.min() and y.max() < spec.num_outputs
+            assert b["mask"].dtype == np.float32 and b["mask"].shape == (5, spec.seq_len)
+        if "lengths" in b:
+            assert b["lengths"].dtype == np.int32 and b["lengths"].shape == (5,)
+        n = task.num_examples(split)
+        assert n is None or n > 0
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_batches_are_deterministic_and_vary(tasks, name):
+    twin = get_task(name, **SMALL[name])  # a fresh instance: nothing carried between objects
+    first = tasks[name].batch("train", 3, 8)
+    again = twin.batch("train", 3, 8)
+    for key in first:
+        np.testing.assert_array_equal(first[key], again[key])
+    assert not np.array_equal(first["inputs"], twin.batch("train", 4, 8)["inputs"])
+    assert not np.array_equal(first["inputs"], twin.batch("valid", 3, 8)["inputs"])
+
+
+@pytest.mark.parametrize("name", ["adding", "copy", "selective_copy", "associative_recall"])
+def test_seed_changes_generated_data(name):
+    a = get_task(name, **SMALL[name], seed=0).batch("train", 0, 8)["inputs"]
+    b = get_task(name, **SMALL[name], seed=1).batch("train", 0, 8)["inputs"]
+    assert not np.array_equal(a, b)
+
+
+def test_get_task_errors_name_the_problem():
+    with pytest.raises(ValueError, match="listops"):
+        get_task("lisptops")
+    with pytest.raises(TypeError, match="sequence_length"):
+        get_task("adding", sequence_length=10)
+    with pytest.raises(ValueError, match="seq_len"):
+        get_task("adding", seq_len=1)
+    with pytest.raises(TypeError, match="delay"):
+        get_task("copy", delay=2.5)
+
+
+@pytest.mark.parametrize(
+    "make, argument",
+    [
+        (lambda: CopyMemory(delay=0), "delay"),
+        (lambda: CopyMemory(num_categories=1), "num_categories"),
+        (lambda: SelectiveCopy(seq_len=4, num_tokens=5), "seq_len"),
+        (lambda: AssociativeRecall(num_pairs=4, num_queries=5), "num_queries"),
+        (lambda: AssociativeRecall(num_pairs=8, num_queries=8, seq_len=20), "seq_len"),
+        (lambda: AssociativeRecall(num_pairs=8, num_keys=4), "num_keys"),
+        (lambda: ListOps(min_length=50, max_length=40), "max_length"),
+        (lambda: ListOps(max_depth=2, max_args=3, min_length=20), "min_length"),
+        (lambda: MNIST1D(num_samples=10), "num_samples"),
+        (lambda: CharText(corpus="shakespeare"), "corpus"),
+        (lambda: CharText(seq_len=0), "seq_len"),
+        (lambda: CharText(seq_len=10**6), "seq_len"),
+        (lambda: AddingProblem(seed=-1), "seed"),
+    ],
+)
+def test_bad_arguments_raise_naming_them(make, argument):
+    with pytest.raises(ValueError, match=argument):
+        make()
+
+
+def test_bad_batch_arguments_raise(tasks):
+    with pytest.raises(ValueError, match="split"):
+        tasks["copy"].batch("validation", 0, 4)
+    with pytest.raises(ValueError, match="batch_size"):
+        tasks["listops"].batch("train", 0, 0)
+    with pytest.raises(ValueError, match="index"):
+        tasks["text"].batch("valid", -1, 4)
+
+
+# ---------------------------------------------------------------- adding
+
+
+def test_adding_target_is_the_sum_of_the_two_marked_values():
+    task = AddingProblem(seq_len=11)
+    b = task.batch("train", 0, 500)
+    values, markers = b["inputs"][..., 0], b["inputs"][..., 1]
+    assert set(np.unique(markers)) == {0.0, 1.0}
+    assert (markers[:, :5].sum(1) == 1).all() and (markers[:, 5:].sum(1) == 1).all()
+    assert values.min() >= 0 and values.max() < 1
+    expected = np.array([values[i][markers[i] == 1].sum() for i in range(500)])
+    np.testing.assert_allclose(b["targets"][:, 0], expected, rtol=1e-6)
+    # Both halves' every position gets marked sometimes (uniform placement).
+    assert (markers.sum(0) > 0).all()
+
+
+def test_adding_baseline_is_the_mse_of_predicting_one():
+    task = AddingProblem(seq_len=50)
+    targets = np.concatenate([task.batch("train", i, 5000)["targets"] for i in range(4)])
+    mse = np.mean((targets - 1.0) ** 2)
+    assert abs(mse - 1 / 6) < 0.006
+    assert task.spec.baseline == pytest.approx(1 / 6) and task.spec.baseline_metric == "mse"
+
+
+# ---------------------------------------------------------------- copy memory
+
+
+def test_copy_layout_on_a_hand_written_case():
+    task = CopyMemory(delay=3, num_symbols=2, num_categories=4)
+    assert task.spec.seq_len == 7 and task.spec.vocab_size == 6
+    b = task.batch("test", 0, 64)
+    for x, y in zip(b["inputs"], b["targets"], strict=True):
+        a, c = x[0], x[1]
+        assert 1 <= a <= 4 and 1 <= c <= 4
+        np.testing.assert_array_equal(x, [a, c, 0, 0, 5, 0, 0])
+        np.testing.assert_array_equal(y, [0, 0, 0, 0, 0, a, c])
+    np.testing.assert_array_equal(b["mask"], np.ones((64, 7)))
+
+
+def test_copy_baseline_is_the_loss_of_the_best_memoryless_predictor():
+    task = CopyMemory(delay=20, num_symbols=5, num_categories=6)
+    targets = task.batch("train", 0, 20000)["targets"]
+    # Best predictor that sees only the position: the targets' empirical marginal per step.
+    loss = 0.0
+    for column in targets.T:
+        p = np.bincount(column) / len(column)
+        p = p[p > 0]
+        loss -= (p * np.log(p)).sum()
+    loss /= targets.shape[1]
+    assert task.spec.baseline == pytest.approx(5 * math.log(6) / 30)
+    assert loss == pytest.approx(task.spec.baseline, rel=0.01)
+
+
+# ---------------------------------------------------------------- selective copy
+
+
+def test_selective_copy_targets_are_the_data_tokens_in_order():
+    task = SelectiveCopy(seq_len=30, num_tokens=5, num_categories=6)
+    b = task.batch("train", 2, 200)
+    assert task.spec.seq_len == 36
+    for x, y, m in zip(b["inputs"], b["targets"], b["mask"], strict=True):
+        data = [t for t in x[:30] if t != 0]
+        assert len(data) == 5 and all(1 <= t <= 6 for t in data)
+        assert x[30] == 7 and (x[31:] == 0).all()
+        np.testing.assert_array_equal(y[31:], data)
+        assert (y[:31] == 0).all()
+        np.testing.assert_array_equal(m, [0] * 31 + [1] * 5)
+    # The spacing varies: data positions differ between examples.
+    positions = {tuple(np.flatnonzero(x[:30])) for x in b["inputs"]}
+    assert len(positions) > 150
+
+
+# ---------------------------------------------------------------- associative recall
+
+
+def test_associative_recall_targets_are_the_queried_values():
+    p, q, n, nk, nv = 6, 4, 40, 10, 12
+    task = AssociativeRecall(num_pairs=p, num_queries=q, seq_len=n, num_keys=nk, num_values=nv)
+    b = task.batch("valid", 0, 200)
+    for x, y, m in zip(b["inputs"], b["targets"], b["mask"], strict=True):
+        keys, values = x[: 2 * p : 2], x[1 : 2 * p : 2]
+        assert ((1 <= keys) & (keys <= nk)).all() and len(set(keys)) == p
+        assert ((nk < values) & (values <= nk + nv)).all()
+        table = dict(zip(keys.tolist(), values.tolist(), strict=True))
+        asked = np.flatnonzero(x[2 * p :]) + 2 * p
+        assert len(asked) == q and len(set(x[asked])) == q
+        np.testing.assert_array_equal(np.flatnonzero(m), asked)
+        np.testing.assert_array_equal(y[asked], [table[k] for k in x[asked]])
+        assert (np.delete(y, asked) == 0).all()
+    assert task.spec.baseline == pytest.approx(math.log(nv))
+
+
+# ---------------------------------------------------------------- ListOps
+
+
+@pytest.mark.parametrize(
+    "expression, value",
+    [
+        ("[MAX 2 9 [MIN 4 7 ] 0 ]", 9),
+        ("[SM 5 6 7 ]", 8),
+        ("[MED 1 9 3 ]", 3),
+        ("[MIN 3 [MAX 8 1 ] [SM 9 9 ] ]", 3),
+        ("[MED 1 4 ]", 2),  # LRA: int(np.median([1, 4])) = int(2.5)
+        ("[MED 3 0 9 8 ]", 5),  # int(5.5)
+        ("[SM [MED 7 7 ] [MAX 0 0 0 ] 4 ]", 1),
+        ("7", 7),
+    ],
+)
+def test_listops_evaluator_on_hand_written_expressions(expression, value):
+    assert listops_lib.evaluate(listops_lib.encode(expression)) == value
+    assert listops_lib.to_string(listops_lib.encode(expression)) == expression
+
+
+@pytest.mark.parametrize("expression", ["[MAX 2 9", "[MAX ]", "[MIN 1 2 ] 3", "]", "[FOO 1 ]"])
+def test_listops_evaluator_rejects_malformed(expression):
+    with pytest.raises(ValueError):
+        listops_lib.evaluate(listops_lib.encode(expression))
+
+
+def eval_with_python(tokens) -> int:
+    """A second evaluator: the token string rewritten as Python calls and eval'd."""
+    words = {"[MIN": "mn(", "[MAX": "mx(", "[MED": "md(", "[SM": "sm(", "]": "),"}
+    source = "".join(words.get(w, w + ",") for w in listops_lib.to_string(tokens).split())
+    env = {
+        "mn": lambda *a: min(a),
+        "mx": lambda *a: max(a),
+        "md": lambda *a: int(np.median(a)),
+        "sm": lambda *a: sum(a) % 10,
+    }
+    return eval(source.rstrip(","), env)
+
+
+def nesting(tokens) -> int:
+    depth = deepest = 0
+    for w in listops_lib.to_string(tokens).split():
+        depth += w.startswith("[") - (w == "]")
+        deepest = max(deepest, depth)
+    return deepest
+
+
+@pytest.fixture(scope="module")
+def listops():
+    return ListOps(
+        num_train=300, num_valid=60, num_test=60, min_length=10, max_length=60, max_depth=4
+    )
+
+
+def test_listops_examples_are_valid_and_bounded(listops):
+    assert listops.spec.vocab_size == 16 and listops.spec.seq_len == 60
+    for split in SPLITS:
+        n = listops.num_examples(split)
+        b = listops.batch(split, 0, n)
+        for x, length, y in zip(b["inputs"], b["lengths"], b["targets"], strict=True):
+            assert 10 <= length <= 60
+            assert (x[length:] == 0).all() and (x[:length] != 0).all()
+            assert eval_with_python(x) == y
+            assert nesting(x) <= 4 - 1  # the root is depth 1; leaves may sit at depth 4
+    inputs = listops.batch("train", 0, 300)["inputs"]
+    words = {w for x in inputs for w in listops_lib.to_string(x).split()}
+    assert set(listops_lib.OPERATORS) <= words  # every operator occurs
+
+
+def test_listops_splits_are_disjoint_and_complete(listops):
+    seen = {}
+    for split in SPLITS:
+        n = listops.num_examples(split)
+        # An epoch of train batches, and sequential valid/test, each reach every example once.
+        rows = [tuple(x) for k in range(n // 10) for x in listops.batch(split, k, 10)["inputs"]]
+        assert len(set(rows)) == n
+        seen[split] = set(rows)
+    assert not seen["train"] & seen["valid"]
+    assert not seen["train"] & seen["test"]
+    assert not seen["valid"] & seen["test"]
+
+
+def test_listops_baseline_is_the_majority_class_of_train(listops):
+    y = listops.batch("train", 0, listops.num_examples("train"))["targets"]
+    majority = collections.Counter(y.tolist()).most_common(1)[0][1] / len(y)
+    assert listops.spec.baseline == pytest.approx(majority)
+    assert listops.spec.baseline_metric == "accuracy"
+
+
+def test_listops_test_split_does_not_depend_on_train_size(listops):
+    bigger = ListOps(
+        num_train=400, num_valid=60, num_test=60, min_length=10, max_length=60, max_depth=4
+    )
+    np.testing.assert_array_equal(
+        bigger.batch("test", 0, 60)["inputs"], listops.batch("test", 0, 60)["inputs"]
+    )
+
+
+def test_listops_default_sizes_generate_quickly():
+    import time
+
+    start = time.perf_counter()
+    task = ListOps()
+    assert time.perf_counter() - start < 10
+    assert [task.num_examples(s) for s in SPLITS] == [2000, 500, 500]
+
+
+# ---------------------------------------------------------------- MNIST-1D
+
+
+@pytest.fixture(scope="module")
+def mnist(tasks):
+    return tasks["mnist1d"]
+
+
+def test_mnist1d_splits(mnist):
+    sizes = [mnist.num_examples(s) for s in SPLITS]
+    assert sizes == [720, 80, 200]
+    everything = []
+    for split, n in zip(SPLITS, sizes, strict=True):
+        b = mnist.batch(split, 0, n)
+        assert b["inputs"].shape == (n, 40, 1)
+        assert set(np.unique(b["targets"])) == set(range(10))
+        everything.append({x.tobytes() for x in b["inputs"]})
+        assert len(everything[-1]) == n
+    assert not (everything[0] & everything[1] or everything[0] & everything[2])
+    assert not everything[1] & everything[2]
+    x = mnist.batch("train", 0, 720)["inputs"]
+    assert abs(x.mean()) < 0.1 and 0.8 < x.std() < 1.2
+
+
+def test_mnist1d_shuffled_is_one_fixed_time_permutation(mnist):
+    shuffled = MNIST1D(num_samples=1000, shuffled=True)
+    for split in SPLITS:
+        plain = mnist.batch(split, 2, 64)
+        mixed = shuffled.batch(split, 2, 64)
+        np.testing.assert_array_equal(plain["targets"], mixed["targets"])
+        a, b = plain["inputs"][..., 0], mixed["inputs"][..., 0]
+        # For each shuffled step, the one original step whose values match in every example.
+        perm = [int(np.flatnonzero((a == b[:, [j]]).all(0))[0]) for j in range(40)]
+        assert sorted(perm) == list(range(40)) and perm != list(range(40))
+        np.testing.assert_array_equal(a[:, perm], b)
+
+
+def test_mnist1d_leaves_global_random_state_alone():
+    np.random.seed(123)  # noqa: NPY002
+    expected = np.random.rand()  # noqa: NPY002
+    np.random.seed(123)  # noqa: NPY002
+    MNIST1D(num_samples=200, data_seed=7)
+    assert np.random.rand() == expected  # noqa: NPY002
+
+
+# ---------------------------------------------------------------- text
+
+
+@pytest.fixture(scope="module", params=["jokes", "stdlib"])
+def text(request):
+    return CharText(corpus=request.param, seq_len=32)
+
+
+def test_text_encode_decode_round_trip():
+    s = "Größe → λx. x + 1\n"
+    ids = CharText.encode(s)
+    assert ids.dtype == np.int32 and len(ids) == len(s.encode("utf-8"))
+    assert CharText.decode(ids) == s
+    assert CharText.decode([0xFF, 65]) == "\ufffdA"
+
+
+def test_text_windows_are_raw_text_shifted_by_one(text):
+    for split in ("valid", "test"):
+        raw = np.frombuffer("".join(text.documents(split)).encode("utf-8"), np.uint8)
+        n = text.num_examples(split)
+        assert n == (len(raw) - 1) // 32
+        b = text.batch(split, 1, 3)
+        for i in range(3):
+            start = 32 * ((3 + i) % n)
+            np.testing.assert_array_equal(b["inputs"][i], raw[start : start + 32])
+            np.testing.assert_array_equal(b["targets"][i], raw[start + 1 : start + 33])
+    train = "".join(text.documents("train")).encode("utf-8")
+    b = text.batch("train", 5, 16)
+    np.testing.assert_array_equal(b["inputs"][:, 1:], b["targets"][:, :-1])
+    for x, y in zip(b["inputs"], b["targets"], strict=True):
+        assert bytes(np.append(x, y[-1]).astype(np.uint8)) in train
+    assert (b["mask"] == 1).all()
+
+
+def test_text_splits_are_disjoint_documents(text):
+    docs = {s: text.documents(s) for s in SPLITS}
+    sets = {s: set(d) for s, d in docs.items()}
+    assert not (sets["train"] & sets["valid"] or sets["train"] & sets["test"])
+    assert not sets["valid"] & sets["test"]
+    total = sum(len(d) for d in docs.values())
+    assert len(docs["valid"]) >= 0.03 * total and len(docs["train"]) >= 0.85 * total
+    assert all(d.endswith("\n") for d in docs["train"])
+
+
+def test_text_baseline_is_the_unigram_entropy_of_train(text):
+    counts = collections.Counter("".join(text.documents("train")).encode("utf-8"))
+    total = sum(counts.values())
+    entropy = -sum(c / total * math.log(c / total) for c in counts.values())
+    assert text.spec.baseline == pytest.approx(entropy)
+    assert text.spec.is_language_model and text.spec.vocab_size == 256
+
+
+def test_jokes_corpus_is_every_english_joke():
+    from pyjokes import get_jokes
+
+    jokes = CharText(corpus="jokes")
+    ours = {d for s in SPLITS for d in jokes.documents(s)}
+    assert ours == {j + "\n" for j in get_jokes("en", "all")}
