@@ -1,0 +1,179 @@
+"""Checks a training config before anything compiles, and builds the model it describes.
+
+A config (see configs/default.py) has sections `task` (name + the task's keyword arguments),
+`model`, `train` and `generate`, plus `seed`. Every bad value is a ValueError naming its
+key, e.g. "config.model.d_model: expected a positive int, got -4".
+"""
+
+from __future__ import annotations
+
+import math
+
+import ml_collections
+
+from lru_jax import lru, models, scan
+from lru_jax.tasks.base import TaskSpec
+
+SECTIONS = ("task", "model", "train", "generate")
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """Every key a config has, with defaults; experiment files change what they need."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.task = ml_collections.ConfigDict({"name": "text", "corpus": "jokes", "seq_len": 128})
+    c.model = ml_collections.ConfigDict(
+        {
+            "cell": "lru",  # lru | lstm | gru | simple_rnn
+            "d_model": 128,
+            "num_layers": 2,
+            "d_state": 128,  # LRU state size N
+            "r_min": 0.0,
+            "r_max": 1.0,
+            "max_phase": 2 * math.pi,
+            "scan_method": "auto",
+            "norm": "layer",  # layer | batch
+            "prenorm": True,
+            "ffn": "glu",  # glu | gelu
+            "dropout_rate": 0.1,
+            "pooling": "none",  # none (per-step outputs) | last | mean
+            "remat": False,  # recompute block activations in the backward pass
+        }
+    )
+    c.train = ml_collections.ConfigDict(
+        {
+            "batch_size": 32,
+            "num_steps": 1000,
+            "learning_rate": 3e-3,
+            "warmup_steps": 100,
+            "min_lr_ratio": 0.05,
+            "weight_decay": 0.05,
+            "lru_lr_factor": 0.5,  # ν, θ, γ, B learn at lr * factor, without weight decay
+            "grad_clip_norm": 1.0,  # 0 turns clipping off
+            "tbptt_length": 0,  # > 0: truncated BPTT with segments of this many steps
+            "log_every": 50,
+            "eval_every": 250,
+            "eval_batches": 0,  # 0: the whole split once (or one batch if generated)
+            "checkpoint_every": 250,
+            "keep_checkpoints": 2,
+        }
+    )
+    c.generate = ml_collections.ConfigDict(
+        {"num_samples": 5, "length": 160, "temperature": 0.8, "top_k": 0, "prompt": "", "seed": 0}
+    )
+    return c
+
+
+def _fail(key: str, expected: str, got) -> None:
+    raise ValueError(f"config.{key}: expected {expected}, got {got!r}")
+
+
+def _positive_int(c, section: str, name: str, allow_zero: bool = False) -> None:
+    value = c[section][name]
+    ok = (
+        isinstance(value, int) and not isinstance(value, bool) and value >= (0 if allow_zero else 1)
+    )
+    if not ok:
+        _fail(f"{section}.{name}", "a non-negative int" if allow_zero else "a positive int", value)
+
+
+def _in_range(c, section: str, name: str, low: float, high: float, closed_high=False) -> None:
+    value = c[section][name]
+    ok = (
+        isinstance(value, (int, float))
+        and low <= value
+        and (value <= high if closed_high else value < high)
+    )
+    if not ok:
+        bracket = "]" if closed_high else ")"
+        _fail(f"{section}.{name}", f"a number in [{low}, {high}{bracket}", value)
+
+
+def _choice(c, section: str, name: str, choices) -> None:
+    if c[section][name] not in choices:
+        _fail(f"{section}.{name}", f"one of {list(choices)}", c[section][name])
+
+
+def validate(config) -> None:
+    """Checks every value that does not depend on the task."""
+    for section in SECTIONS:
+        if section not in config:
+            raise ValueError(f"config.{section}: missing section (expected {list(SECTIONS)})")
+    if not isinstance(config.task.get("name"), str):
+        _fail("task.name", "a task name", config.task.get("name"))
+    if not isinstance(config.seed, int):
+        _fail("seed", "an int", config.seed)
+
+    m = config.model
+    for name in ("d_model", "num_layers", "d_state"):
+        _positive_int(config, "model", name)
+    _choice(config, "model", "cell", models.CELLS)
+    _choice(config, "model", "pooling", models.POOLINGS)
+    _choice(config, "model", "norm", ("layer", "batch"))
+    _choice(config, "model", "ffn", ("glu", "gelu"))
+    _choice(config, "model", "scan_method", (*scan.METHODS, "auto"))
+    _in_range(config, "model", "dropout_rate", 0.0, 1.0)
+    try:
+        lru.check_ring(m.r_min, m.r_max, m.max_phase)
+    except ValueError as err:
+        raise ValueError(f"config.model.{err}") from None
+
+    for name in ("batch_size", "num_steps", "log_every", "eval_every", "checkpoint_every"):
+        _positive_int(config, "train", name)
+    for name in ("warmup_steps", "eval_batches", "tbptt_length", "keep_checkpoints"):
+        _positive_int(config, "train", name, allow_zero=True)
+    t = config.train
+    if not (isinstance(t.learning_rate, float) and t.learning_rate > 0):
+        _fail("train.learning_rate", "a positive float", t.learning_rate)
+    _in_range(config, "train", "min_lr_ratio", 0.0, 1.0, closed_high=True)
+    _in_range(config, "train", "lru_lr_factor", 0.0, math.inf)
+    _in_range(config, "train", "weight_decay", 0.0, math.inf)
+    _in_range(config, "train", "grad_clip_norm", 0.0, math.inf)
+
+    _positive_int(config, "generate", "num_samples", allow_zero=True)
+    _positive_int(config, "generate", "length")
+    _positive_int(config, "generate", "top_k", allow_zero=True)
+    _in_range(config, "generate", "temperature", 0.0, math.inf)
+    if not isinstance(config.generate.seed, int):
+        _fail("generate.seed", "an int", config.generate.seed)
+
+
+def check_against_task(config, spec: TaskSpec) -> None:
+    """Checks the choices that depend on what the task is."""
+    pooling = config.model.pooling
+    if spec.kind == "per_step" and pooling != "none":
+        _fail("model.pooling", f"'none' for the per-step task {spec.name}", pooling)
+    if spec.kind != "per_step" and pooling == "none":
+        _fail("model.pooling", f"'last' or 'mean' for the {spec.kind} task {spec.name}", pooling)
+    if config.train.tbptt_length and spec.kind != "per_step":
+        _fail(
+            "train.tbptt_length",
+            f"0: truncated BPTT needs per-step targets, and {spec.name} is {spec.kind}",
+            config.train.tbptt_length,
+        )
+    if config.generate.top_k > spec.num_outputs:
+        _fail(
+            "generate.top_k", f"at most the vocabulary ({spec.num_outputs})", config.generate.top_k
+        )
+
+
+def build_model(model_config, spec: TaskSpec) -> models.SequenceModel:
+    m = model_config
+    return models.SequenceModel(
+        num_outputs=spec.num_outputs,
+        vocab_size=spec.vocab_size,
+        cell=m.cell,
+        d_model=m.d_model,
+        num_layers=m.num_layers,
+        d_state=m.d_state,
+        r_min=m.r_min,
+        r_max=m.r_max,
+        max_phase=m.max_phase,
+        scan_method=m.scan_method,
+        norm=m.norm,
+        prenorm=m.prenorm,
+        ffn=m.ffn,
+        dropout_rate=m.dropout_rate,
+        pooling=m.pooling,
+        remat=m.remat,
+    )

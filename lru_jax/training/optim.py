@@ -1,0 +1,56 @@
+"""The optimiser: AdamW on a warmup + cosine schedule with global-norm clipping.
+
+Parameter groups (as in the LRU paper):
+  "recurrent": the LRU's ν, θ, γ and B: learning rate scaled by `lru_lr_factor`, no decay;
+  "no_decay":  vectors (biases, norm scales, D): no weight decay;
+  "default":   every other matrix: weight decay.
+"""
+
+from __future__ import annotations
+
+import jax
+import optax
+
+RECURRENT = frozenset({"nu_log", "theta_log", "gamma_log", "B_re", "B_im"})
+
+
+def param_group(path, leaf) -> str:
+    name = getattr(path[-1], "key", str(path[-1]))
+    if name in RECURRENT:
+        return "recurrent"
+    return "no_decay" if leaf.ndim <= 1 else "default"
+
+
+def param_groups(params):
+    """The group label of every parameter (a pytree of strings like `params`)."""
+    return jax.tree_util.tree_map_with_path(param_group, params)
+
+
+def schedule(train_config) -> optax.Schedule:
+    """Linear warmup from 0 to learning_rate, then cosine decay to lr * min_lr_ratio."""
+    c = train_config
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=c.learning_rate,
+        warmup_steps=c.warmup_steps,
+        decay_steps=max(c.num_steps, c.warmup_steps + 1),
+        end_value=c.learning_rate * c.min_lr_ratio,
+    )
+
+
+def make_optimizer(train_config) -> optax.GradientTransformation:
+    c = train_config
+    lr = schedule(c)
+
+    def scaled(step):
+        return lr(step) * c.lru_lr_factor
+
+    groups = {
+        "default": optax.adamw(lr, b1=0.9, b2=0.999, weight_decay=c.weight_decay),
+        "no_decay": optax.adam(lr, b1=0.9, b2=0.999),
+        "recurrent": optax.adam(scaled, b1=0.9, b2=0.999),
+    }
+    chain = [optax.multi_transform(groups, param_groups)]
+    if c.grad_clip_norm > 0:
+        chain.insert(0, optax.clip_by_global_norm(c.grad_clip_norm))
+    return optax.chain(*chain)

@@ -1,0 +1,185 @@
+"""Losses and the jit-compiled train and eval steps, with full or truncated BPTT.
+
+Losses are carried as sums with a count (`loss_sum / count`), so that truncated BPTT can add
+per-segment gradients of `segment_loss_sum / total_count` and get exactly the full-sequence
+gradient when one segment covers the sequence.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from lru_jax.tasks.base import TaskSpec
+
+LN2 = math.log(2.0)
+
+
+def loss_sums(spec: TaskSpec, outputs, batch) -> dict[str, jax.Array]:
+    """Summed loss, example/step count and summed correct predictions for one batch.
+
+    outputs: [batch, num_outputs] (classification, regression) or [batch, time, vocab].
+    """
+    targets = batch["targets"]
+    if spec.kind == "regression":
+        per_example = jnp.mean((outputs - targets) ** 2, axis=-1)
+        return {"loss_sum": jnp.sum(per_example), "count": jnp.asarray(per_example.size, "f4")}
+    ce = optax.softmax_cross_entropy_with_integer_labels(outputs, targets)
+    correct = (jnp.argmax(outputs, axis=-1) == targets).astype(jnp.float32)
+    if spec.kind == "classification":
+        return {
+            "loss_sum": jnp.sum(ce),
+            "count": jnp.asarray(ce.size, "f4"),
+            "correct": correct.sum(),
+        }
+    mask = batch["mask"].astype(jnp.float32)
+    return {
+        "loss_sum": jnp.sum(ce * mask),
+        "count": jnp.sum(mask),
+        "correct": jnp.sum(correct * mask),
+    }
+
+
+def summarise(spec: TaskSpec, sums) -> dict[str, jax.Array]:
+    """Per-batch (or accumulated) sums -> the metrics we report."""
+    count = jnp.maximum(sums["count"], 1.0)
+    loss = sums["loss_sum"] / count
+    metrics = {"loss": loss}
+    if spec.kind == "regression":
+        metrics["mse"] = loss
+    else:
+        metrics["accuracy"] = sums["correct"] / count
+    if spec.is_language_model:
+        metrics["bits_per_char"] = loss / LN2
+    return metrics
+
+
+def _apply(model, params, batch_stats, inputs, lengths, carry, key, train):
+    """Runs the model; returns (carry, outputs, new batch_stats)."""
+    variables = {"params": params}
+    if batch_stats:
+        variables["batch_stats"] = batch_stats
+    kwargs = dict(initial_carry=carry, return_carry=True, deterministic=not train)
+    if train and batch_stats:
+        (carry, out), updates = model.apply(
+            variables, inputs, lengths, rngs={"dropout": key}, mutable=["batch_stats"], **kwargs
+        )
+        return carry, out, updates["batch_stats"]
+    carry, out = model.apply(variables, inputs, lengths, rngs={"dropout": key}, **kwargs)
+    return carry, out, batch_stats
+
+
+def _full_bptt(model, spec, state, batch, key):
+    def loss_fn(params):
+        _, out, batch_stats = _apply(
+            model,
+            params,
+            state.batch_stats,
+            batch["inputs"],
+            batch.get("lengths"),
+            None,
+            key,
+            True,
+        )
+        sums = loss_sums(spec, out, batch)
+        return sums["loss_sum"] / jnp.maximum(sums["count"], 1.0), (sums, batch_stats)
+
+    (_, (sums, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    return grads, sums, batch_stats
+
+
+def _segments(x, k: int, n: int):
+    """[batch, time, ...] -> [n, batch, k, ...], zero-padded at the end of time."""
+    pad = n * k - x.shape[1]
+    x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+    x = x.reshape((x.shape[0], n, k) + x.shape[2:])
+    return jnp.moveaxis(x, 1, 0)
+
+
+def _truncated_bptt(model, spec, state, batch, key, k: int):
+    """Cuts time into segments of k steps; scans over them carrying the (stopped) state.
+
+    Each segment's gradient flows back only to its own start; gradients are summed. Memory
+    holds one segment's activations at a time.
+    """
+    inputs = batch["inputs"]
+    batch_size, time = inputs.shape[:2]
+    n = -(-time // k)
+    seg = {name: _segments(batch[name], k, n) for name in ("inputs", "targets", "mask")}
+    lengths = batch.get("lengths")
+    if lengths is not None:
+        starts = jnp.arange(n)[:, None] * k
+        seg["lengths"] = jnp.clip(lengths[None, :] - starts, 0, k).astype(jnp.int32)
+    total = jnp.maximum(jnp.sum(batch["mask"].astype(jnp.float32)), 1.0)
+    carry0 = model.apply({"params": state.params}, batch_size, method="initial_carry")
+
+    def one_segment(acc, xs):
+        carry, grads, sums, batch_stats = acc
+        index, piece = xs
+
+        def loss_fn(params):
+            new_carry, out, new_stats = _apply(
+                model,
+                params,
+                batch_stats,
+                piece["inputs"],
+                piece.get("lengths"),
+                carry,
+                jax.random.fold_in(key, index),
+                True,
+            )
+            piece_sums = loss_sums(spec, out, piece)
+            return piece_sums["loss_sum"] / total, (new_carry, piece_sums, new_stats)
+
+        (_, (carry, piece_sums, batch_stats)), g = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params
+        )
+        grads = jax.tree.map(jnp.add, grads, g)
+        sums = jax.tree.map(jnp.add, sums, piece_sums)
+        return (jax.lax.stop_gradient(carry), grads, sums, batch_stats), None
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    sums0 = {"loss_sum": 0.0, "count": 0.0, "correct": 0.0}
+    sums0 = jax.tree.map(lambda v: jnp.asarray(v, jnp.float32), sums0)
+    acc = (carry0, zeros, sums0, state.batch_stats)
+    (_, grads, sums, batch_stats), _ = jax.lax.scan(one_segment, acc, (jnp.arange(n), seg))
+    return grads, sums, batch_stats
+
+
+def make_train_step(model, tx, spec: TaskSpec, *, seed: int, tbptt_length: int = 0):
+    """A compiled `(state, batch) -> (state, metrics)`.
+
+    Dropout keys are `fold_in(key(seed), step)`: a resumed run draws the same masks.
+    `tbptt_length` > 0 switches to truncated BPTT with segments of that many steps.
+    """
+    dropout_root = jax.random.key(seed)
+
+    def train_step(state, batch):
+        key = jax.random.fold_in(dropout_root, state.step)
+        if tbptt_length:
+            grads, sums, batch_stats = _truncated_bptt(model, spec, state, batch, key, tbptt_length)
+        else:
+            grads, sums, batch_stats = _full_bptt(model, spec, state, batch, key)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = summarise(spec, sums)
+        metrics["grad_norm"] = optax.global_norm(grads)
+        new_state = state.replace(
+            step=state.step + 1, params=params, opt_state=opt_state, batch_stats=batch_stats
+        )
+        return new_state, metrics
+
+    return jax.jit(train_step, donate_argnums=0)
+
+
+def make_eval_step(model, spec: TaskSpec):
+    """A compiled `(state, batch) -> sums` (add them up over batches, then `summarise`)."""
+
+    def eval_step(state, batch):
+        out = model.apply(state.variables(), batch["inputs"], batch.get("lengths"))
+        return loss_sums(spec, out, batch)
+
+    return jax.jit(eval_step)
