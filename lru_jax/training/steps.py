@@ -149,6 +149,11 @@ def _truncated_bptt(model, spec, state, batch, key, k: int):
     return grads, sums, batch_stats
 
 
+def global_norm(tree) -> jax.Array:
+    """sqrt of the sum of squares of every leaf."""
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
+
+
 def make_train_step(model, tx, spec: TaskSpec, *, seed: int, tbptt_length: int = 0):
     """A compiled `(state, batch) -> (state, metrics)`.
 
@@ -166,7 +171,7 @@ def make_train_step(model, tx, spec: TaskSpec, *, seed: int, tbptt_length: int =
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = summarise(spec, sums)
-        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["grad_norm"] = global_norm(grads)
         new_state = state.replace(
             step=state.step + 1, params=params, opt_state=opt_state, batch_stats=batch_stats
         )

@@ -1,0 +1,251 @@
+"""Training: resume after a crash, truncated BPTT, non-finite losses, config checks, optimiser
+groups and train.py's command line."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lru_jax import tasks
+from lru_jax.training import config as config_lib
+from lru_jax.training import loop, steps
+from lru_jax.training.metrics import read_jsonl
+from lru_jax.training.optim import make_optimizer, param_groups
+from lru_jax.training.state import TrainState
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(**train):
+    c = config_lib.default_config()
+    c.task = {"name": "text", "corpus": "jokes", "seq_len": 24}
+    c.model.update({"d_model": 16, "num_layers": 1, "d_state": 8, "dropout_rate": 0.1})
+    c.train.update(
+        {
+            "batch_size": 4,
+            "num_steps": 12,
+            "warmup_steps": 2,
+            "log_every": 2,
+            "eval_every": 4,
+            "checkpoint_every": 4,
+            "eval_batches": 1,
+            **train,
+        }
+    )
+    c.generate.num_samples = 0
+    return c
+
+
+class _Crash(Exception):
+    pass
+
+
+def _crash_at(monkeypatch, step_index):
+    original = loop.build_task
+
+    def build(config):
+        task = original(config)
+        batch = task.batch
+
+        def failing(split, index, batch_size):
+            if split == "train" and index == step_index:
+                raise _Crash(f"killed before step {index}")
+            return batch(split, index, batch_size)
+
+        task.batch = failing
+        return task
+
+    monkeypatch.setattr(loop, "build_task", build)
+
+
+def _train_losses(workdir):
+    return {
+        r["step"]: r["loss"]
+        for r in read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+        if r["split"] == "train"
+    }
+
+
+def test_resume_after_crash_reaches_the_same_losses(tmp_path, monkeypatch):
+    config = tiny_config()
+    straight = loop.train_and_evaluate(config, str(tmp_path / "straight"))
+
+    crashed = str(tmp_path / "crashed")
+    with monkeypatch.context() as m:
+        _crash_at(m, 9)  # after the checkpoint at step 8, mid-way to the next one
+        with pytest.raises(_Crash):
+            loop.train_and_evaluate(config, crashed)
+    assert max(_train_losses(crashed)) == 8
+    resumed = loop.train_and_evaluate(config, crashed)
+
+    assert _train_losses(crashed) == _train_losses(str(tmp_path / "straight"))
+    assert resumed["test"] == straight["test"]
+    steps_logged = [r["step"] for r in read_jsonl(os.path.join(crashed, "metrics.jsonl"))]
+    assert steps_logged == sorted(steps_logged)  # no duplicates left by the crashed run
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    config = tiny_config()
+    config.task = {"name": "adding", "seq_len": 10}
+    config.model.pooling = "last"
+    original = loop.build_task
+
+    def poisoned(config):
+        task = original(config)
+        batch = task.batch
+
+        def with_nan(split, index, batch_size):
+            out = batch(split, index, batch_size)
+            if split == "train" and index == 5:
+                out["inputs"] = np.full_like(out["inputs"], np.nan)
+            return out
+
+        task.batch = with_nan
+        return task
+
+    monkeypatch.setattr(loop, "build_task", poisoned)
+    with pytest.raises(loop.NonFiniteLossError, match="at step 6"):
+        loop.train_and_evaluate(config, str(tmp_path))
+    saved = sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit())
+    assert saved == [4]
+
+
+def _tbptt_parts(k):
+    task = tasks.get_task("text", corpus="jokes", seq_len=20)
+    config = tiny_config()
+    config.model.dropout_rate = 0.0
+    model = config_lib.build_model(config.model, task.spec)
+    batch = jax.tree.map(jnp.asarray, task.batch("train", 0, 3))
+    tx = make_optimizer(config.train)
+    state = TrainState.create(model.init(jax.random.key(0), batch["inputs"]), tx)
+    key = jax.random.key(1)
+    full = steps._full_bptt(model, task.spec, state, batch, key)
+    truncated = steps._truncated_bptt(model, task.spec, state, batch, key, k)
+    return full, truncated
+
+
+@pytest.mark.parametrize("k", [20, 64])
+def test_truncated_bptt_equals_full_when_one_segment_covers_the_sequence(k):
+    (g_full, s_full, _), (g_trunc, s_trunc, _) = _tbptt_parts(k)
+    for a, b in zip(jax.tree.leaves(g_full), jax.tree.leaves(g_trunc), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=1e-5)
+    np.testing.assert_allclose(float(s_full["loss_sum"]), float(s_trunc["loss_sum"]), rtol=1e-6)
+
+
+def test_truncated_bptt_carries_state_but_cuts_gradients():
+    (g_full, s_full, _), (g_trunc, s_trunc, _) = _tbptt_parts(6)  # segments 6+6+6+2
+    # The forward pass is the same computation: the carry crosses segment boundaries.
+    np.testing.assert_allclose(float(s_full["loss_sum"]), float(s_trunc["loss_sum"]), rtol=1e-5)
+    # The recurrent parameters' gradients lose the paths that cross a boundary.
+    nu_full = np.asarray(g_full["blocks_0"]["mixer"]["nu_log"])
+    nu_trunc = np.asarray(g_trunc["blocks_0"]["mixer"]["nu_log"])
+    assert not np.allclose(nu_full, nu_trunc, rtol=1e-3)
+
+
+def test_truncated_bptt_trains_end_to_end(tmp_path):
+    result = loop.train_and_evaluate(tiny_config(tbptt_length=8), str(tmp_path))
+    assert np.isfinite(result["valid"]["loss"])
+
+
+@pytest.mark.parametrize(
+    "section, key, value, match",
+    [
+        ("model", "d_model", -4, r"config.model.d_model: expected a positive int, got -4"),
+        ("model", "cell", "transformer", "config.model.cell: expected one of"),
+        ("model", "dropout_rate", 1.0, "config.model.dropout_rate"),
+        ("model", "r_max", 1.5, "config.model.r_min, r_max"),
+        ("train", "learning_rate", -1.0, "config.train.learning_rate"),
+        ("train", "batch_size", 0, "config.train.batch_size"),
+        ("generate", "temperature", -0.5, "config.generate.temperature"),
+    ],
+)
+def test_bad_config_values_are_named(section, key, value, match):
+    config = tiny_config()
+    config[section][key] = value
+    with pytest.raises(ValueError, match=match):
+        config_lib.validate(config)
+
+
+def test_choices_that_depend_on_the_task():
+    text = tasks.get_task("text", corpus="jokes", seq_len=24).spec
+    adding = tasks.get_task("adding", seq_len=10).spec
+    config = tiny_config()
+    config.model.pooling = "last"
+    with pytest.raises(ValueError, match="config.model.pooling: expected 'none'"):
+        config_lib.check_against_task(config, text)
+    config.model.pooling = "none"
+    with pytest.raises(ValueError, match="'last' or 'mean'"):
+        config_lib.check_against_task(config, adding)
+    config.model.pooling = "last"
+    config.train.tbptt_length = 5
+    with pytest.raises(ValueError, match="truncated BPTT needs per-step targets"):
+        config_lib.check_against_task(config, adding)
+
+
+def test_optimizer_groups_and_lru_learning_rate_factor():
+    task = tasks.get_task("text", corpus="jokes", seq_len=12)
+    config = tiny_config(lru_lr_factor=0.0, weight_decay=0.0)
+    model = config_lib.build_model(config.model, task.spec)
+    batch = task.batch("train", 0, 2)
+    variables = model.init(jax.random.key(0), batch["inputs"])
+    groups = param_groups(variables["params"])
+    mixer = groups["blocks_0"]["mixer"]
+    assert {mixer[k] for k in ("nu_log", "theta_log", "gamma_log", "B_re", "B_im")} == {"recurrent"}
+    assert mixer["C_re"] == "default" and mixer["D"] == "no_decay"
+    assert groups["head"]["bias"] == "no_decay" and groups["head"]["kernel"] == "default"
+    # With factor 0 the recurrent group stays put while the rest moves.
+    tx = make_optimizer(config.train)
+    before = jax.tree.map(np.array, variables["params"]["blocks_0"]["mixer"])
+    state = TrainState.create(variables, tx)
+    step = steps.make_train_step(model, tx, task.spec, seed=0)
+    for i in range(3):
+        state, _ = step(state, task.batch("train", i, 2))  # donates (deletes) the old state
+    after = state.params["blocks_0"]["mixer"]
+    for name in ("nu_log", "B_im"):
+        np.testing.assert_array_equal(np.asarray(before[name]), np.asarray(after[name]))
+    assert not np.allclose(np.asarray(before["C_re"]), np.asarray(after["C_re"]))
+
+
+def _train_py(*args, cwd):
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, "train.py"), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_train_py_rejects_bad_overrides_before_compiling(tmp_path):
+    bad_value = _train_py("--config.model.d_model=-4", f"--workdir={tmp_path}/a", cwd=tmp_path)
+    assert bad_value.returncode != 0
+    assert "config.model.d_model: expected a positive int, got -4" in bad_value.stderr
+    assert not os.path.exists(tmp_path / "a" / "checkpoints")
+    typo = _train_py("--config.model.dmodel=4", f"--workdir={tmp_path}/b", cwd=tmp_path)
+    assert typo.returncode != 0 and "dmodel" in typo.stderr
+
+
+def test_train_py_runs_a_config_file_with_overrides(tmp_path):
+    run = _train_py(
+        f"--config={ROOT}/configs/default.py",
+        "--config.task.seq_len=16",
+        "--config.model.d_model=8",
+        "--config.model.num_layers=1",
+        "--config.train.num_steps=3",
+        "--config.train.batch_size=2",
+        "--config.train.warmup_steps=1",
+        "--config.generate.num_samples=2",
+        "--config.generate.length=10",
+        f"--workdir={tmp_path}/run",
+        cwd=tmp_path,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    final = json.loads((tmp_path / "run" / "final_metrics.json").read_text())
+    assert final["steps"] == 3 and len(final["samples"]) == 2
+    assert (tmp_path / "run" / "samples.txt").exists()
+    assert any(f.startswith("events") for f in os.listdir(tmp_path / "run" / "tensorboard"))
