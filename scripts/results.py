@@ -1,8 +1,9 @@
 """Reruns the README's results suite and rewrites its table.
 
-    python scripts/results.py                  # every experiment (about half an hour on 2 CPU cores)
+    python scripts/results.py                  # every experiment (about an hour on 2 cores)
     python scripts/results.py --only adding-lru,jokes-lru
     python scripts/results.py --workdir runs/results --no-readme
+    python scripts/results.py --resume         # keep experiments that already finished
 
 Each experiment is a config file plus overrides, trained from scratch in its own directory.
 The table (metric, the task's trivial baseline or a published reference, wall time) goes to
@@ -41,7 +42,9 @@ START, END = "<!-- results:start -->", "<!-- results:end -->"
 
 
 def load_config(filename: str, overrides: dict):
-    spec = importlib.util.spec_from_file_location("experiment_config", os.path.join(ROOT, "configs", filename))
+    spec = importlib.util.spec_from_file_location(
+        "experiment_config", os.path.join(ROOT, "configs", filename)
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     config = module.get_config()
@@ -53,7 +56,7 @@ def load_config(filename: str, overrides: dict):
 
 
 def baseline_text(final: dict, metric: str, reference: str) -> str:
-    (name, value), = final["baseline"].items()
+    ((name, value),) = final["baseline"].items()
     if metric == "bits_per_char" and name == "loss":
         return f"{reference}: {value / 0.6931471805599453:.2f} bpc"
     if reference in ("majority class",):
@@ -61,14 +64,19 @@ def baseline_text(final: dict, metric: str, reference: str) -> str:
     return reference
 
 
-def run(name, filename, overrides, metric, reference, workdir) -> dict:
+def run(name, filename, overrides, metric, reference, workdir, resume=False) -> dict:
     directory = os.path.join(workdir, name)
+    result_path = os.path.join(directory, "result.json")
+    if resume and os.path.exists(result_path):
+        with open(result_path) as f:
+            return json.load(f)
     shutil.rmtree(directory, ignore_errors=True)
     start = time.perf_counter()
     final = train_and_evaluate(load_config(filename, overrides), directory)
-    return {
+    result = {
         "name": name,
-        "config": f"configs/{filename}" + "".join(f" --config.{k}={v}" for k, v in overrides.items()),
+        "config": f"configs/{filename}"
+        + "".join(f" --config.{k}={v}" for k, v in overrides.items()),
         "metric": metric,
         "valid": final["valid"][metric],
         "test": final["test"][metric],
@@ -76,6 +84,9 @@ def run(name, filename, overrides, metric, reference, workdir) -> dict:
         "wall_s": time.perf_counter() - start,
         "samples": final.get("samples", []),
     }
+    with open(result_path, "w") as f:
+        json.dump(result, f, indent=2)
+    return result
 
 
 def table(rows: list[dict]) -> str:
@@ -110,16 +121,19 @@ def write_readme(text: str) -> None:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--only", default="", help="comma-separated experiment names")
     parser.add_argument("--workdir", default=os.path.join(ROOT, "runs", "results"))
     parser.add_argument("--no-readme", action="store_true", help="leave README.md as it is")
+    parser.add_argument("--resume", action="store_true", help="reuse finished experiments")
     args = parser.parse_args()
     logging.set_verbosity(logging.WARNING)
     chosen = [e for e in EXPERIMENTS if not args.only or e[0] in args.only.split(",")]
     rows = []
     for experiment in chosen:
-        rows.append(run(*experiment, args.workdir))
+        rows.append(run(*experiment, args.workdir, args.resume))
         print(json.dumps({k: v for k, v in rows[-1].items() if k != "samples"}), flush=True)
     text = table(rows)
     os.makedirs(os.path.join(ROOT, "docs"), exist_ok=True)
