@@ -1,0 +1,50 @@
+"""Multi-query associative recall (MQAR; Arora et al. 2023, "Zoology"): read 8 key-value pairs,
+then answer 8 queries (keys, at random later steps of the 64) with their values.
+
+The memoryless baseline, a uniform guess among the 32 values, scores ln(32) = 3.466 nats per
+query. Note a weaker shortcut than recall: remembering only WHICH values occurred (a bag of
+values, no binding to keys) already scores about 1.93 nats. In this CPU budget neither the LRU
+nor an LSTM (`--config.model.cell=lstm`) gets below that level; true recall needs longer
+training or a larger model.
+"""
+
+import math
+
+from lru_jax.training.config import default_config
+
+
+def get_config():
+    c = default_config()
+    c.task = {
+        "name": "associative_recall",
+        "num_pairs": 8,
+        "num_queries": 8,
+        "seq_len": 64,
+        "num_keys": 32,
+        "num_values": 32,
+    }
+    c.model.update(
+        {
+            "d_model": 64,
+            "num_layers": 2,
+            "d_state": 64,
+            "r_min": 0.9,
+            "r_max": 0.999,
+            "max_phase": 2 * math.pi / 10,
+            "dropout_rate": 0.0,
+            "pooling": "none",
+        }
+    )
+    c.train.update(
+        {
+            "batch_size": 32,
+            "num_steps": 10000,
+            "learning_rate": 3e-3,
+            "warmup_steps": 100,
+            "eval_every": 2000,
+            "checkpoint_every": 2000,
+            "eval_batches": 4,
+        }
+    )
+    c.generate.num_samples = 0
+    return c

@@ -1,0 +1,56 @@
+"""ListOps (Nangia & Bowman 2018) as in the Long Range Arena: evaluate a nested prefix
+expression of MIN, MAX, MED and SM (sum mod 10) over digits; ten classes.
+
+CPU-sized by default: 10000 training expressions of 32..128 tokens, nested at most 5 deep.
+The trivial baseline, always answering the training set's most frequent class, has accuracy
+about 0.12 (reported by the task as `baseline`).
+
+The Long Range Arena's sizes (lru_jax.tasks.listops.LRA_SIZES; generating them takes about a
+minute, training them needs an accelerator):
+
+    --config.task.num_train=96000 --config.task.num_valid=2000 --config.task.num_test=2000
+    --config.task.min_length=500 --config.task.max_length=2000
+    --config.task.max_depth=10 --config.task.max_args=10
+"""
+
+import math
+
+from lru_jax.training.config import default_config
+
+
+def get_config():
+    c = default_config()
+    c.task = {
+        "name": "listops",
+        "num_train": 10000,
+        "num_valid": 500,
+        "num_test": 500,
+        "min_length": 32,
+        "max_length": 128,
+        "max_depth": 6,
+        "max_args": 5,
+    }
+    c.model.update(
+        {
+            "d_model": 64,
+            "num_layers": 2,
+            "d_state": 64,
+            "r_min": 0.9,
+            "r_max": 0.999,
+            "max_phase": 2 * math.pi / 10,
+            "dropout_rate": 0.1,
+            "pooling": "mean",
+        }
+    )
+    c.train.update(
+        {
+            "batch_size": 32,
+            "num_steps": 3000,
+            "learning_rate": 3e-3,
+            "warmup_steps": 100,
+            "eval_every": 500,
+            "checkpoint_every": 1000,
+        }
+    )
+    c.generate.num_samples = 0
+    return c
