@@ -45,12 +45,16 @@ def init_state(model, tx, task, config):
 
 def evaluate(eval_step, state, task, split: str, batch_size: int, num_batches: int):
     """Metrics over `num_batches` batches of `split` (0: the whole split once, if finite)."""
+    n = task.num_examples(split) if num_batches == 0 else None
     if num_batches == 0:
-        n = task.num_examples(split)
         num_batches = 1 if n is None else math.ceil(n / batch_size)
     total = None
     for index in range(num_batches):
-        sums = eval_step(state, task.batch(split, index, batch_size))
+        batch = task.batch(split, index, batch_size)
+        if n is not None and index == num_batches - 1:  # the split's tail, without wrapping
+            remainder = n - index * batch_size
+            batch = {name: array[:remainder] for name, array in batch.items()}
+        sums = eval_step(state, batch)
         total = sums if total is None else jax.tree.map(jnp.add, total, sums)
     return {k: float(v) for k, v in summarise(task.spec, total).items()}
 
@@ -109,7 +113,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     tokens_per_batch = tc.batch_size * spec.seq_len
     pending = _PendingMetrics()
     bar = tqdm(total=tc.num_steps, initial=start, desc="train", dynamic_ncols=True)
-    tick, tick_step, train_time = time.perf_counter(), start, 0.0
+    tick, tick_step, train_time, valid = time.perf_counter(), start, 0.0, None
     try:
         for step in range(start, tc.num_steps):
             state, metrics = train_step(state, task.batch("train", step, tc.batch_size))
@@ -126,6 +130,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                 means["learning_rate"] = float(lr(done - 1))
                 writer.write(done, "train", means)
                 bar.set_postfix(loss=f"{means['loss']:.4f}", tok_s=f"{means['tokens_per_s']:.0f}")
+            valid = None
             if done % tc.eval_every == 0 or done == tc.num_steps:
                 valid = evaluate(eval_step, state, task, "valid", tc.batch_size, tc.eval_batches)
                 writer.write(done, "valid", valid)
@@ -142,7 +147,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     final = {
         "steps": tc.num_steps,
         "train_time_s": train_time,
-        "valid": evaluate(eval_step, state, task, "valid", tc.batch_size, tc.eval_batches),
+        "valid": valid or evaluate(eval_step, state, task, "valid", tc.batch_size, tc.eval_batches),
         "test": evaluate(eval_step, state, task, "test", tc.batch_size, tc.eval_batches),
         "baseline": {spec.baseline_metric: spec.baseline},
     }
