@@ -37,6 +37,10 @@ EXPERIMENTS = [
     ("mnist1d-gru", "mnist1d.py", {"model.cell": "gru"}, "accuracy", "GRU 91% (paper)"),
     ("listops-lru", "listops.py", {}, "accuracy", "majority class"),
     ("jokes-lru", "default.py", {}, "bits_per_char", "unigram entropy"),
+    ("copy-lru", "copy.py", {}, "loss", "baseline"),
+    ("selective-copy-lru", "selective_copy.py", {}, "loss", "baseline"),
+    ("recall-lru", "associative_recall.py", {}, "loss", "baseline"),
+    ("stdlib-lru", "stdlib_text.py", {}, "bits_per_char", "unigram entropy"),
 ]
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 
@@ -59,7 +63,7 @@ def baseline_text(final: dict, metric: str, reference: str) -> str:
     ((name, value),) = final["baseline"].items()
     if metric == "bits_per_char" and name == "loss":
         return f"{reference}: {value / 0.6931471805599453:.2f} bpc"
-    if reference in ("majority class",):
+    if reference in ("majority class", "baseline"):
         return f"{reference}: {value:.3f}"
     return reference
 
