@@ -109,7 +109,10 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         if r["samples"]:
             lines += ["", f"Samples from {r['name']} (temperature 0.8, unedited):", ""]
-            lines += [f"> {s}  " for s in r["samples"]]
+            if any("\n" in s for s in r["samples"]):  # code: keep its lines as they are
+                lines += ["```text", *("\n".join(r["samples"]).splitlines()), "```"]
+            else:
+                lines += [f"> {s}  " for s in r["samples"]]
     return "\n".join(lines) + "\n"
 
 
