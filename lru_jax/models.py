@@ -84,8 +84,7 @@ class SequenceModel(nn.Module):
     def _mixer(self) -> nn.Module:
         if self.cell == "lru":
             return lnn.LRU(self.d_state, self.r_min, self.r_max, self.max_phase, self.scan_method)
-        layer = {"lstm": lnn.LSTM, "gru": lnn.GRU, "simple_rnn": lnn.SimpleRNN}[self.cell]
-        return layer(self.d_model)
+        return lnn.RecurrentLayer(self.d_model, cell=self.cell)
 
     def _check_inputs(self, x, name="inputs"):
         if self.vocab_size is None:

@@ -37,17 +37,21 @@ def _time_major(x):
 
 
 class RecurrentLayer(nn.Module):
-    """A layer running a functional cell (`lru_jax.cells`); see SimpleRNN, LSTM, GRU.
+    """A layer running a functional cell (`lru_jax.cells`): SimpleRNN, LSTM and GRU fix `cell`.
 
     Its parameters are exactly the cell's: `variables["params"]` can be passed to
     `cells.unroll` and `Cell.step` unchanged.
     """
 
     hidden_size: int
+    cell: str = "lstm"  # "simple_rnn" | "lstm" | "gru"
+    activation: str = "tanh"  # SimpleRNN only: "tanh" | "relu"
     unroll: int = 1
 
     def make_cell(self) -> cells.Cell:
-        raise NotImplementedError("RecurrentLayer is abstract: use SimpleRNN, LSTM or GRU")
+        if self.cell == "simple_rnn":
+            return cells.simple_rnn(self.activation)
+        return cells.get(self.cell)
 
     @nn.compact
     def __call__(
@@ -88,24 +92,19 @@ class RecurrentLayer(nn.Module):
 class SimpleRNN(RecurrentLayer):
     """Elman RNN layer, activation "tanh" or "relu"."""
 
-    activation: str = "tanh"
-
-    def make_cell(self) -> cells.Cell:
-        return cells.simple_rnn(self.activation)
+    cell: str = "simple_rnn"
 
 
 class LSTM(RecurrentLayer):
     """LSTM layer; carry (c, h)."""
 
-    def make_cell(self) -> cells.Cell:
-        return cells.lstm()
+    cell: str = "lstm"
 
 
 class GRU(RecurrentLayer):
     """GRU layer."""
 
-    def make_cell(self) -> cells.Cell:
-        return cells.gru()
+    cell: str = "gru"
 
 
 class LRU(nn.Module):
