@@ -8,9 +8,7 @@ nor an LSTM (`--config.model.cell=lstm`) gets below that level; true recall need
 training or a larger model.
 """
 
-import math
-
-from lru_jax.training.config import default_config
+from lru_jax.training.config import LONG_RANGE_RING, default_config
 
 
 def get_config():
@@ -28,9 +26,7 @@ def get_config():
             "d_model": 64,
             "num_layers": 2,
             "d_state": 64,
-            "r_min": 0.9,
-            "r_max": 0.999,
-            "max_phase": 2 * math.pi / 10,
+            **LONG_RANGE_RING,
             "dropout_rate": 0.0,
             "pooling": "none",
         }

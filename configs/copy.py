@@ -5,9 +5,7 @@ The memoryless baseline (blank until the delimiter, then a uniform guess among t
 categories) scores 10 ln(8) / 120 = 0.173 nats per step; the loss counts every step.
 """
 
-import math
-
-from lru_jax.training.config import default_config
+from lru_jax.training.config import LONG_RANGE_RING, default_config
 
 
 def get_config():
@@ -18,9 +16,7 @@ def get_config():
             "d_model": 64,
             "num_layers": 2,
             "d_state": 64,
-            "r_min": 0.9,
-            "r_max": 0.999,
-            "max_phase": 2 * math.pi / 10,
+            **LONG_RANGE_RING,
             "dropout_rate": 0.0,
             "pooling": "none",
         }

@@ -13,9 +13,7 @@ minute, training them needs an accelerator):
     --config.task.max_depth=10 --config.task.max_args=10
 """
 
-import math
-
-from lru_jax.training.config import default_config
+from lru_jax.training.config import LONG_RANGE_RING, default_config
 
 
 def get_config():
@@ -35,9 +33,7 @@ def get_config():
             "d_model": 64,
             "num_layers": 2,
             "d_state": 64,
-            "r_min": 0.9,
-            "r_max": 0.999,
-            "max_phase": 2 * math.pi / 10,
+            **LONG_RANGE_RING,
             "dropout_rate": 0.1,
             "pooling": "mean",
         }

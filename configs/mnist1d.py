@@ -7,9 +7,7 @@ The shuffled variant (time steps permuted): configs/mnist1d_shuffled.py, or
 `--config.task.shuffled=True`.
 """
 
-import math
-
-from lru_jax.training.config import default_config
+from lru_jax.training.config import LONG_RANGE_RING, default_config
 
 
 def get_config():
@@ -20,9 +18,7 @@ def get_config():
             "d_model": 96,
             "num_layers": 2,
             "d_state": 96,
-            "r_min": 0.9,
-            "r_max": 0.999,
-            "max_phase": 2 * math.pi / 10,
+            **LONG_RANGE_RING,
             "dropout_rate": 0.1,
             "pooling": "mean",
         }

@@ -6,9 +6,7 @@ only the 8 answer steps; the memoryless baseline, a uniform guess among the 8 ca
 scores ln(8) = 2.079 nats there.
 """
 
-import math
-
-from lru_jax.training.config import default_config
+from lru_jax.training.config import LONG_RANGE_RING, default_config
 
 
 def get_config():
@@ -19,9 +17,7 @@ def get_config():
             "d_model": 64,
             "num_layers": 2,
             "d_state": 64,
-            "r_min": 0.9,
-            "r_max": 0.999,
-            "max_phase": 2 * math.pi / 10,
+            **LONG_RANGE_RING,
             "dropout_rate": 0.0,
             "pooling": "none",
         }

@@ -6,9 +6,7 @@ context), reported by the task as `baseline` in nats per byte. Afterwards the mo
 few samples, starting from `generate.prompt`.
 """
 
-import math
-
-from lru_jax.training.config import default_config
+from lru_jax.training.config import LONG_RANGE_RING, default_config
 
 
 def get_config():
@@ -19,9 +17,7 @@ def get_config():
             "d_model": 128,
             "num_layers": 2,
             "d_state": 128,
-            "r_min": 0.9,
-            "r_max": 0.999,
-            "max_phase": 2 * math.pi / 10,
+            **LONG_RANGE_RING,
             "dropout_rate": 0.0,
             "pooling": "none",
         }

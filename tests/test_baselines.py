@@ -8,9 +8,7 @@ half the bound or more). Where a task has an obvious partial solution, the bound
 (noted at the test), so a model that learns only half the task fails.
 """
 
-import math
-
-from lru_jax.training.config import default_config
+from lru_jax.training.config import LONG_RANGE_RING, default_config
 from lru_jax.training.loop import train_and_evaluate
 
 SEED = 0
@@ -26,9 +24,7 @@ def train(tmp_path, task: dict, steps: int, pooling: str = "none", **train_overr
             "d_model": 32,
             "num_layers": 1,
             "d_state": 32,
-            "r_min": 0.9,
-            "r_max": 0.999,
-            "max_phase": 2 * math.pi / 10,
+            **LONG_RANGE_RING,
             "dropout_rate": 0.0,
             "pooling": pooling,
         }

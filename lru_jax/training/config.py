@@ -16,6 +16,10 @@ from lru_jax.tasks.base import TaskSpec
 
 SECTIONS = ("task", "model", "train", "generate")
 
+# The LRU paper's initialisation for long-range tasks: eigenvalues near the unit circle
+# (slow decay) with small phases.
+LONG_RANGE_RING = {"r_min": 0.9, "r_max": 0.999, "max_phase": 2 * math.pi / 10}
+
 
 def default_config() -> ml_collections.ConfigDict:
     """Every key a config has, with defaults; experiment files change what they need."""
