@@ -48,6 +48,7 @@ class Row:
     median_ms: float
     p25_ms: float
     p75_ms: float
+    cpu_ms: float  # median process CPU time per call (all threads): robust to other load
     compile_s: float
     memory_mb: float | None
     speedup: float | None = None  # baseline time / this time, same run
@@ -86,12 +87,13 @@ def _compile(fn: Callable, args: Sequence):
     return compiled, time.perf_counter() - start
 
 
-def _summary(times_ms: list[float], compile_s: float, compiled) -> dict:
+def _summary(times_ms: list[float], cpu_ms: list[float], compile_s: float, compiled) -> dict:
     q = np.percentile(times_ms, [25, 50, 75])
     return {
         "median_ms": float(q[1]),
         "p25_ms": float(q[0]),
         "p75_ms": float(q[2]),
+        "cpu_ms": float(np.median(cpu_ms)),
         "compile_s": compile_s,
         "memory_mb": _memory_mb(compiled),
     }
@@ -102,18 +104,28 @@ def measure_group(candidates: Sequence[tuple[Callable, Sequence]], repeats: int)
 
     Every candidate is compiled and run once (warm-up); then `repeats` rounds run each candidate
     once in turn, so slow drifts of a shared machine hit all of them alike and ratios stay fair.
-    Returns one {"median_ms", "p25_ms", "p75_ms", "compile_s", "memory_mb"} per candidate.
+    Returns one {"median_ms", "p25_ms", "p75_ms", "cpu_ms", "compile_s", "memory_mb"} each.
     """
     compiled = [_compile(fn, args) for fn, args in candidates]
     for (fn, _), (_, args) in zip(compiled, candidates, strict=True):
         _block(fn(*args))
-    times: list[list[float]] = [[] for _ in candidates]
+    wall: list[list[float]] = [[] for _ in candidates]
+    cpu: list[list[float]] = [[] for _ in candidates]
     for _ in range(repeats):
         for i, ((fn, _), (_, args)) in enumerate(zip(compiled, candidates, strict=True)):
-            start = time.perf_counter()
-            _block(fn(*args))
-            times[i].append((time.perf_counter() - start) * 1e3)
-    return [_summary(t, compile_s, fn) for t, (fn, compile_s) in zip(times, compiled, strict=True)]
+            _timed_call(fn, args, wall[i], cpu[i])
+    return [
+        _summary(w, c, compile_s, fn)
+        for w, c, (fn, compile_s) in zip(wall, cpu, compiled, strict=True)
+    ]
+
+
+def _timed_call(fn, args, wall: list[float], cpu: list[float]):
+    start, start_cpu = time.perf_counter(), time.process_time()
+    out = _block(fn(*args))
+    wall.append((time.perf_counter() - start) * 1e3)
+    cpu.append((time.process_time() - start_cpu) * 1e3)
+    return out
 
 
 def measure(fn: Callable, args: Sequence, repeats: int) -> dict:
@@ -396,19 +408,10 @@ def _time_train_step(step, state, batch, repeats) -> dict:
     compiled = step.lower(state, batch).compile()
     compile_s = time.perf_counter() - start
     state, _ = _block(compiled(state, batch))
-    times = []
+    wall, cpu = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
-        state, _ = _block(compiled(state, batch))
-        times.append((time.perf_counter() - start) * 1e3)
-    q = np.percentile(times, [25, 50, 75])
-    return {
-        "median_ms": float(q[1]),
-        "p25_ms": float(q[0]),
-        "p75_ms": float(q[2]),
-        "compile_s": compile_s,
-        "memory_mb": _memory_mb(compiled),
-    }
+        state, _ = _timed_call(compiled, (state, batch), wall, cpu)
+    return _summary(wall, cpu, compile_s, compiled)
 
 
 TRAIN_CONFIGS = (
@@ -475,13 +478,14 @@ def _fmt(value, spec):
 def format_table(rows: list[Row]) -> str:
     """A GitHub-markdown table of `rows`."""
     header = (
-        "| group | name | median ms | p25-p75 ms | speedup | compile s | memory MB | rate "
-        "| of limit |"
+        "| group | name | median ms | p25-p75 ms | CPU ms | speedup | compile s | memory MB "
+        "| rate | of limit |"
     )
-    lines = [header, "|" + "---|" * 2 + "---:|" * 7]
+    lines = [header, "|" + "---|" * 2 + "---:|" * 8]
     for r in rows:
         lines.append(
             f"| {r.group} | {r.name} | {r.median_ms:.3g} | {r.p25_ms:.3g}-{r.p75_ms:.3g} | "
+            f"{r.cpu_ms:.3g} | "
             f"{_fmt(r.speedup, '.2f')} | {r.compile_s:.2f} | {_fmt(r.memory_mb, '.1f')} | "
             f"{r.rate} | {_fmt(r.fraction, '.0%')} |"
         )

@@ -1,8 +1,15 @@
 """Recurrent cells as pure functions, and `unroll`, the driver that runs one over a sequence.
 
-A cell is a `Cell`: parameter initialisers, an input projection and a recurrent step.
-`step(params, carry, x) = recur(params, carry, project(params, x))`; `unroll` projects the whole
-sequence with one matmul before the scan, so the loop carries only the recurrent matmul.
+A cell is a `Cell`: parameter initialisers, an input projection and a recurrent step, split
+into the recurrent matmul and an elementwise `combine`:
+
+    step(params, carry, x) = combine(params, carry, project(params, x), state_of(carry) @ w_hh)
+
+`unroll` projects the whole sequence with one matmul before the scan, so the loop carries only
+the recurrent matmul. Its backward pass is written by hand around that split: a reverse scan
+carries the state's gradient through the elementwise part (differentiated by JAX) and one
+matmul with w_hh per step, and the weight gradient dW_hh = sum_t h_{t-1}^T dz_t is formed after
+the scan as one large matmul instead of one small one per step (docs/benchmarks.md).
 
 Parameters (fused gates, PyTorch's gate order, so weights move between the two unchanged):
 
@@ -16,6 +23,7 @@ except the LSTM forget gate bias, which starts at 1 so the cell remembers by def
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -38,14 +46,17 @@ class Cell(NamedTuple):
       name: "simple_rnn" | "lstm" | "gru".
       param_inits: (in_dim, hidden) -> {name: init(key) -> array}.
       project: (params, x [..., in]) -> input projection [..., gates * hidden].
-      recur: (params, carry, projected [..., gates * hidden]) -> (carry, y [..., hidden]).
+      combine: (params, carry, projected, recurrent [..., gates * hidden]) -> (carry,
+        y [..., hidden]), where recurrent = state_of(carry) @ w_hh; elementwise, no matmul.
+      state_of: carry -> the state h [..., hidden] that multiplies w_hh.
       zero_carry: (batch_shape, hidden, dtype) -> the all-zero carry.
     """
 
     name: str
     param_inits: Callable[[int, int], dict[str, Callable]]
     project: Callable[[Params, jax.Array], jax.Array]
-    recur: Callable[[Params, Carry, jax.Array], tuple[Carry, jax.Array]]
+    combine: Callable[[Params, Carry, jax.Array, jax.Array], tuple[Carry, jax.Array]]
+    state_of: Callable[[Carry], jax.Array]
     zero_carry: Callable[..., Carry]
 
     def init(self, key: jax.Array, in_dim: int, hidden: int) -> Params:
@@ -55,6 +66,10 @@ class Cell(NamedTuple):
         inits = self.param_inits(in_dim, hidden)
         keys = jax.random.split(key, len(inits))
         return {name: init(k) for (name, init), k in zip(inits.items(), keys, strict=True)}
+
+    def recur(self, params: Params, carry: Carry, xp: jax.Array) -> tuple[Carry, jax.Array]:
+        """One step from the projected input xp [..., gates * hidden]."""
+        return self.combine(params, carry, xp, self.state_of(carry) @ params["w_hh"])
 
     def step(self, params: Params, carry: Carry, x: jax.Array) -> tuple[Carry, jax.Array]:
         """One time step: x [..., in] -> (carry, y [..., hidden])."""
@@ -92,25 +107,34 @@ def simple_rnn(activation: str = "tanh") -> Cell:
     _checks.one_of("activation", activation, tuple(ACTIVATIONS))
     act = ACTIVATIONS[activation]
 
-    def recur(params, h, xp):
-        h = act(xp + h @ params["w_hh"])
+    def combine(params, h, xp, recurrent):
+        h = act(xp + recurrent)
         return h, h
 
     return Cell(
         "simple_rnn",
         lambda i, h: _inits(i, h, 1, {"b": [0.0]}),
         _affine,
-        recur,
+        combine,
+        _identity,
         _hidden_zeros,
     )
 
 
-def _lstm_recur(params, carry, xp):
-    c, h = carry
-    i, f, g, o = jnp.split(xp + h @ params["w_hh"], 4, axis=-1)
+def _identity(h):
+    return h
+
+
+def _lstm_combine(params, carry, xp, recurrent):
+    c, _ = carry
+    i, f, g, o = jnp.split(xp + recurrent, 4, axis=-1)
     c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
     h = jax.nn.sigmoid(o) * jnp.tanh(c)
     return (c, h), h
+
+
+def _lstm_state(carry):
+    return carry[1]
 
 
 def lstm() -> Cell:
@@ -123,7 +147,8 @@ def lstm() -> Cell:
         "lstm",
         lambda i, h: _inits(i, h, 4, {"b": [0.0, 1.0, 0.0, 0.0]}),
         _affine,
-        _lstm_recur,
+        _lstm_combine,
+        _lstm_state,
         zero_carry,
     )
 
@@ -132,9 +157,9 @@ def _gru_project(params, x):
     return x @ params["w_ih"] + params["b_ih"]
 
 
-def _gru_recur(params, h, xp):
+def _gru_combine(params, h, xp, recurrent):
     x_r, x_z, x_n = jnp.split(xp, 3, axis=-1)
-    h_r, h_z, h_n = jnp.split(h @ params["w_hh"] + params["b_hh"], 3, axis=-1)
+    h_r, h_z, h_n = jnp.split(recurrent + params["b_hh"], 3, axis=-1)
     r = jax.nn.sigmoid(x_r + h_r)
     z = jax.nn.sigmoid(x_z + h_z)
     n = jnp.tanh(x_n + r * h_n)
@@ -149,7 +174,8 @@ def gru() -> Cell:
         "gru",
         lambda i, h: _inits(i, h, 3, {"b_ih": zeros, "b_hh": zeros}),
         _gru_project,
-        _gru_recur,
+        _gru_combine,
+        _identity,
         _hidden_zeros,
     )
 
@@ -215,20 +241,86 @@ def unroll(
     if reverse:
         xs = reverse_within_lengths(xs, seq_lengths)
     projected = cell.project(params, xs)  # one matmul for every step
+    elementwise = {k: v for k, v in params.items() if k not in ("w_ih", "w_hh")}
     valid = step_mask(seq_lengths, time)
-
-    def step(carry, inputs):
-        xp, ok = inputs
-        new_carry, y = cell.recur(params, carry, xp)
-        if ok is not None:
-            new_carry = jax.tree.map(lambda n, o: jnp.where(ok[:, None], n, o), new_carry, carry)
-            y = jnp.where(ok[:, None], y, jnp.zeros((), y.dtype))
-        return new_carry, y
-
-    carry, ys = jax.lax.scan(step, carry, (projected, valid), unroll=unroll)
+    carry, ys = _recurrence(cell, unroll, params["w_hh"], elementwise, carry, projected, valid)
     if reverse:
         ys = reverse_within_lengths(ys, seq_lengths)
     return carry, ys
+
+
+def _masked_combine(cell: Cell, params, carry, xp, recurrent, ok):
+    """`cell.combine`, except that past a sequence's end (ok false) the carry stays and y is 0."""
+    new_carry, y = cell.combine(params, carry, xp, recurrent)
+    if ok is None:
+        return new_carry, y
+    new_carry = jax.tree.map(lambda n, o: jnp.where(ok[:, None], n, o), new_carry, carry)
+    return new_carry, jnp.where(ok[:, None], y, jnp.zeros((), y.dtype))
+
+
+def _forward_scan(cell, unroll, w_hh, params, carry, projected, valid, keep_residuals):
+    def step(carry, inputs):
+        xp, ok = inputs
+        recurrent = cell.state_of(carry) @ w_hh
+        new_carry, y = _masked_combine(cell, params, carry, xp, recurrent, ok)
+        return new_carry, ((y, carry, recurrent) if keep_residuals else y)
+
+    return jax.lax.scan(step, carry, (projected, valid), unroll=unroll)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _recurrence(cell, unroll, w_hh, params, carry, projected, valid):
+    """Runs the recurrence over projected [time, batch, gates * hidden] -> (carry, ys).
+
+    `params` are the parameters `combine` uses (all but w_ih, w_hh); `valid` is None or bool
+    [time, batch]. The custom backward pass is `_recurrence_bwd`.
+    """
+    return _forward_scan(cell, unroll, w_hh, params, carry, projected, valid, False)
+
+
+def _recurrence_fwd(cell, unroll, w_hh, params, carry, projected, valid):
+    last, (ys, carries, recurrents) = _forward_scan(
+        cell, unroll, w_hh, params, carry, projected, valid, True
+    )
+    return (last, ys), (w_hh, params, carries, recurrents, projected, valid)
+
+
+def _recurrence_bwd(cell, unroll, residuals, cotangents):
+    """Reverse scan through the elementwise part and h W_hh; dW_hh by one matmul afterwards.
+
+    Step t: (dcarry_{t-1}, dparams_t, dxp_t, dz_t) = vjp of combine at (carry_{t-1}, xp_t, z_t)
+    applied to (dcarry_t, dy_t), then dcarry_{t-1} += dz_t W_hh^T through state_of. With
+    z_t = h_{t-1} W_hh, dW_hh = sum_t h_{t-1}^T dz_t over every step and sequence at once.
+    """
+    w_hh, params, carries, recurrents, projected, valid = residuals
+    dcarry_last, dys = cotangents
+
+    def step(acc, inputs):
+        dcarry, dparams = acc
+        carry, xp, recurrent, ok, dy = inputs
+        _, vjp = jax.vjp(
+            lambda p, c, x, z: _masked_combine(cell, p, c, x, z, ok), params, carry, xp, recurrent
+        )
+        dp, dcarry_prev, dxp, dz = vjp((dcarry, dy))
+        _, state_vjp = jax.vjp(cell.state_of, carry)
+        (through_matmul,) = state_vjp(dz @ w_hh.T)
+        dcarry_prev = jax.tree.map(jnp.add, dcarry_prev, through_matmul)
+        return (dcarry_prev, jax.tree.map(jnp.add, dparams, dp)), (dxp, dz)
+
+    zero_params = jax.tree.map(jnp.zeros_like, params)
+    (dcarry0, dparams), (dprojected, dz) = jax.lax.scan(
+        step,
+        (dcarry_last, zero_params),
+        (carries, projected, recurrents, valid, dys),
+        reverse=True,
+        unroll=unroll,
+    )
+    states = cell.state_of(carries)  # [time, batch, hidden]: h_{t-1} for each step
+    dw_hh = jnp.einsum("tbh,tbg->hg", states, dz)
+    return dw_hh, dparams, dcarry0, dprojected, None
+
+
+_recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
 
 
 def _check_carry(cell: Cell, carry, batch: int, hidden: int, dtype) -> None:

@@ -37,8 +37,12 @@ class SequenceModel(nn.Module):
       d_state: the LRU's state size N.
       pooling: "none" (an output per step), "last" (at each sequence's last valid step) or
         "mean" (over valid steps).
-      remat: recompute each block's activations in the backward pass (`nn.remat`) to save
-        memory.
+      remat: rematerialised BPTT: run the blocks over time chunks of `remat_chunk` steps inside
+        a scan, handing the carries from chunk to chunk, and recompute each chunk's activations
+        in the backward pass. Peak memory holds one chunk's activations (plus the blocks'
+        outputs) instead of every block's at every step. Outputs and gradients are unchanged;
+        dropout masks differ. Recurrent mixers only (every block must be causal with a carry).
+      remat_chunk: the chunk length of `remat`.
     """
 
     num_outputs: int
@@ -57,6 +61,7 @@ class SequenceModel(nn.Module):
     dropout_rate: float = 0.0
     pooling: str = "none"
     remat: bool = False
+    remat_chunk: int = 256
 
     def setup(self):
         _checks.one_of("cell", self.cell, CELLS)
@@ -65,10 +70,11 @@ class SequenceModel(nn.Module):
             self.encoder = nn.Dense(self.d_model)
         else:
             self.encoder = nn.Embed(self.vocab_size, self.d_model)
-        block = nn.remat(lnn.SequenceBlock, static_argnums=(4, 5)) if self.remat else None
-        block = block or lnn.SequenceBlock
+        _checks.positive_int("remat_chunk", self.remat_chunk)
+        if self.remat and self.norm == "batch":
+            raise ValueError("remat: needs norm 'layer'; batch statistics would differ per chunk")
         self.blocks = [
-            block(
+            lnn.SequenceBlock(
                 self.d_model,
                 self._mixer(),
                 norm=self.norm,
@@ -103,15 +109,39 @@ class SequenceModel(nn.Module):
         self._check_inputs(x)
         _checks.rank("inputs", x, 2 if self.vocab_size is not None else 3)
         h = self.encoder(x)
-        carries = []
-        for i, block in enumerate(self.blocks):
-            carry = None if initial_carry is None else initial_carry[i]
-            carry, h = block(h, lengths, carry, True, deterministic)
-            carries.append(carry)
+        if self.remat and not self.is_initializing():
+            carries, h = self._chunked_blocks(h, lengths, initial_carry, deterministic)
+        else:
+            carries, h = _run_blocks(self, h, lengths, initial_carry, deterministic)
         h = self.final_norm(h)
         h = self._pool(h, lengths)
         out = self.head(h)
         return (tuple(carries), out) if return_carry else out
+
+    def _chunked_blocks(self, h, lengths, initial_carry, deterministic):
+        """The blocks over time chunks in a rematerialised scan: h [batch, time, d_model]."""
+        batch, time, width = h.shape
+        k = min(self.remat_chunk, time)
+        n = -(-time // k)
+        if lengths is None and n * k != time:  # keep the zero padding out of the carries
+            lengths = jnp.full((batch,), time, jnp.int32)
+        h = jnp.pad(h, ((0, 0), (0, n * k - time), (0, 0)))
+        chunks = jnp.swapaxes(h.reshape(batch, n, k, width), 0, 1)  # [n, batch, k, d_model]
+        carry = self.initial_carry(batch) if initial_carry is None else tuple(initial_carry)
+
+        def one_chunk(model, carry, inputs, lengths):
+            x, start = inputs
+            chunk_lengths = None if lengths is None else jnp.clip(lengths - start, 0, k)
+            return _run_blocks(model, x, chunk_lengths, carry, deterministic)
+
+        run = nn.scan(
+            nn.remat(one_chunk, prevent_cse=False),  # the scan already keeps XLA from merging
+            variable_broadcast="params",
+            split_rngs={"params": False, "dropout": True},
+            in_axes=(0, nn.broadcast),
+        )
+        carry, ys = run(self, carry, (chunks, jnp.arange(n) * k), lengths)
+        return carry, jnp.swapaxes(ys, 0, 1).reshape(batch, n * k, width)[:, :time]
 
     def _pool(self, h, lengths):
         if self.pooling == "none":
@@ -140,6 +170,16 @@ class SequenceModel(nn.Module):
             c, h = block.step(c, h)
             new.append(c)
         return tuple(new), self.head(self.final_norm(h))
+
+
+def _run_blocks(model, h, lengths, initial_carry, deterministic):
+    """Every block of `model` in turn: h [batch, time, d_model] -> (carries, h)."""
+    carries = []
+    for i, block in enumerate(model.blocks):
+        carry = None if initial_carry is None else initial_carry[i]
+        carry, h = block(h, lengths, carry, True, deterministic)
+        carries.append(carry)
+    return tuple(carries), h
 
 
 def sample_logits(key, logits, temperature: float = 1.0, top_k: int = 0):

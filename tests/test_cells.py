@@ -345,6 +345,48 @@ def test_matches_pytorch(kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+def test_gradients_match_pytorch_autograd(kind):
+    """Our hand-written backward pass (dW_hh as one matmul) against torch.autograd."""
+    rng = np.random.default_rng(8)
+    module = torch_module(kind)
+    params = from_torch(kind, module)
+    time = 9
+    x = rng.normal(size=(BATCH, time, IN)).astype(np.float32)
+    y_cot = rng.normal(size=(BATCH, time, HIDDEN)).astype(np.float32)
+    carry0 = random_carry(kind, rng)
+
+    x_t = torch.from_numpy(x).requires_grad_()
+    carry_t = jax.tree.map(lambda c: c.requires_grad_(), to_torch_carry(kind, carry0))
+    y_t, _ = module(x_t, carry_t)
+    (y_t * torch.from_numpy(y_cot)).sum().backward()
+
+    def loss(params, x, carry0):
+        _, ys = cells.unroll(make_cell(kind), params, x.swapaxes(0, 1), carry0)
+        return jnp.sum(ys.swapaxes(0, 1) * y_cot)
+
+    g_params, g_x, g_carry = jax.grad(loss, argnums=(0, 1, 2))(params, x, carry0)
+    want = from_torch(kind, module)  # same layout, filled from .grad below
+    for name, value in module.named_parameters():
+        grad = value.grad.numpy()
+        kind_name = name.split("_l0")[0]  # weight_ih, weight_hh, bias_ih, bias_hh
+        if kind_name.startswith("weight"):
+            want["w_" + kind_name[-2:]] = grad.T
+        elif kind == "gru":
+            want["b_" + kind_name[-2:]] = grad
+        else:
+            want["b"] = grad  # b_ih and b_hh receive the same gradient as their sum
+    for name in params:
+        close(g_params[name], want[name], tol=1e-4)
+    close(g_x, x_t.grad.numpy(), tol=1e-4)
+    if kind == "lstm":
+        want_carry = from_torch_carry(kind, (carry_t[0].grad, carry_t[1].grad))
+    else:
+        want_carry = from_torch_carry(kind, carry_t.grad)
+    for got, w in zip(leaves(g_carry), want_carry, strict=True):
+        close(got, w[0], tol=1e-4)
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_padding_matches_pytorch_packed_bidirectional(kind):
     """Packed sequences: torch's forward and backward directions against unroll with lengths."""
     rng = np.random.default_rng(5)

@@ -41,7 +41,8 @@ def default_config() -> ml_collections.ConfigDict:
             "ffn": "glu",  # glu | gelu
             "dropout_rate": 0.1,
             "pooling": "none",  # none (per-step outputs) | last | mean
-            "remat": False,  # recompute block activations in the backward pass
+            "remat": False,  # rematerialised BPTT over time chunks (see SequenceModel)
+            "remat_chunk": 256,
         }
     )
     c.train = ml_collections.ConfigDict(
@@ -109,7 +110,7 @@ def validate(config) -> None:
         _fail("seed", "an int", config.seed)
 
     m = config.model
-    for name in ("d_model", "num_layers", "d_state"):
+    for name in ("d_model", "num_layers", "d_state", "remat_chunk"):
         _positive_int(config, "model", name)
     _choice(config, "model", "cell", models.CELLS)
     _choice(config, "model", "pooling", models.POOLINGS)
@@ -117,6 +118,8 @@ def validate(config) -> None:
     _choice(config, "model", "ffn", ("glu", "gelu"))
     _choice(config, "model", "scan_method", (*scan.METHODS, "auto"))
     _in_range(config, "model", "dropout_rate", 0.0, 1.0)
+    if m.remat and m.norm == "batch":
+        _fail("model.remat", "False with norm 'batch' (chunks would change the statistics)", True)
     try:
         lru.check_ring(m.r_min, m.r_max, m.max_phase)
     except ValueError as err:
@@ -180,4 +183,5 @@ def build_model(model_config, spec: TaskSpec) -> models.SequenceModel:
         dropout_rate=m.dropout_rate,
         pooling=m.pooling,
         remat=m.remat,
+        remat_chunk=m.remat_chunk,
     )
