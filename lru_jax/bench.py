@@ -141,11 +141,12 @@ class Limits:
     matmul_gflops: float
 
 
-def measure_limits(repeats: int = 5) -> Limits:
-    """Times a 256 MiB float32 copy (read + write) and a 2048^3 float32 matmul."""
-    x = jnp.ones((64 * 2**20,), jnp.float32)
+def measure_limits(repeats: int = 5, copy_mib: int = 256, matmul_n: int = 2048) -> Limits:
+    """Times an elementwise pass over `copy_mib` MiB of float32 (read + write) and a
+    `matmul_n`^3 float32 matmul. The defaults are far larger than a CPU's caches."""
+    x = jnp.ones((copy_mib * 2**18,), jnp.float32)
     copy = measure(lambda v: v * 2.0, (x,), repeats)
-    n = 2048
+    n = matmul_n
     a = jnp.ones((n, n), jnp.float32)
     with jax.default_matmul_precision("float32"):
         mm = measure(lambda p, q: p @ q, (a, a), repeats)
@@ -567,6 +568,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lru-shape", type=_ints, default=[16, 4096, 256], help="B,T,N=H")
     p.add_argument("--memory-length", type=int, default=16384)
     p.add_argument("--config-dir", default="configs")
+    p.add_argument("--limits-size", type=_ints, default=[256, 2048], help="copy MiB, matmul n")
     p.add_argument("--out", default=None, help="directory for bench.json and plots")
     p.add_argument("--trace", default=None, help="directory for a jax.profiler trace")
     args = p.parse_args(argv)
@@ -581,7 +583,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace) -> dict:
     """Runs the suites `args` names; returns {"machine": ..., "rows": [...]}."""
-    limits = measure_limits(args.repeats)
+    limits = measure_limits(args.repeats, *args.limits_size)
     print(
         f"machine limits: copy {limits.copy_gbps:.1f} GB/s, "
         f"matmul {limits.matmul_gflops:.1f} GFLOP/s"

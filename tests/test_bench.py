@@ -1,0 +1,64 @@
+"""The profiler: its LRU reference is a correct LRU, and a tiny run yields well-formed results."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from references import numpy_lru
+
+from lru_jax import bench, lru
+
+
+def test_paper_style_reference_lru_matches_a_numpy_loop():
+    """The associative-only LRU the layers suite times against computes the LRU."""
+    params = lru.init(jax.random.key(0), 3, 5, r_min=0.5, r_max=0.9)  # H=3, N=5
+    u = np.random.default_rng(0).normal(size=(2, 7, 3)).astype(np.float32)
+    got = bench.paper_lru_forward(params, jnp.asarray(u))
+    np_params = jax.tree.map(np.asarray, params)
+    want, _ = numpy_lru(np_params, u.swapaxes(0, 1))  # numpy_lru is time-major
+    np.testing.assert_allclose(np.asarray(got), want.swapaxes(0, 1), atol=1e-5)
+
+
+def test_a_tiny_run_writes_a_table_json_and_plot(tmp_path, capsys):
+    args = bench.parse_args(
+        [
+            "--suite=scan",
+            "--suite=layers",
+            "--lengths=8",
+            "--sizes=2x4",
+            "--dtypes=complex64",
+            "--modes=fwd",
+            "--repeats=2",
+            "--rnn-shape=2,5,3,4",
+            "--lru-shape=2,6,4",
+            "--limits-size=1,64",
+            f"--out={tmp_path}",
+        ]
+    )
+    result = bench.run(args)
+    with open(os.path.join(tmp_path, "bench.json")) as f:
+        assert json.load(f) == json.loads(json.dumps(result))
+    assert os.path.getsize(os.path.join(tmp_path, "scan.png")) > 0
+    rows = result["rows"]
+    scan_rows = [r for r in rows if r["suite"] == "scan"]
+    methods = bench.scan_methods(jax.default_backend())
+    assert len(scan_rows) == len(methods)  # one length, every method
+    for r in rows:
+        assert 0 < r["p25_ms"] <= r["median_ms"] <= r["p75_ms"]
+        if r["name"] in ("sequential", "paper-style associative LRU") or r["name"].startswith(
+            "flax"
+        ):
+            assert r["speedup"] == 1.0  # the baseline of its group
+    names = {r["name"] for r in rows if r["suite"] == "layers"}
+    assert {"flax nn.RNN(OptimizedLSTMCell)", "lru_jax lstm", "lru_jax lru (auto)"} <= names
+    assert "| group | name | median ms" in capsys.readouterr().out
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--repeats=0"])
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--suite=nonsense"])
