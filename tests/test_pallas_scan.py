@@ -1,0 +1,193 @@
+"""The Pallas scan kernel (interpret mode on CPU) against a numpy loop and the sequential scan."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lru_jax.kernels import pallas_scan
+from lru_jax.kernels.pallas_scan import pallas_linear_scan
+from lru_jax.scan import linear_scan
+
+# [time, batch, state]: 2 * 6 = 12 lanes, so a block of 8 leaves a partial, masked block.
+SHAPE = (21, 2, 6)
+
+
+def numpy_loop(a, b, h0=None, reverse=False, resets=None):
+    """h_t = a_t h_{t-1} + b_t one step at a time in float64/complex128; reset: h_{t-1} = 0."""
+    b = np.asarray(b, np.complex128 if np.iscomplexobj(b) else np.float64)
+    a = np.broadcast_to(a, b.shape)
+    h = np.zeros(b.shape[1:], b.dtype) if h0 is None else np.asarray(h0, b.dtype)
+    out = np.zeros_like(b)
+    for t in reversed(range(len(b))) if reverse else range(len(b)):
+        if resets is not None and resets[t].any():
+            h = np.where(resets[t].reshape(resets[t].shape + (1,) * (b.ndim - resets.ndim)), 0, h)
+        h = a[t] * h + b[t]
+        out[t] = h
+    return out
+
+
+def _inputs(seed, complex_, time_varying, time=SHAPE[0]):
+    rng = np.random.default_rng(seed)
+    shape = (time, *SHAPE[1:])
+    a = rng.uniform(0.6, 1.0, shape if time_varying else shape[-1:])
+    b = rng.normal(size=shape)
+    h0 = rng.normal(size=shape[1:])
+    if complex_:
+        a = a * np.exp(1j * rng.uniform(-np.pi, np.pi, a.shape))
+        b = b + 1j * rng.normal(size=shape)
+        h0 = h0 + 1j * rng.normal(size=h0.shape)
+    dtype = np.complex64 if complex_ else np.float32
+    resets = rng.uniform(size=shape[:2]) < 0.2
+    return a.astype(dtype), b.astype(dtype), h0.astype(dtype), resets
+
+
+def _close(got, want, tol=2e-5):
+    got = np.asarray(got)
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, atol=tol * (1 + np.max(np.abs(want))), rtol=tol)
+
+
+# (complex, time-varying a, kwargs of the reference, kernel knobs): each case one compilation.
+FORWARD_CASES = {
+    "real, one pass, partial block": (False, True, {"h0": True}, {"block_size": 8}),
+    "complex, invariant a, reverse, resets": (
+        True,
+        False,
+        {"h0": True, "reverse": True, "resets": True},
+        {"block_size": 8},
+    ),
+    "complex, two passes, unrolled, resets": (
+        True,
+        True,
+        {"resets": True},
+        {"chunk_size": 5, "unroll": 4, "block_size": 4},
+    ),
+    "real, invariant a, reverse, two passes": (
+        False,
+        False,
+        {"reverse": True, "h0": True},
+        {"chunk_size": 8},
+    ),
+}
+
+
+@pytest.mark.parametrize("case", FORWARD_CASES)
+def test_forward_matches_numpy_loop(case):
+    complex_, time_varying, ref_kwargs, knobs = FORWARD_CASES[case]
+    a, b, h0, resets = _inputs(0, complex_, time_varying)
+    kwargs = {
+        "h0": h0 if ref_kwargs.get("h0") else None,
+        "reverse": ref_kwargs.get("reverse", False),
+        "resets": resets if ref_kwargs.get("resets") else None,
+    }
+    got = pallas_linear_scan(a, b, **kwargs, **knobs)
+    assert got.dtype == b.dtype
+    _close(got, numpy_loop(a, b, **kwargs))
+
+
+def test_linear_scan_method_pallas_single_step_and_broadcast_h0():
+    # T = 1 (the single step is padded to a whole loop iteration); h0 [state] broadcasts.
+    a, b, h0, resets = _inputs(1, True, True, time=1)
+    got = linear_scan(a, b, h0[0], method="pallas", resets=resets)
+    _close(got, numpy_loop(a, b, np.broadcast_to(h0[0], h0.shape), resets=resets))
+
+
+def test_resets_by_hand():
+    # a = 2, b = 1, h0 = 5, a reset at t = 2: 11, 23, [reset] 1, 3.
+    got = linear_scan(
+        jnp.full((4, 1), 2.0),
+        jnp.ones((4, 1)),
+        jnp.array([5.0]),
+        method="pallas",
+        resets=jnp.array([False, False, True, False]),
+    )
+    np.testing.assert_allclose(np.asarray(got)[:, 0], [11.0, 23.0, 1.0, 3.0])
+
+
+GRAD_CASES = {
+    "real, time-varying a, resets": (False, True, {}),
+    "complex, invariant a, reverse, resets, two passes": (
+        True,
+        False,
+        {"reverse": True, "chunk_size": 8},
+    ),
+}
+
+
+@pytest.mark.parametrize("case", GRAD_CASES)
+def test_gradients_match_sequential_autodiff(case):
+    complex_, time_varying, kwargs = GRAD_CASES[case]
+    a, b, h0, resets = _inputs(2, complex_, time_varying)
+    weights = jnp.asarray(np.random.default_rng(3).normal(size=b.shape), b.dtype)
+
+    def loss(a, b, h0, method):
+        h = linear_scan(a, b, h0, method=method, resets=resets, **kwargs)
+        return jnp.sum(jnp.real(weights * h) + 0.1 * jnp.abs(h) ** 2)
+
+    got = jax.grad(loss, argnums=(0, 1, 2))(a, b, h0, "pallas")
+    want = jax.grad(loss, argnums=(0, 1, 2))(a, b, h0, "sequential")
+    for name, g, w in zip("a b h0".split(), got, want, strict=True):
+        assert g.shape == w.shape and g.dtype == w.dtype, name
+        _close(g, np.asarray(w), tol=1e-4)
+
+
+@pytest.mark.parametrize("complex_", [False, True])
+def test_kernel_lowers_to_triton_for_cuda(complex_):
+    """The GPU path, up to Triton IR: no power-of-two or unsupported-primitive surprises.
+
+    (Lowering needs no GPU; compiling the Triton IR to PTX does and is not tested here.)
+    """
+    a, b, h0, resets = _inputs(4, complex_, False, time=300)
+
+    def loss(a, b):
+        h = pallas_linear_scan(a, b, h0, resets=resets, chunk_size=64, interpret=False)
+        return jnp.sum(jnp.abs(h) ** 2)
+
+    lowered = (
+        jax.jit(jax.grad(loss, argnums=(0, 1))).trace(a, b).lower(lowering_platforms=("cuda",))
+    )
+    # forward: pass 1, scan over chunks, pass 2; backward: the same three for the adjoint.
+    assert lowered.as_text().count("__gpu$xla.gpu.triton") == 6
+
+
+def test_plan_covers_every_step_and_lane():
+    for time, lanes in [(1, 1), (65536, 64), (16384, 4096), (1000, 1 << 20), (300, 7)]:
+        block, chunk, n_chunks, unroll = pallas_scan.plan(time, lanes)
+        assert block & (block - 1) == 0 and 32 <= block <= 512  # a power of two (Triton)
+        assert chunk % unroll == 0 and n_chunks * chunk >= time > (n_chunks - 1) * chunk
+    # Few lanes, long sequence: time is cut into chunks so programs fill the card.
+    assert pallas_scan.plan(65536, 64).n_chunks > 1
+    assert pallas_scan.plan(1000, 1 << 20).n_chunks == 1
+
+
+def test_not_available_and_not_auto_on_cpu():
+    assert not pallas_scan.pallas_available()
+    jaxpr = jax.make_jaxpr(lambda b: linear_scan(jnp.full((6,), 0.5), b))(jnp.ones((4, 6)))
+    assert "pallas_call" not in str(jaxpr)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"block_size": 12}, ValueError, "block_size: expected a power of two"),
+        ({"block_size": 0}, ValueError, "block_size"),
+        ({"unroll": 0}, ValueError, "unroll"),
+        ({"chunk_size": -1}, ValueError, "chunk_size"),
+        ({"interpret": "yes"}, TypeError, "interpret"),
+        ({"reverse": 1}, TypeError, "reverse"),
+        ({"a": np.ones((6,), np.int32)}, TypeError, "a: expected a floating"),
+        ({"a": np.ones((4,), np.float32)}, ValueError, "a and b must broadcast"),
+        ({"a": np.ones((2, 5, 6), np.float32)}, ValueError, "a: expected a shape that leaves"),
+        ({"b": np.ones((0, 6), np.float32)}, ValueError, "b: expected shape"),
+        ({"h0": np.ones((3,), np.float32)}, ValueError, "h0"),
+        ({"resets": np.ones((5,), np.float32)}, TypeError, "resets: expected a bool"),
+        ({"resets": np.ones((4,), bool)}, ValueError, "resets: expected shape"),
+    ],
+)
+def test_bad_input_is_named(kwargs, error, match):
+    args = {"a": np.full((6,), 0.5, np.float32), "b": np.ones((5, 6), np.float32)}
+    args.update(kwargs)
+    a, b = args.pop("a"), args.pop("b")
+    with pytest.raises(error, match=match):
+        pallas_linear_scan(a, b, **args)
