@@ -93,15 +93,10 @@ def test_linear_scan_method_pallas_single_step_and_broadcast_h0():
     _close(got, numpy_loop(a, b, np.broadcast_to(h0[0], h0.shape), resets=resets))
 
 
-def test_resets_by_hand():
+def test_resets_by_hand_under_jit():
     # a = 2, b = 1, h0 = 5, a reset at t = 2: 11, 23, [reset] 1, 3.
-    got = linear_scan(
-        jnp.full((4, 1), 2.0),
-        jnp.ones((4, 1)),
-        jnp.array([5.0]),
-        method="pallas",
-        resets=jnp.array([False, False, True, False]),
-    )
+    scan = jax.jit(lambda a, b, h0, r: linear_scan(a, b, h0, method="pallas", resets=r))
+    got = scan(jnp.full((4, 1), 2.0), jnp.ones((4, 1)), jnp.array([5.0]), jnp.arange(4) == 2)
     np.testing.assert_allclose(np.asarray(got)[:, 0], [11.0, 23.0, 1.0, 3.0])
 
 

@@ -181,7 +181,9 @@ def _check(a, b, h0, resets, reverse, chunk_size, block_size, unroll, interpret)
                 f"h0: expected a shape broadcastable to {out_shape[1:]}, got {h0_shape}"
             )
     if resets is not None:
-        r_shape, r_dtype = np.shape(resets), getattr(resets, "dtype", np.asarray(resets).dtype)
+        if not hasattr(resets, "dtype"):  # a list: arrays and tracers keep their type
+            resets = np.asarray(resets)
+        r_shape, r_dtype = tuple(resets.shape), resets.dtype
         if r_dtype != np.bool_:
             raise TypeError(f"resets: expected a bool array, got dtype {r_dtype}")
         padded = r_shape + (1,) * (len(out_shape) - len(r_shape))
