@@ -1,7 +1,8 @@
 """The diagonal linear scan h_t = a_t * h_{t-1} + b_t as a Pallas kernel for GPUs (Triton).
 
 Reached through ``lru_jax.scan.linear_scan(..., method="pallas")``; call `pallas_linear_scan`
-directly only for the kernel's own knobs (`block_size`, `interpret`). On a GPU the kernel is
+directly only for the kernel's own knobs (`block_size`, `chunk_size`, `unroll`,
+`interpret`). On a GPU the kernel is
 lowered by Pallas' Triton backend; on any other backend it runs in Pallas' interpret mode
 (correct, slow: for tests), which is why ``method="auto"`` never picks it off a GPU.
 
@@ -18,19 +19,22 @@ _TARGET_PROGRAMS, clamped to [_MIN_BLOCK, _MAX_BLOCK] = [32, 512]; num_warps = b
 at least 1 and at most 4 (4 float32 lanes per thread, i.e. 16-byte loads, once block >= 128).
 Lanes past L in the last block are masked on every load and store.
 
-Time chunks (two passes), when lanes alone give too few programs (fewer than a quarter of
-_TARGET_PROGRAMS lane blocks) and the sequence is long: time is cut into n_chunks chunks of
-`chunk` steps. Pass 1 runs every chunk from zero and keeps only its end state and the
-product of its decays ([n_chunks, L] each); a short scan over the chunks (the same kernel)
-gives the state entering each chunk; pass 2 reruns every chunk from that state and stores
-h. Twice the reads for T / n_chunks dependent steps instead of T. `chunk_size` overrides the
+Time chunks (two passes), when lanes alone give too few programs (at most a quarter of
+_TARGET_PROGRAMS lane blocks) and the sequence is long (at least 2 * _MIN_CHUNK steps): time
+is cut into n_chunks chunks of `chunk` steps (n_chunks a power of two up to
+_TARGET_PROGRAMS / lane blocks, chunk >= _MIN_CHUNK). Pass 1 runs every chunk from zero and
+keeps only its end state and the product of its decays ([n_chunks, L] each); a short scan
+over the chunks (the same kernel) gives the state entering each chunk; pass 2 reruns every
+chunk from that state and stores h. Twice the reads for T / n_chunks dependent steps
+instead of T. `chunk_size` overrides the
 choice (rounded up to a multiple of the unroll; chunk_size >= T means one pass).
 
 These sizes are educated defaults for NVIDIA cards of the H100 class, not yet tuned on one.
 
 Complex numbers. Triton has no complex type: complex inputs are split into real and
 imaginary float planes and the products are written out by hand. The split and the final
-`lax.complex` are XLA passes of their own (about twice the kernel's memory traffic again).
+`lax.complex` are XLA ops outside the kernel: unless XLA fuses them into the producer of b and
+the consumer of h, they add up to twice the kernel's own memory traffic.
 
 Gradients. `jax.custom_vjp`: the adjoint g_t = dL/dh_t + a_{t+1} g_{t+1} is itself a linear
 scan, run by the same kernel in the opposite direction with each step's decay taken from the
@@ -359,7 +363,9 @@ def _kernel(spec: _Spec, *refs):
     h = [load(r) for r in h0_refs] if h0_refs else [zero] * n
     decay = [jnp.ones((block,), dtype), zero][:n]
     start = pl.program_id(1) * chunk
-    padded = chunk * n_chunks > spec.time  # the last chunk runs past the end
+    # The last chunk may run past the end: those steps read clamped rows and are never stored,
+    # and nothing uses the last chunk's summary, so they need no other care.
+    padded = chunk * n_chunks > spec.time
 
     def time_of(step):
         t = spec.time - 1 - step if spec.reverse else step
@@ -376,10 +382,6 @@ def _kernel(spec: _Spec, *refs):
             keep = ~restart if keep is None else keep & ~restart
         if keep is not None:
             m = [jnp.where(keep, x, 0) for x in m]
-        if padded:  # steps past the end leave h unchanged: m = 1, b = 0
-            inside = step < spec.time
-            m = [jnp.where(inside, m[0], 1), *[jnp.where(inside, x, 0) for x in m[1:]]]
-            b_t = [jnp.where(inside, x, 0) for x in b_t]
         return m, b_t
 
     def group(j, carry):
