@@ -361,7 +361,7 @@ def _kernel(spec: _Spec, *refs):
     a_fixed = None if spec.time_varying else [load(r) for r in a_refs]
     zero = jnp.zeros((block,), dtype)
     h = [load(r) for r in h0_refs] if h0_refs else [zero] * n
-    decay = [jnp.ones((block,), dtype), zero][:n]
+    decay = [jnp.ones((block,), dtype), zero][:n] if spec.summary else []  # product of m's
     start = pl.program_id(1) * chunk
     # The last chunk may run past the end: those steps read clamped rows and are never stored,
     # and nothing uses the last chunk's summary, so they need no other care.
