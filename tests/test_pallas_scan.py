@@ -6,6 +6,7 @@ blocks that interpret mode cannot see (it pads blocks).
 """
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -188,3 +189,29 @@ def test_bad_input_is_named(kwargs, error, match):
     a, b = args.pop("a"), args.pop("b")
     with pytest.raises(error, match=match):
         pallas_linear_scan(a, b, **args)
+
+
+def _broadcasts_to(jaxpr, shape):
+    """Whether any equation in a jaxpr (recursively) broadcasts a value to `shape`."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "broadcast_in_dim" and tuple(eqn.params["shape"]) == shape:
+            return True
+        if any(_broadcasts_to(sub, shape) for sub in jax.extend.core.jaxprs_in_params(eqn.params)):
+            return True
+    return False
+
+
+def test_time_invariant_a_is_not_materialised():
+    """Forward and backward: no [time, state] copy of a [state] decay."""
+    a, b = jnp.full((8,), 0.9), jnp.ones((500, 8))
+
+    def forward_and_backward(method):
+        def run(a, b, cotangent):
+            h, vjp = jax.vjp(lambda a, b: linear_scan(a, b, method=method), a, b)
+            return h, vjp(cotangent)
+
+        return jax.make_jaxpr(run)(a, b, b).jaxpr
+
+    assert not _broadcasts_to(forward_and_backward("pallas"), (500, 8))
+    # The check does see a materialised a: the associative scan needs one.
+    assert _broadcasts_to(forward_and_backward("associative"), (500, 8))
