@@ -34,7 +34,8 @@ These sizes are educated defaults for NVIDIA cards of the H100 class, not yet tu
 Complex numbers. Triton has no complex type: complex inputs are split into real and
 imaginary float planes and the products are written out by hand. The split and the final
 `lax.complex` are XLA ops outside the kernel: unless XLA fuses them into the producer of b and
-the consumer of h, they add up to twice the kernel's own memory traffic.
+the consumer of h, they add up to twice the kernel's own memory traffic. Callers that hold the
+planes anyway can use `pallas_linear_scan_planes`, where under jit the two cancel out.
 
 Gradients. `jax.custom_vjp`: the adjoint g_t = dL/dh_t + a_{t+1} g_{t+1} is itself a linear
 scan, run by the same kernel in the opposite direction with each step's decay taken from the
@@ -166,6 +167,40 @@ def pallas_linear_scan(
     static = _Static(reverse, plan(time, lanes, block_size, chunk_size, unroll), interpret)
     h = _scan_jit(static, a, b, h0, resets)
     return h.reshape(out_shape).astype(dtype)
+
+
+def pallas_linear_scan_planes(a, b, h0=None, **kwargs):
+    """`pallas_linear_scan` for complex numbers held as (real, imaginary) pairs of real arrays.
+
+    Args:
+      a: (a_re, a_im), each [time, ...] or [...], broadcastable against b's planes.
+      b: (b_re, b_im), each [time, ...].
+      h0: optional (h0_re, h0_im), each [...].
+      **kwargs: as `pallas_linear_scan` (reverse, resets, chunk_size, block_size, ...).
+
+    Returns:
+      (h_re, h_im), each [time, ...].
+
+    Inside `jax.jit` the packing into complex numbers and the kernel's split back into planes
+    cancel out (XLA simplifies real(complex(x, y)) to x), so a caller that has the planes
+    anyway, e.g. from two real matmuls, saves the two extra passes over memory that complex
+    inputs and outputs cost. Gradients flow to every plane.
+    """
+    for name, pair in (("a", a), ("b", b), ("h0", h0)):
+        if pair is not None and (not isinstance(pair, (tuple, list)) or len(pair) != 2):
+            raise TypeError(f"{name}: expected a (real, imaginary) pair, got {type(pair).__name__}")
+        for part in () if pair is None else pair:
+            _checks.floating(name, part, allow_complex=False)
+    h = pallas_linear_scan(_pack(a), _pack(b), _pack(h0), **kwargs)
+    return h.real, h.imag
+
+
+def _pack(pair):
+    if pair is None:
+        return None
+    re, im = jnp.broadcast_arrays(*pair)
+    dtype = jnp.promote_types(re.dtype, im.dtype)
+    return jax.lax.complex(re.astype(dtype), im.astype(dtype))
 
 
 def _check(a, b, h0, resets, reverse, chunk_size, block_size, unroll, interpret):
