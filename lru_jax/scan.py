@@ -11,9 +11,12 @@ Every method computes the same thing along axis 0 (time) and differs only in how
   the block-to-block carries are then scanned over the (few) blocks, and each step adds
   (product of its a's since the block start) * (carry into its block). About 2*sqrt(T)
   dependent steps instead of T, and a time-invariant `a` is never materialised.
+- ``"pallas"``: a Pallas kernel (`lru_jax.kernels.pallas_scan`): on a GPU each program walks
+  time over a block of lanes (Triton lowering), with its own scan-shaped custom VJP; elsewhere
+  it runs in Pallas' interpret mode (slow, for tests). "auto" does not choose it yet.
 - ``"auto"``: picks one of the above from the platform and the shape (see `choose_method`).
 
-Gradients are JAX's own autodiff through the chosen method.
+Gradients are JAX's own autodiff through the chosen method (except "pallas", see above).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import numpy as np
 
 from lru_jax import _checks
 
-METHODS = ("sequential", "associative", "chunked")
+METHODS = ("sequential", "associative", "chunked", "pallas")
 
 
 def linear_scan(a, b, h0=None, *, method="auto", reverse=False, resets=None, chunk_size=None):
@@ -39,12 +42,13 @@ def linear_scan(a, b, h0=None, *, method="auto", reverse=False, resets=None, chu
       b: [time, ...] the input term, real or complex.
       h0: optional [...] state before the first step (after the last one if `reverse`),
         broadcastable to the state shape `out.shape[1:]`. Zero if None.
-      method: "sequential" | "associative" | "chunked" | "auto".
+      method: "sequential" | "associative" | "chunked" | "pallas" | "auto".
       reverse: run from the last step to the first: h_t = a_t * h_{t+1} + b_t.
       resets: optional bool [time, *leading state axes]: where true, the recurrence restarts
         from zero at that step (h_t = b_t), e.g. at episode or document boundaries. Aligned at
         the leading axes: a [time, batch] mask applies to every feature of that batch element.
-      chunk_size: block length of the "chunked" method; default about sqrt(time).
+      chunk_size: block length of the "chunked" method, default about sqrt(time); time steps
+        per program of the "pallas" kernel, default chosen from the shape.
 
     Returns:
       h: [time, ...] with shape broadcast(a, b) and dtype result_type(a, b, h0).
@@ -61,6 +65,12 @@ def linear_scan(a, b, h0=None, *, method="auto", reverse=False, resets=None, chu
     a = jnp.asarray(a, dtype)
     b = jnp.broadcast_to(jnp.asarray(b, dtype), out_shape)
     h0 = None if h0 is None else jnp.broadcast_to(jnp.asarray(h0, dtype), out_shape[1:])
+    if method == "pallas":  # the kernel takes resets, reverse and a time-invariant a itself
+        from lru_jax.kernels import pallas_scan  # lazily: Pallas only when asked for
+
+        return pallas_scan.pallas_linear_scan(
+            a, b, h0, reverse=reverse, resets=resets, chunk_size=chunk_size
+        )
 
     # `a` keeps a leading time axis only if it varies in time; else it is [state axes...].
     time_varying = a.ndim == len(out_shape) and a.shape[0] == time and time > 1
