@@ -50,6 +50,8 @@ class Cell(NamedTuple):
         y [..., hidden]), where recurrent = state_of(carry) @ w_hh; elementwise, no matmul.
       state_of: carry -> the state h [..., hidden] that multiplies w_hh.
       zero_carry: (batch_shape, hidden, dtype) -> the all-zero carry.
+      additive: `combine` sees only projected + recurrent, so the two matmuls can be one:
+        [x, h] @ [w_ih; w_hh] (SimpleRNN, LSTM; not the GRU, whose n gate needs them apart).
     """
 
     name: str
@@ -58,6 +60,7 @@ class Cell(NamedTuple):
     combine: Callable[[Params, Carry, jax.Array, jax.Array], tuple[Carry, jax.Array]]
     state_of: Callable[[Carry], jax.Array]
     zero_carry: Callable[..., Carry]
+    additive: bool = False
 
     def init(self, key: jax.Array, in_dim: int, hidden: int) -> Params:
         """Returns freshly initialised parameters (float32)."""
@@ -118,6 +121,7 @@ def simple_rnn(activation: str = "tanh") -> Cell:
         combine,
         _identity,
         _hidden_zeros,
+        additive=True,
     )
 
 
@@ -150,6 +154,7 @@ def lstm() -> Cell:
         _lstm_combine,
         _lstm_state,
         zero_carry,
+        additive=True,
     )
 
 
@@ -240,13 +245,32 @@ def unroll(
 
     if reverse:
         xs = reverse_within_lengths(xs, seq_lengths)
-    projected = cell.project(params, xs)  # one matmul for every step
-    elementwise = {k: v for k, v in params.items() if k not in ("w_ih", "w_hh")}
     valid = step_mask(seq_lengths, time)
-    carry, ys = _recurrence(cell, unroll, params["w_hh"], elementwise, carry, projected, valid)
+    carry, ys = _recurrence(cell, unroll, params, carry, xs, valid)
     if reverse:
         ys = reverse_within_lengths(ys, seq_lengths)
     return carry, ys
+
+
+# The recurrence with a hand-written backward pass. Measured on XLA:CPU (docs/benchmarks.md):
+# projecting the whole sequence before the loop made the forward pass slower than projecting
+# inside it (the [time, batch, gates * hidden] array goes through memory), and one matmul of
+# [x, h] with stacked weights beat two. In the backward pass only dh_{t-1} = dz_t W_hh^T must
+# be done step by step; every weight and input gradient is one large matmul after the loop.
+
+
+def _elementwise_params(params: Params) -> Params:
+    """The parameters `combine` may use (biases): everything but the two weight matrices."""
+    return {k: v for k, v in params.items() if k not in ("w_ih", "w_hh")}
+
+
+def _pre_activations(cell: Cell, params: Params, carry, x):
+    """(projected, recurrent) of one step; for additive cells one matmul and recurrent = 0."""
+    h = cell.state_of(carry)
+    if cell.additive:
+        stacked = dict(params, w_ih=jnp.concatenate([params["w_ih"], params["w_hh"]], 0))
+        return cell.project(stacked, jnp.concatenate([x, h], -1)), jnp.zeros((), h.dtype)
+    return cell.project(params, x), h @ params["w_hh"]
 
 
 def _masked_combine(cell: Cell, params, carry, xp, recurrent, ok):
@@ -258,66 +282,73 @@ def _masked_combine(cell: Cell, params, carry, xp, recurrent, ok):
     return new_carry, jnp.where(ok[:, None], y, jnp.zeros((), y.dtype))
 
 
-def _forward_scan(cell, unroll, w_hh, params, carry, projected, valid, keep_residuals):
-    def step(carry, inputs):
-        xp, ok = inputs
-        recurrent = cell.state_of(carry) @ w_hh
-        new_carry, y = _masked_combine(cell, params, carry, xp, recurrent, ok)
-        return new_carry, ((y, carry, recurrent) if keep_residuals else y)
+def _forward_scan(cell, unroll, params, carry, xs, valid, keep_residuals):
+    """The forward loop; with `keep_residuals` each step also returns the vjp of its
+    elementwise part (a pytree of the saved activations, stacked over time by the scan) and
+    the state h_{t-1} that multiplied w_hh."""
+    elementwise = _elementwise_params(params)
 
-    return jax.lax.scan(step, carry, (projected, valid), unroll=unroll)
+    def step(carry, inputs):
+        x, ok = inputs
+        xp, recurrent = _pre_activations(cell, params, carry, x)
+
+        def combine(p, c, x, z):
+            return _masked_combine(cell, p, c, x, z, ok)
+
+        if not keep_residuals:
+            return combine(elementwise, carry, xp, recurrent)
+        (new_carry, y), combine_vjp = jax.vjp(combine, elementwise, carry, xp, recurrent)
+        return new_carry, (y, combine_vjp, cell.state_of(carry))
+
+    return jax.lax.scan(step, carry, (xs, valid), unroll=unroll)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _recurrence(cell, unroll, w_hh, params, carry, projected, valid):
-    """Runs the recurrence over projected [time, batch, gates * hidden] -> (carry, ys).
+def _recurrence(cell, unroll, params, carry, xs, valid):
+    """Runs the cell over xs [time, batch, in] -> (carry, ys [time, batch, hidden]).
 
-    `params` are the parameters `combine` uses (all but w_ih, w_hh); `valid` is None or bool
-    [time, batch]. The custom backward pass is `_recurrence_bwd`.
+    `valid` is None or bool [time, batch]. The backward pass is `_recurrence_bwd`.
     """
-    return _forward_scan(cell, unroll, w_hh, params, carry, projected, valid, False)
+    return _forward_scan(cell, unroll, params, carry, xs, valid, False)
 
 
-def _recurrence_fwd(cell, unroll, w_hh, params, carry, projected, valid):
-    last, (ys, carries, recurrents) = _forward_scan(
-        cell, unroll, w_hh, params, carry, projected, valid, True
-    )
-    return (last, ys), (w_hh, params, carries, recurrents, projected, valid)
+def _recurrence_fwd(cell, unroll, params, carry, xs, valid):
+    last, (ys, combine_vjps, states) = _forward_scan(cell, unroll, params, carry, xs, valid, True)
+    return (last, ys), (params, combine_vjps, states, xs)
 
 
 def _recurrence_bwd(cell, unroll, residuals, cotangents):
-    """Reverse scan through the elementwise part and h W_hh; dW_hh by one matmul afterwards.
+    """Reverse scan through the elementwise part and h W_hh; weight gradients afterwards.
 
-    Step t: (dcarry_{t-1}, dparams_t, dxp_t, dz_t) = vjp of combine at (carry_{t-1}, xp_t, z_t)
-    applied to (dcarry_t, dy_t), then dcarry_{t-1} += dz_t W_hh^T through state_of. With
-    z_t = h_{t-1} W_hh, dW_hh = sum_t h_{t-1}^T dz_t over every step and sequence at once.
+    Step t: (dbias_t, dcarry_{t-1}, dxp_t, dz_t) = the saved vjp of combine applied to
+    (dcarry_t, dy_t), then dcarry_{t-1} += dz_t W_hh^T through `state_of` (for additive cells
+    dz_t = dxp_t). After the loop, with H = [h_{t-1}] and X = [x_t] over every step and
+    sequence: dW_hh = H^T dZ, and (dW_ih, dbias, dX) = the vjp of `project` at X.
     """
-    w_hh, params, carries, recurrents, projected, valid = residuals
+    params, combine_vjps, states, xs = residuals
     dcarry_last, dys = cotangents
+    w_hh = params["w_hh"]
+    _, state_vjp = jax.vjp(cell.state_of, dcarry_last)  # linear: a selection from the carry
 
     def step(acc, inputs):
         dcarry, dparams = acc
-        carry, xp, recurrent, ok, dy = inputs
-        _, vjp = jax.vjp(
-            lambda p, c, x, z: _masked_combine(cell, p, c, x, z, ok), params, carry, xp, recurrent
-        )
-        dp, dcarry_prev, dxp, dz = vjp((dcarry, dy))
-        _, state_vjp = jax.vjp(cell.state_of, carry)
+        combine_vjp, dy = inputs
+        dp, dcarry_prev, dxp, dz = combine_vjp((dcarry, dy))
+        dz = dxp if cell.additive else dz
         (through_matmul,) = state_vjp(dz @ w_hh.T)
         dcarry_prev = jax.tree.map(jnp.add, dcarry_prev, through_matmul)
         return (dcarry_prev, jax.tree.map(jnp.add, dparams, dp)), (dxp, dz)
 
-    zero_params = jax.tree.map(jnp.zeros_like, params)
-    (dcarry0, dparams), (dprojected, dz) = jax.lax.scan(
-        step,
-        (dcarry_last, zero_params),
-        (carries, projected, recurrents, valid, dys),
-        reverse=True,
-        unroll=unroll,
+    zero = jax.tree.map(jnp.zeros_like, _elementwise_params(params))
+    (dcarry0, delementwise), (dxps, dzs) = jax.lax.scan(
+        step, (dcarry_last, zero), (combine_vjps, dys), reverse=True
     )
-    states = cell.state_of(carries)  # [time, batch, hidden]: h_{t-1} for each step
-    dw_hh = jnp.einsum("tbh,tbg->hg", states, dz)
-    return dw_hh, dparams, dcarry0, dprojected, None
+    _, project_vjp = jax.vjp(cell.project, params, xs)
+    dparams, dxs = project_vjp(dxps)
+    dparams = dict(dparams, w_hh=dparams["w_hh"] + jnp.einsum("tbh,tbg->hg", states, dzs))
+    dparams = {k: v + delementwise[k] if k in delementwise else v for k, v in dparams.items()}
+    valid_cotangent = None
+    return dparams, dcarry0, dxs, valid_cotangent
 
 
 _recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
