@@ -135,6 +135,24 @@ class MultiHeadAttention(nn.Module):
         return (out, weights) if return_weights else out
 
 
+def _single_head_mask(mask, query, key):
+    """Checks a bool mask broadcastable to [batch, Tq, Tk]."""
+    if mask is None:
+        return None
+    mask = jnp.asarray(mask)
+    if mask.dtype != bool:
+        raise TypeError(f"mask: expected dtype bool (True = attend), got {mask.dtype}")
+    want = (query.shape[0], query.shape[1], key.shape[1])
+    if (
+        mask.ndim > 3
+        or _checks.broadcastable(("mask", "[batch, Tq, Tk]"), (mask.shape, want)) != want
+    ):
+        raise ValueError(
+            f"mask: expected a shape broadcastable to {want} [batch, Tq, Tk], got {mask.shape}"
+        )
+    return mask
+
+
 class _SingleHead(nn.Module):
     """Shared call of the single-head modules: masks, checks, value defaulting."""
 
@@ -146,14 +164,8 @@ class _SingleHead(nn.Module):
             raise ValueError(
                 f"value: expected batch and time {key.shape[:2]} (key's), got {value.shape}"
             )
+        mask = _single_head_mask(mask, query, key)
         if mask is not None:
-            mask = jnp.asarray(mask)
-            if mask.dtype != bool:
-                raise TypeError(f"mask: expected dtype bool (True = attend), got {mask.dtype}")
-            _checks.broadcastable(
-                ("mask", "[batch, Tq, Tk]"),
-                (mask.shape, (query.shape[0], query.shape[1], key.shape[1])),
-            )
             mask = jnp.expand_dims(mask, -3)  # a heads axis
         query_mask, key_mask = _length_masks(query, key, query_lengths, key_lengths)
         return value, query_mask, att.combine_masks(mask, query_mask, key_mask)
@@ -333,6 +345,7 @@ class HardAttention(nn.Module):
             _check_inputs(name, x)
         if k > key.shape[1]:
             raise ValueError(f"k: expected at most {key.shape[1]} (the keys), got {k}")
+        mask = _single_head_mask(mask, query, key)
         _, key_mask = _length_masks(query, key, None, key_lengths)
         mask = att.combine_masks(mask, None if key_mask is None else key_mask[:, 0])
         q = nn.Dense(key.shape[-1], use_bias=False, name="query")(query)

@@ -1,6 +1,7 @@
 """Attention: soft attention against numpy and flax.linen, masks, causality, the cached
 mixer and generation, and hard attention's estimators against exact enumerated gradients."""
 
+import functools
 import itertools
 
 import flax.linen as nn
@@ -10,8 +11,9 @@ import numpy as np
 import pytest
 
 from lru_jax import attention as att
-from lru_jax import models
+from lru_jax import models, tasks
 from lru_jax import nn as lnn
+from lru_jax.training import config as config_lib
 
 
 def _normal(seed, *shape):
@@ -197,10 +199,11 @@ def mixer_setup():
 def test_cached_steps_equal_full_causal_attention(mixer_setup):
     mixer, variables, x = mixer_setup
     full_carry, full = mixer.apply(variables, x, return_carry=True)
+    step = jax.jit(functools.partial(mixer.apply, method="step"))
     carry = mixer.apply(variables, 2, method="initial_carry")
     ys = []
     for t in range(7):
-        carry, y = mixer.apply(variables, carry, x[:, t], method="step")
+        carry, y = step(variables, carry, x[:, t])
         ys.append(y)
     np.testing.assert_allclose(np.stack(ys, 1), np.asarray(full), atol=1e-5)
     np.testing.assert_allclose(np.asarray(carry.key), np.asarray(full_carry.key), atol=1e-6)
@@ -233,11 +236,10 @@ def test_generation_with_the_attention_mixer_equals_rerunning_the_prefix():
     prompt = np.array([[1, 2, 3], [4, 5, 6]], np.int32)
     variables = model.init(jax.random.key(0), prompt)
     fast = models.generate(model, variables, prompt, 6, temperature=0.0)
-    seq = prompt
-    for _ in range(6):
-        logits = model.apply(variables, seq)
-        seq = np.concatenate([seq, np.argmax(np.asarray(logits[:, -1]), -1)[:, None]], 1)
-    np.testing.assert_array_equal(fast, seq[:, 3:])
+    # Reference: one parallel pass over prompt + continuation. The model is causal (tested
+    # above), so its argmax after each prefix is the greedy token that prefix should produce.
+    logits = model.apply(variables, np.concatenate([prompt, fast], 1))
+    np.testing.assert_array_equal(fast, np.argmax(np.asarray(logits)[:, 2:-1], -1))
     with pytest.raises(ValueError, match="length: prompt"):
         models.generate(model, variables, prompt, 8)
 
@@ -293,7 +295,7 @@ def test_reinforce_mean_matches_the_exact_gradient(k):
         reward = jnp.asarray(REWARD)[positions].mean(-1)
         return att.reinforce(log_p, reward, baseline)[0]
 
-    estimate = np.asarray(jax.grad(surrogate)(jnp.asarray(LOGITS)))
+    estimate = np.asarray(jax.jit(jax.grad(surrogate))(jnp.asarray(LOGITS)))
     exact = _exact_gradient(k)
     # Each sample's gradient (r - b)(d log p) has entries bounded by |r - b| * k <= 1.3 k, so
     # the mean of n = 40000 has standard error <= 1.3 k / 200 = 0.0065 k; allow ~4 of them.
@@ -414,3 +416,17 @@ def test_bad_inputs_are_named():
         lnn.CausalSelfAttention(d_model=6, num_heads=1, max_len=2).init(jax.random.key(0), x)
     with pytest.raises(ValueError, match="estimator"):
         lnn.HardAttention(estimator="gradient").init(jax.random.key(0), x, x)
+
+
+def test_config_checks_for_the_attention_mixer():
+    config = config_lib.default_config()
+    config.model.cell = "attention"
+    config.model.num_heads = 3  # 128 / 3 is not an integer
+    with pytest.raises(ValueError, match="config.model.num_heads: expected a divisor"):
+        config_lib.validate(config)
+    config.model.num_heads = 4
+    config_lib.validate(config)
+    config.model.max_len = 10
+    spec = tasks.get_task("text", corpus="jokes", seq_len=24).spec
+    with pytest.raises(ValueError, match="config.model.max_len: expected at least"):
+        config_lib.check_against_task(config, spec)

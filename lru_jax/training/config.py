@@ -156,7 +156,11 @@ def check_against_task(config, spec: TaskSpec) -> None:
     if spec.kind == "per_step" and pooling != "none":
         _fail("model.pooling", f"'none' for the per-step task {spec.name}", pooling)
     if spec.kind != "per_step" and pooling == "none":
-        _fail("model.pooling", f"'last' or 'mean' for the {spec.kind} task {spec.name}", pooling)
+        _fail(
+            "model.pooling",
+            f"'last' or 'mean' (or 'attention') for the {spec.kind} task {spec.name}",
+            pooling,
+        )
     if config.train.tbptt_length and spec.kind != "per_step":
         _fail(
             "train.tbptt_length",
