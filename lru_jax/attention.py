@@ -84,21 +84,21 @@ def _check_qk(query, key):
         )
 
 
-def _check_mask(mask, scores_shape) -> None:
+def check_mask(mask, shape, layout: str = "[batch, heads, Tq, Tk]") -> None:
+    """Checks that `mask` is a bool array broadcastable to `shape` (described by `layout`)."""
     if mask is None:
         return
-    if not hasattr(mask, "shape"):
+    if not hasattr(mask, "shape") or not hasattr(mask, "dtype"):
         raise TypeError(f"mask: expected a bool array, got {type(mask).__name__}")
     if mask.dtype != bool:
         raise TypeError(f"mask: expected dtype bool (True = attend), got {mask.dtype}")
     try:
-        out = jnp.broadcast_shapes(mask.shape, scores_shape)
+        out = jnp.broadcast_shapes(mask.shape, tuple(shape))
     except ValueError:
         out = None
-    if out != tuple(scores_shape):
+    if out != tuple(shape):
         raise ValueError(
-            f"mask: expected a shape broadcastable to {tuple(scores_shape)} "
-            f"[batch, heads, Tq, Tk], got {mask.shape}"
+            f"mask: expected a shape broadcastable to {tuple(shape)} {layout}, got {mask.shape}"
         )
 
 
@@ -166,7 +166,7 @@ def _dropout(weights, rate, rng):
 def dot_product_weights(query, key, *, mask=None, scale: float | None = None) -> jax.Array:
     """Attention weights [batch, heads, Tq, Tk]: masked softmax of the scaled dot products."""
     scores = dot_product_scores(query, key, scale=scale)
-    _check_mask(mask, scores.shape)
+    check_mask(mask, scores.shape)
     return masked_softmax(scores, mask)
 
 
@@ -208,7 +208,7 @@ def additive_attention(query, key, value, v, *, mask=None, dropout_rate=0.0, dro
     """
     _check_value(value, key)
     scores = additive_scores(query, key, v)
-    _check_mask(mask, scores.shape)
+    check_mask(mask, scores.shape)
     weights = masked_softmax(scores, mask)
     return attend(weights, value, dropout_rate=dropout_rate, dropout_rng=dropout_rng), weights
 

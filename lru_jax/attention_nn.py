@@ -110,6 +110,7 @@ class MultiHeadAttention(nn.Module):
                 f"causal: needs as many queries as keys, got {inputs_q.shape[1]} and "
                 f"{inputs_kv.shape[1]}"
             )
+        att.check_mask(mask, (inputs_q.shape[0], heads, inputs_q.shape[1], inputs_kv.shape[1]))
         query_mask, key_mask = _length_masks(inputs_q, inputs_kv, query_lengths, key_lengths)
         causal = att.causal_mask(inputs_q.shape[1]) if self.causal else None
         mask = att.combine_masks(mask, causal, query_mask, key_mask)
@@ -136,20 +137,10 @@ class MultiHeadAttention(nn.Module):
 
 
 def _single_head_mask(mask, query, key):
-    """Checks a bool mask broadcastable to [batch, Tq, Tk]."""
-    if mask is None:
-        return None
-    mask = jnp.asarray(mask)
-    if mask.dtype != bool:
-        raise TypeError(f"mask: expected dtype bool (True = attend), got {mask.dtype}")
-    want = (query.shape[0], query.shape[1], key.shape[1])
-    if (
-        mask.ndim > 3
-        or _checks.broadcastable(("mask", "[batch, Tq, Tk]"), (mask.shape, want)) != want
-    ):
-        raise ValueError(
-            f"mask: expected a shape broadcastable to {want} [batch, Tq, Tk], got {mask.shape}"
-        )
+    """Checks a bool mask broadcastable to [batch, Tq, Tk]; returns it as an array."""
+    if mask is not None:
+        mask = jnp.asarray(mask) if isinstance(mask, (list, tuple)) else mask
+        att.check_mask(mask, (query.shape[0], query.shape[1], key.shape[1]), "[batch, Tq, Tk]")
     return mask
 
 
