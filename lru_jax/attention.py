@@ -261,13 +261,13 @@ def _masked_logits(logits, mask):
 
 
 def _check_logits(logits, k, mask):
-    _checks.floating("logits", logits, allow_complex=False)
-    _checks.rank("logits", logits, range(1, 8), "[..., positions]")
+    shape = _checks.floating("logits", logits, allow_complex=False)
+    if not shape:
+        raise ValueError("logits: expected rank >= 1 [..., positions], got a scalar")
     k = _checks.positive_int("k", k)
-    if k > logits.shape[-1]:
-        raise ValueError(f"k: expected at most {logits.shape[-1]} (the positions), got {k}")
-    if mask is not None:
-        _checks.broadcastable(("logits", "mask"), (logits.shape, mask.shape))
+    if k > shape[-1]:
+        raise ValueError(f"k: expected at most {shape[-1]} (the positions), got {k}")
+    check_mask(mask, shape, "[..., positions]")
     return k
 
 
@@ -301,6 +301,8 @@ def sample_log_prob(logits, positions, *, mask=None) -> jax.Array:
     positions[i] with the earlier draws removed. For k = 1 this is log softmax at the position.
     """
     _checks.rank("positions", positions, logits.ndim, "[..., k]")
+    if not jnp.issubdtype(positions.dtype, jnp.integer):
+        raise TypeError(f"positions: expected integer positions, got dtype {positions.dtype}")
     logits = _masked_logits(logits, mask)
     total = jnp.zeros(positions.shape[:-1], jnp.float32)
     for i in range(positions.shape[-1]):
