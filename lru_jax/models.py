@@ -1,11 +1,13 @@
 """Task heads over a stack of residual sequence blocks: classifier, regressor, language model.
 
     inputs -> encoder (Embed for tokens, Dense for floats) -> num_layers x SequenceBlock(mixer)
-           -> LayerNorm -> pooling ("none" | "last" | "mean") -> Dense head
+           -> LayerNorm -> pooling ("none" | "last" | "mean" | "attention") -> Dense head
 
-Any mixer: "lru", "lstm", "gru" or "simple_rnn". A language model is the "none"-pooling model
-over tokens; `generate` samples from it one token at a time through every block's `step`, so
-each new token costs one step, not a re-run of the prefix.
+Any mixer: "lru", "lstm", "gru", "simple_rnn" or "attention" (causal multi-head
+self-attention with rotary positions: a Transformer baseline). A language model is the
+"none"-pooling model over tokens; `generate` samples from it one token at a time through every
+block's `step` (for attention, a key/value cache), so each new token costs one step, not a
+re-run of the prefix.
 """
 
 from __future__ import annotations
@@ -21,8 +23,8 @@ import numpy as np
 from lru_jax import _checks, scan
 from lru_jax import nn as lnn
 
-CELLS = ("lru", "lstm", "gru", "simple_rnn")
-POOLINGS = ("none", "last", "mean")
+CELLS = ("lru", "lstm", "gru", "simple_rnn", "attention")
+POOLINGS = ("none", "last", "mean", "attention")
 
 
 class SequenceModel(nn.Module):
@@ -32,11 +34,14 @@ class SequenceModel(nn.Module):
       num_outputs: classes, regression dimensions or vocabulary size of the head.
       vocab_size: token vocabulary of the inputs (Embed encoder), or None for float inputs
         (Dense encoder).
-      cell: the mixer of every block: "lru" | "lstm" | "gru" | "simple_rnn".
+      cell: the mixer of every block: "lru" | "lstm" | "gru" | "simple_rnn" | "attention".
       d_model: the residual width; recurrent mixers use it as their hidden size.
       d_state: the LRU's state size N.
-      pooling: "none" (an output per step), "last" (at each sequence's last valid step) or
-        "mean" (over valid steps).
+      pooling: "none" (an output per step), "last" (at each sequence's last valid step),
+        "mean" (over valid steps) or "attention" (a learned query, `nn.AttentionPooling`).
+      num_heads: attention heads of the "attention" mixer (d_model / num_heads even).
+      max_len: the "attention" mixer's key/value cache size: the most steps a sequence, or a
+        prompt plus its generated continuation, may have.
       remat: rematerialised BPTT: run the blocks over time chunks of `remat_chunk` steps inside
         a scan, handing the carries from chunk to chunk, and recompute each chunk's activations
         in the backward pass. Peak memory holds one chunk's activations (plus the blocks'
@@ -62,6 +67,8 @@ class SequenceModel(nn.Module):
     pooling: str = "none"
     remat: bool = False
     remat_chunk: int = 256
+    num_heads: int = 4
+    max_len: int = 2048
 
     def setup(self):
         _checks.one_of("cell", self.cell, CELLS)
@@ -73,6 +80,8 @@ class SequenceModel(nn.Module):
         _checks.positive_int("remat_chunk", self.remat_chunk)
         if self.remat and self.norm == "batch":
             raise ValueError("remat: needs norm 'layer'; batch statistics would differ per chunk")
+        if self.remat and self.cell == "attention":
+            raise ValueError("remat: for recurrent mixers; got cell 'attention'")
         self.blocks = [
             lnn.SequenceBlock(
                 self.d_model,
@@ -85,11 +94,15 @@ class SequenceModel(nn.Module):
             for _ in range(self.num_layers)
         ]
         self.final_norm = nn.LayerNorm()
+        if self.pooling == "attention":
+            self.attention_pool = lnn.AttentionPooling()
         self.head = nn.Dense(self.num_outputs)
 
     def _mixer(self) -> nn.Module:
         if self.cell == "lru":
             return lnn.LRU(self.d_state, self.r_min, self.r_max, self.max_phase, self.scan_method)
+        if self.cell == "attention":
+            return lnn.CausalSelfAttention(self.d_model, self.num_heads, self.max_len)
         return lnn.RecurrentLayer(self.d_model, cell=self.cell)
 
     def _check_inputs(self, x, name="inputs"):
@@ -149,6 +162,8 @@ class SequenceModel(nn.Module):
         time = h.shape[1]
         if lengths is None:
             lengths = jnp.full((h.shape[0],), time, jnp.int32)
+        if self.pooling == "attention":
+            return self.attention_pool(h, lengths)[0]
         if self.pooling == "last":
             return scan.last_valid(jnp.swapaxes(h, 0, 1), lengths, jnp.zeros_like(h[:, 0]))
         mask = jnp.swapaxes(scan.step_mask(lengths, time), 0, 1)[..., None]
@@ -228,6 +243,11 @@ def generate(
         raise ValueError(f"temperature: expected >= 0, got {temperature}")
     if not 0 <= top_k <= model.num_outputs:
         raise ValueError(f"top_k: expected 0..{model.num_outputs}, got {top_k}")
+    if model.cell == "attention" and prompt.shape[1] + length > model.max_len:
+        raise ValueError(
+            f"length: prompt ({prompt.shape[1]}) + length ({length}) exceeds the attention "
+            f"cache, max_len={model.max_len}"
+        )
     return np.asarray(
         _generate(
             model, variables, jnp.asarray(prompt, jnp.int32), length, temperature, top_k, seed
