@@ -5,11 +5,11 @@ into the recurrent matmul and an elementwise `combine`:
 
     step(params, carry, x) = combine(params, carry, project(params, x), state_of(carry) @ w_hh)
 
-`unroll` projects the whole sequence with one matmul before the scan, so the loop carries only
-the recurrent matmul. Its backward pass is written by hand around that split: a reverse scan
-carries the state's gradient through the elementwise part (differentiated by JAX) and one
-matmul with w_hh per step, and the weight gradient dW_hh = sum_t h_{t-1}^T dz_t is formed after
-the scan as one large matmul instead of one small one per step (docs/benchmarks.md).
+`unroll` runs the cell under `jax.lax.scan` with one matmul per step ([x, h] against the
+stacked [w_ih; w_hh] when the cell is `additive`) and a hand-written backward pass: a reverse
+scan carries the state's gradient through each step's saved elementwise vjp and one matmul with
+w_hh^T, and every weight and input gradient (dW_hh = sum_t h_{t-1}^T dz_t, dW_ih, dX) is formed
+after the loop as one large matmul instead of one small one per step (docs/benchmarks.md).
 
 Parameters (fused gates, PyTorch's gate order, so weights move between the two unchanged):
 
