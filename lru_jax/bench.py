@@ -33,7 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lru_jax import cells, lru, scan
+from lru_jax import nn as lnn
+from lru_jax import scan
 
 SUITES = ("scan", "layers", "train", "memory", "gpu")
 
@@ -294,14 +295,9 @@ def _grad_of_squares(apply):
     return jax.grad(lambda p, x: jnp.sum(apply(p, x) ** 2), argnums=(0, 1))
 
 
-def _ours_rnn(cell_name: str):
-    cell = cells.get(cell_name)
-
-    def apply(params, x):  # x [batch, time, in]
-        _, ys = cells.unroll(cell, params, jnp.swapaxes(x, 0, 1))
-        return ys
-
-    return cell, apply
+def _module_fn(module):
+    """(params, x) -> module output, for a Flax module whose variables are only params."""
+    return lambda params, x: module.apply({"params": params}, x)
 
 
 def _flax_rnn(cell_name: str, hidden: int):
@@ -330,11 +326,15 @@ def rnn_layer_rows(batch, length, inputs, hidden, repeats, limits) -> list[Row]:
         flax_rnn = _flax_rnn(cell_name, hidden)
         flax_params = flax_rnn.init(jax.random.key(0), x)
         flax_fn = _grad_of_squares(lambda p, v, m=flax_rnn: m.apply(p, v))
-        cell, ours = _ours_rnn(cell_name)
-        our_params = cell.init(jax.random.key(0), inputs, hidden)
+        ours = lnn.RecurrentLayer(hidden, cell=cell_name)
+        our_params = ours.init(jax.random.key(0), x)["params"]
         names = (f"flax nn.RNN({type(flax_rnn.cell).__name__})", f"lru_jax {cell_name}")
         timings = measure_group(
-            [(flax_fn, (flax_params, x)), (_grad_of_squares(ours), (our_params, x))], repeats
+            [
+                (flax_fn, (flax_params, x)),
+                (_grad_of_squares(_module_fn(ours)), (our_params, x)),
+            ],
+            repeats,
         )
         for name, timing in zip(names, timings, strict=True):
             row = _row("layers", group, name, timing)
@@ -346,19 +346,15 @@ def rnn_layer_rows(batch, length, inputs, hidden, repeats, limits) -> list[Row]:
 
 
 def lru_layer_rows(batch, length, width, repeats, limits) -> list[Row]:
-    """Our LRU (each scan method) against the paper-style associative-only LRU, fwd+bwd."""
+    """Our nn.LRU (each scan method) against the paper-style associative-only LRU, fwd+bwd."""
     rows = []
-    params = lru.init(jax.random.key(0), width, width)
     u = jax.random.normal(jax.random.key(1), (batch, length, width))
+    params = lnn.LRU(width).init(jax.random.key(0), u)["params"]  # the functional params
     group = f"lru B={batch} T={length} N=H={width} fwd+bwd"
     candidates = [("paper-style associative LRU", paper_lru_forward)]
     for method in scan_methods(jax.default_backend()):
-
-        def ours(p, v, method=method):
-            y, _ = lru.forward(p, jnp.swapaxes(v, 0, 1), method=method)
-            return y
-
-        candidates.append((f"lru_jax lru ({method})", ours))
+        module = lnn.LRU(width, scan_method=method)
+        candidates.append((f"lru_jax lru ({method})", _module_fn(module)))
     state_bytes = batch * length * width * 8  # complex64 states
     timings = measure_group([(_grad_of_squares(f), (params, u)) for _, f in candidates], repeats)
     for (name, _), timing in zip(candidates, timings, strict=True):
