@@ -9,6 +9,7 @@ Parameter groups (as in the LRU paper):
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import optax
 
 RECURRENT = frozenset({"nu_log", "theta_log", "gamma_log", "B_re", "B_im"})
@@ -24,6 +25,21 @@ def param_group(path, leaf) -> str:
 def param_groups(params):
     """The group label of every parameter (a pytree of strings like `params`)."""
     return jax.tree_util.tree_map_with_path(param_group, params)
+
+
+def group_norms(grads) -> dict[str, jax.Array]:
+    """{"grad_norm/<group>": global norm of the gradients in that group} for each group present.
+
+    Logged every train step (see `steps.make_train_step`): a group whose norm collapses or
+    spikes shows where gradients vanish or explode.
+    """
+    groups = jax.tree.leaves(param_groups(grads))
+    leaves = jax.tree.leaves(grads)
+    norms = {}
+    for name in sorted(set(groups)):
+        squares = [jnp.sum(jnp.square(g)) for g, n in zip(leaves, groups, strict=True) if n == name]
+        norms[f"grad_norm/{name}"] = jnp.sqrt(sum(squares))
+    return norms
 
 
 def schedule(train_config) -> optax.Schedule:
