@@ -8,10 +8,10 @@ measures the pieces of that product:
   per-step Jacobians accumulated backwards from T;
 - `step_spectra`: spectral radius and norm of the one-step Jacobian ∂h_t/∂h_{t-1} at the
   states a batch visits; `lru_spectrum`: |λ| and phase of an LRU layer;
-- `hidden_state_grads`: ‖∂L/∂h_t‖ for the state of every recurrent layer at every step of a
-  model, by adding a zero probe to the state after each step and differentiating with respect
-  to it (a flax method interceptor swaps in the probed recurrence, so any model built from
-  `lru_jax.nn` layers works unchanged);
+- `state_gradients` / `hidden_state_grads`: ∂L/∂h_t (and its norm) for the state of every
+  recurrent layer at every step of a model, by adding a zero probe to the state after each
+  step and differentiating with respect to it (a flax method interceptor swaps in the probed
+  recurrence, so any model built from `lru_jax.nn` layers works unchanged);
 - `model_diagnostics`: all of the above for a model and a batch, as a JSON-able dict.
 
 Per-parameter-group gradient norms during training are `lru_jax.training.optim.group_norms`,
@@ -169,12 +169,24 @@ def _path(module) -> str:
     return "/".join(module.path)
 
 
+def _lengths(call_args, call_kwargs):
+    return call_args[1] if len(call_args) > 1 else call_kwargs.get("seq_lengths")
+
+
 def layer_calls(model: nn.Module, variables, inputs, *args, **kwargs) -> list[LayerCall]:
     """Every recurrent layer (`lru_jax.nn` RecurrentLayer or LRU) that `model.apply(variables,
-    inputs, *args, **kwargs)` runs, with its parameters and inputs, in call order."""
+    inputs, *args, **kwargs)` runs, with its parameters and inputs, in call order.
+
+    The layers must run on full-length sequences: a layer given `seq_lengths` is a ValueError.
+    """
     calls = []
 
     def record(next_fun, call_args, call_kwargs, context):
+        if _is_layer_call(context) and _lengths(call_args, call_kwargs) is not None:
+            raise ValueError(
+                "seq_lengths: the diagnostics need full-length sequences (no padding), got "
+                f"lengths for {_path(context.module)}"
+            )
         out = next_fun(*call_args, **call_kwargs)
         if _is_layer_call(context):
             module = context.module
@@ -247,10 +259,11 @@ def _probed_layer(module, params, x, initial_carry, reverse: bool, probes):
     return carry, jnp.swapaxes(ys, 0, 1)
 
 
-def hidden_state_grads(
+def state_gradients(
     model: nn.Module, variables, inputs, loss_fn: Callable, *args, **kwargs
-) -> dict[str, jax.Array]:
-    """‖∂L/∂h_t‖ for the recurrent state h_t of every recurrent layer: {path: [batch, time]}.
+) -> dict[str, object]:
+    """∂L/∂h_t for the recurrent state h_t of every recurrent layer: {path: carry-shaped pytree
+    with leaves [batch, time, state]} (the LRU's as a (real, imag) pair).
 
     L = loss_fn(model.apply(variables, inputs, *args, **kwargs)), a scalar. Each layer's call
     is replaced (through a flax method interceptor) by the same recurrence with a zero probe
@@ -268,12 +281,6 @@ def hidden_state_grads(
             if not _is_layer_call(context):
                 return next_fun(*call_args, **call_kwargs)
             module = context.module
-            if (
-                len(call_args) > 1
-                and call_args[1] is not None
-                or call_kwargs.get("seq_lengths") is not None
-            ):
-                raise ValueError("seq_lengths: hidden_state_grads needs full-length sequences")
             next_fun(*call_args, **call_kwargs)  # binds the layer's parameters
             carry, y = _probed_layer(
                 module,
@@ -289,12 +296,23 @@ def hidden_state_grads(
             return loss_fn(model.apply(variables, inputs, *args, **kwargs))
 
     grads = jax.jit(jax.grad(loss_of_probes))(zeros)
-    norms = {}
-    for path, g in grads.items():
-        squares = sum(jnp.sum(jnp.square(leaf), axis=-1) for leaf in jax.tree.leaves(g))
-        norm = jnp.swapaxes(jnp.sqrt(squares), 0, 1)  # [batch, time] in processing order
-        norms[path] = norm[:, ::-1] if calls[path].reverse else norm
-    return norms
+
+    def batch_major(path, leaf):  # [time, batch, state] in processing order -> input order
+        leaf = jnp.swapaxes(leaf, 0, 1)
+        return leaf[:, ::-1] if calls[path].reverse else leaf
+
+    return {p: jax.tree.map(lambda leaf, p=p: batch_major(p, leaf), g) for p, g in grads.items()}
+
+
+def hidden_state_grads(
+    model: nn.Module, variables, inputs, loss_fn: Callable, *args, **kwargs
+) -> dict[str, jax.Array]:
+    """‖∂L/∂h_t‖ over the whole state (see `state_gradients`): {path: [batch, time]}."""
+    grads = state_gradients(model, variables, inputs, loss_fn, *args, **kwargs)
+    return {
+        path: jnp.sqrt(sum(jnp.sum(jnp.square(leaf), axis=-1) for leaf in jax.tree.leaves(g)))
+        for path, g in grads.items()
+    }
 
 
 def layer_step(call: LayerCall) -> tuple[Step, Callable[[], object]]:
