@@ -2,14 +2,17 @@
 
     python scripts/gradients_experiment.py                 # about 25 min on 2 CPU cores
     python scripts/gradients_experiment.py --steps 100     # a quicker, rougher rerun
+    python scripts/gradients_experiment.py --replot        # redraw from the saved runs
 
 1. SimpleRNN, LSTM, GRU and LRU (one layer, width 32) on the adding problem at
    T ∈ {50, 200, 1000}: ‖∂h_T/∂h_t‖ against T - t at initialisation and after training, and
    the final test MSE against the 1/6 = 0.167 baseline of always answering 1.
-2. Exploding gradients: a SimpleRNN whose recurrent matrices start at `--gain` times an
-   orthogonal matrix (chaotic tanh dynamics), trained without and with global-norm clipping.
+2. Exploding gradients: a SimpleRNN whose recurrent matrix starts at `--gain` times an
+   orthogonal matrix (chaotic tanh dynamics), trained with SGD (momentum 0.9) and with AdamW,
+   each without and with global-norm clipping at 1.
 
-Writes docs/gradients.md (tables) and docs/gradients_*.png; runs go to --workdir.
+Writes docs/gradients.md (tables), docs/gradients_*.png and the table between the gradients
+markers of README.md (unless --no-readme); runs go to --workdir.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 
@@ -36,6 +40,7 @@ from scripts.results import load_config  # noqa: E402
 CELLS = ("simple_rnn", "lstm", "gru", "lru")
 LENGTHS = (50, 200, 1000)
 BASELINE = 1.0 / 6.0
+START, END = "<!-- gradients:start -->", "<!-- gradients:end -->"
 
 
 def experiment_config(cell: str, seq_len: int, steps: int, extra: dict | None = None):
@@ -113,13 +118,25 @@ def scaled_start(config, directory: str, gain: float) -> None:
     checkpointer.close()
 
 
-def run_exploding(seq_len: int, steps: int, gain: float, clip: float, workdir: str) -> dict:
-    directory = os.path.join(workdir, f"exploding-clip{clip:g}")
-    config = experiment_config("simple_rnn", seq_len, steps, {"train.grad_clip_norm": clip})
+EXPLODING = (("sgd", 0.0), ("sgd", 1.0), ("adamw", 0.0), ("adamw", 1.0))  # optimiser, clip
+EXPLODING_LR = {"sgd": 0.02, "adamw": 2e-3}
+
+
+def run_exploding(seq_len: int, steps: int, gain: float, optimizer: str, clip: float, workdir):
+    directory = os.path.join(workdir, f"exploding-{optimizer}-clip{clip:g}")
+    extra = {
+        "train.optimizer": optimizer,
+        "train.learning_rate": EXPLODING_LR[optimizer],
+        "train.grad_clip_norm": clip,
+    }
+    config = experiment_config("simple_rnn", seq_len, steps, extra)
+    shutil.rmtree(directory, ignore_errors=True)
     scaled_start(config, directory, gain)
     at_init = diagnose(config, directory)  # the scaled step-0 checkpoint
     result = train(config, directory)
-    result.update({"clip": clip, "gain": gain, "seq_len": seq_len, "init": at_init})
+    result.update(
+        {"optimizer": optimizer, "lr": EXPLODING_LR[optimizer], "clip": clip, "init": at_init}
+    )
     return result
 
 
@@ -143,20 +160,31 @@ def plot_distance(results: list[dict], path: str) -> None:
     plt.close(fig)
 
 
+def _finite_or_cap(values) -> np.ndarray:
+    """Overflowed (inf) norms drawn at float32's maximum instead of vanishing from the plot."""
+    return np.nan_to_num(_positive(values), nan=np.nan, posinf=3.4e38)
+
+
+def exploding_label(r: dict) -> str:
+    clip = f"clip {r['clip']:g}" if r["clip"] else "no clipping"
+    return f"{'SGD' if r['optimizer'] == 'sgd' else 'AdamW'}, {clip}"
+
+
 def plot_exploding(runs: list[dict], path: str) -> None:
     plt = _plt()
     fig, (left, mid, right) = plt.subplots(1, 3, figsize=(15, 4))
     for r in runs:
-        label = f"clip {r['clip']:g}" if r["clip"] else "no clipping"
-        left.semilogy(r["steps"], _positive(r["grad_norm"]), label=label)
-        mid.plot(r["steps"], r["loss"], label=label)
+        style = "-" if r["clip"] else "--"
+        left.semilogy(r["steps"], _finite_or_cap(r["grad_norm"]), style, label=exploding_label(r))
+        mid.semilogy(r["steps"], _finite_or_cap(r["loss"]), style, label=exploding_label(r))
     right.semilogy(_positive(runs[0]["init"]["jacobian_norm_by_distance"]), color="k")
-    left.set(xlabel="step", ylabel="gradient norm (before clipping)", title="gradient norm")
+    left.set(xlabel="step", ylabel="gradient norm before clipping", title="gradient norm")
     mid.axhline(BASELINE, color="grey", ls=":", label="baseline 0.167")
-    mid.set(xlabel="step", ylabel="train MSE", title="loss", ylim=(0, 1))
+    mid.set(xlabel="step", ylabel="train MSE", title="loss (a line that stops: NaN)")
     right.set(xlabel="distance T - t", ylabel="‖∂h_T/∂h_t‖₂", title="at the large init")
-    left.legend()
-    mid.legend()
+    left.legend(fontsize=8)
+    mid.legend(fontsize=8)
+    fig.suptitle("10-step means; overflow (inf) drawn at 3.4e38")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -166,14 +194,15 @@ def at(values, distance: int) -> float:
     return float(values[min(distance, len(values) - 1)])
 
 
-def markdown(results, exploding, args, total_s) -> str:
+def markdown(results, exploding, settings: dict, total_s: float) -> str:
     lines = [
         "# Vanishing and exploding gradients",
         "",
         f"Measured {time.strftime('%Y-%m-%d')} by `python scripts/gradients_experiment.py "
-        f"--steps {args.steps}` on a shared {os.cpu_count()}-core CPU, jax {jax.__version__}: "
-        f"{total_s / 60:.1f} min in all. One recurrent layer of width 32 (LRU state 32) in the "
-        f"residual block, batch 32, {args.steps} AdamW steps with global-norm clipping at 1, "
+        f"--steps {settings['steps']}` on a shared {os.cpu_count()}-core CPU, "
+        f"jax {jax.__version__}: {total_s / 60:.1f} min in all. One recurrent layer of width 32 "
+        f"(LRU state 32) in the residual block, batch 32, {settings['steps']} AdamW steps "
+        "with global-norm clipping at 1, "
         "test MSE over 8 fresh batches. The baseline (always answer 1) has MSE 0.167.",
         "",
         "‖∂h_T/∂h_t‖₂ is the largest singular value of the layer's state Jacobian, geometric "
@@ -195,20 +224,57 @@ def markdown(results, exploding, args, total_s) -> str:
         )
     lines += [
         "",
-        f"Exploding gradients: SimpleRNN at T = {args.exploding_len} with the recurrent matrix "
-        f"started at {args.gain:g} x orthogonal.",
+        f"Exploding gradients: SimpleRNN at T = {settings['exploding_len']} with the recurrent "
+        f"matrix started at {settings['gain']:g} x orthogonal, {settings['steps']} steps.",
         "",
-        "| clipping | test MSE | median grad norm | max grad norm | note |",
-        "|---|---:|---:|---:|---|",
+        "| optimiser | lr | clipping | test MSE | median grad norm | max grad norm | note |",
+        "|---|---:|---|---:|---:|---:|---|",
     ]
     for r in exploding:
         clip = f"global norm {r['clip']:g}" if r["clip"] else "none"
         mse = f"{r['test_mse']:.4f}" if np.isfinite(r["test_mse"]) else "diverged"
         lines.append(
-            f"| {clip} | {mse} | {np.median(r['grad_norm']):.3g} | {max(r['grad_norm']):.3g} | "
-            f"{r['error'] or ''} |"
+            f"| {r['optimizer']} | {r['lr']:g} | {clip} | {mse} | {np.median(r['grad_norm']):.3g}"
+            f" | {max(r['grad_norm']):.3g} | {r['error'] or ''} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def write_readme(text: str) -> None:
+    path = os.path.join(ROOT, "README.md")
+    readme = open(path).read()
+    if START not in readme or END not in readme:
+        raise SystemExit(f"README.md has no {START} ... {END} section to fill")
+    head, rest = readme.split(START, 1)
+    _, tail = rest.split(END, 1)
+    with open(path, "w") as f:
+        f.write(head + START + "\n" + text + END + tail)
+
+
+def run_all(args, saved: dict | None) -> dict:
+    """Runs the parts `args.part` names; the other part comes from `saved` (an earlier run)."""
+    runs = dict(saved or {})
+    runs.setdefault("settings", {})
+    runs["settings"].update(
+        {"steps": args.steps, "gain": args.gain, "exploding_len": args.exploding_len}
+    )
+    if args.part in ("all", "cells"):
+        start = time.perf_counter()
+        runs["cells"] = []
+        for seq_len in map(int, args.lengths.split(",")):
+            for cell in args.cells.split(","):
+                r = run_cell(cell, seq_len, args.steps, args.workdir)
+                runs["cells"].append(r)
+                print(json.dumps({k: r[k] for k in ("cell", "seq_len", "test_mse", "wall_s")}))
+        runs["cells_s"] = time.perf_counter() - start
+    if args.part in ("all", "exploding"):
+        start = time.perf_counter()
+        runs["exploding"] = [
+            run_exploding(args.exploding_len, args.steps, args.gain, opt, clip, args.workdir)
+            for opt, clip in EXPLODING
+        ]
+        runs["exploding_s"] = time.perf_counter() - start
+    return runs
 
 
 def main():
@@ -220,31 +286,39 @@ def main():
     parser.add_argument("--docs", default=os.path.join(ROOT, "docs"))
     parser.add_argument("--gain", type=float, default=3.0, help="recurrent init scale")
     parser.add_argument("--exploding_len", type=int, default=200)
+    parser.add_argument(
+        "--replot", action="store_true", help="redraw docs from --workdir/gradients.json"
+    )
+    parser.add_argument(
+        "--part",
+        choices=("all", "cells", "exploding"),
+        default="all",
+        help="rerun only one part, keeping the other from --workdir/gradients.json",
+    )
+    parser.add_argument("--no-readme", action="store_true", help="leave README.md as it is")
     parser.add_argument("--lengths", default=",".join(map(str, LENGTHS)))
     parser.add_argument("--cells", default=",".join(CELLS))
     args = parser.parse_args()
     logging.set_verbosity(logging.WARNING)
-    start = time.perf_counter()
-    results = []
-    for seq_len in map(int, args.lengths.split(",")):
-        for cell in args.cells.split(","):
-            results.append(run_cell(cell, seq_len, args.steps, args.workdir))
-            r = results[-1]
-            print(json.dumps({k: r[k] for k in ("cell", "seq_len", "test_mse", "wall_s")}))
-    exploding = [
-        run_exploding(args.exploding_len, args.steps, args.gain, clip, args.workdir)
-        for clip in (0.0, 1.0)
-    ]
-    total = time.perf_counter() - start
-    os.makedirs(args.workdir, exist_ok=True)
-    with open(os.path.join(args.workdir, "gradients.json"), "w") as f:
-        json.dump({"cells": results, "exploding": exploding}, f)
+    saved = os.path.join(args.workdir, "gradients.json")
+    previous = None
+    if args.replot or args.part != "all":
+        with open(saved) as f:
+            previous = json.load(f)
+    runs = previous if args.replot else run_all(args, previous)
+    if not args.replot:
+        os.makedirs(args.workdir, exist_ok=True)
+        with open(saved, "w") as f:
+            json.dump(runs, f)
+    results, exploding = runs["cells"], runs["exploding"]
     os.makedirs(args.docs, exist_ok=True)
     plot_distance(results, os.path.join(args.docs, "gradients_distance.png"))
     plot_exploding(exploding, os.path.join(args.docs, "gradients_exploding.png"))
-    text = markdown(results, exploding, args, total)
+    text = markdown(results, exploding, runs["settings"], runs["cells_s"] + runs["exploding_s"])
     with open(os.path.join(args.docs, "gradients.md"), "w") as f:
         f.write(text)
+    if not args.no_readme:
+        write_readme(text.split("\n", 2)[2])  # without the title
     print(text)
 
 

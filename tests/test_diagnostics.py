@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from lru_jax import cells, diagnose, diagnostics, lru, models, tasks
+from lru_jax.training import config as config_lib
 from lru_jax.training import optim
 from lru_jax.training.loop import train_and_evaluate
 from scripts.results import load_config
@@ -241,3 +242,21 @@ def test_bad_inputs_are_named():
     assert step == 0
     with pytest.raises(ValueError, match="num_examples"):
         diagnose.diagnose_state(model, task, state.variables(), batch_size=2, num_examples=3)
+
+
+def test_sgd_optimizer_option_is_momentum_sgd_and_names_are_checked():
+    config = load_config("adding.py", {"train.optimizer": "sgd", "train.warmup_steps": 1})
+    config.unlock()
+    config.train.grad_clip_norm = 0.0
+    tx = optim.make_optimizer(config.train)
+    params = {"bias": jnp.zeros(3)}  # the no_decay group: plain momentum SGD
+    g0, g1 = jnp.array([1.0, -2.0, 0.5]), jnp.array([0.5, 1.0, -1.0])
+    state = tx.init(params)
+    update0, state = tx.update({"bias": g0}, state, params)  # lr(0) = 0 during warmup
+    update1, _ = tx.update({"bias": g1}, state, params)
+    lr = config.train.learning_rate
+    np.testing.assert_allclose(update0["bias"], np.zeros(3), atol=1e-12)
+    np.testing.assert_allclose(update1["bias"], -lr * (0.9 * g0 + g1), rtol=1e-6)
+    config.train.optimizer = "adam_typo"
+    with pytest.raises(ValueError, match="config.train.optimizer"):
+        config_lib.validate(config)
