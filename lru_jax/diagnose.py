@@ -3,8 +3,9 @@
     python -m lru_jax.diagnose --config=configs/adding.py --config.task.seq_len=200 --out=DIR
     python -m lru_jax.diagnose --config=configs/adding.py --workdir=runs/x --out=DIR
 
-With --workdir holding a checkpoint (from train.py), the trained parameters are restored;
-otherwise the model is freshly initialised exactly as training would start. Writes to --out:
+With --workdir holding a checkpoint (from train.py), the trained parameters are restored (give
+the run's config and model overrides; the optimiser settings do not matter); otherwise the model
+is freshly initialised exactly as training would start. Writes to --out:
 
   diagnostics.json            everything below, per recurrent layer
   grad_per_step.png           ‖∂L/∂h_t‖ against t (batch mean)
@@ -23,10 +24,10 @@ import sys
 
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 
 from lru_jax import _checks, diagnostics
 from lru_jax.training import config as config_lib
-from lru_jax.training.checkpoints import Checkpointer
 from lru_jax.training.loop import build_task, init_state
 from lru_jax.training.metrics import read_jsonl
 from lru_jax.training.optim import make_optimizer
@@ -34,22 +35,33 @@ from lru_jax.training.steps import loss_sums
 
 
 def load(config, workdir: str | None = None):
-    """(model, task, state, step): the config's model, restored from `workdir` if it holds a
-    checkpoint (step > 0), else freshly initialised (step 0)."""
+    """(model, task, state, step): the config's model with the parameters (and BatchNorm
+    statistics) of the latest checkpoint in `workdir` (step > 0), or freshly initialised
+    (step 0). Only parameters are restored, so the optimiser settings need not match the
+    run's."""
     config_lib.validate(config)
     task = build_task(config)
     config_lib.check_against_task(config, task.spec)
     model = config_lib.build_model(config.model, task.spec)
     state = init_state(model, make_optimizer(config.train), task, config)
-    step = 0
-    directory = None if workdir is None else os.path.join(workdir, "checkpoints")
-    if directory is not None and os.path.isdir(directory):
-        checkpointer = Checkpointer(directory, 0)
-        latest = checkpointer.latest_step()
-        if latest is not None:
-            state, step = checkpointer.restore(state), latest
-        checkpointer.close()
-    return model, task, state, step
+    directory = None if workdir is None else os.path.abspath(os.path.join(workdir, "checkpoints"))
+    if directory is None or not os.path.isdir(directory):
+        return model, task, state, 0
+    manager = ocp.CheckpointManager(directory)
+    step = manager.latest_step()
+    if step is not None:
+        template = {"params": state.params, "batch_stats": state.batch_stats}
+        restore = ocp.args.PyTreeRestore(item=template, partial_restore=True)
+        try:
+            restored = manager.restore(step, args=restore)
+        except (ValueError, KeyError) as err:
+            raise ValueError(
+                f"workdir: the checkpoint at step {step} in {directory} does not fit the "
+                f"config's model (pass the run's config and model overrides): {err}"
+            ) from None
+        state = state.replace(**restored)
+    manager.close()
+    return model, task, state, step or 0
 
 
 def diagnose_state(
@@ -234,5 +246,5 @@ if __name__ == "__main__":
     from absl import app, logging
 
     _define_flags()
-    logging.set_verbosity(logging.WARNING)
+    logging.set_verbosity(logging.ERROR)  # orbax warns about the optimiser state it skips
     app.run(main)
