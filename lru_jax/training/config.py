@@ -13,6 +13,7 @@ import ml_collections
 
 from lru_jax import lru, models, scan
 from lru_jax.tasks.base import TaskSpec
+from lru_jax.training.optim import OPTIMIZERS
 
 SECTIONS = ("task", "model", "train", "generate")
 
@@ -55,6 +56,7 @@ def default_config() -> ml_collections.ConfigDict:
             "warmup_steps": 100,
             "min_lr_ratio": 0.05,
             "weight_decay": 0.05,
+            "optimizer": "adamw",  # adamw | sgd (momentum 0.9)
             "lru_lr_factor": 0.5,  # ν, θ, γ, B learn at lr * factor, without weight decay
             "grad_clip_norm": 1.0,  # 0 turns clipping off
             "tbptt_length": 0,  # > 0: truncated BPTT with segments of this many steps
@@ -140,6 +142,7 @@ def validate(config) -> None:
     for name in ("warmup_steps", "eval_batches", "tbptt_length", "keep_checkpoints"):
         _positive_int(config, "train", name, allow_zero=True)
     t = config.train
+    _choice(config, "train", "optimizer", OPTIMIZERS)
     if not (isinstance(t.learning_rate, float) and t.learning_rate > 0):
         _fail("train.learning_rate", "a positive float", t.learning_rate)
     _in_range(config, "train", "min_lr_ratio", 0.0, 1.0, closed_high=True)

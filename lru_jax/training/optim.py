@@ -1,4 +1,5 @@
-"""The optimiser: AdamW on a warmup + cosine schedule with global-norm clipping.
+"""The optimiser: AdamW (or SGD with momentum) on a warmup + cosine schedule with global-norm
+clipping.
 
 Parameter groups (as in the LRU paper):
   "recurrent": the LRU's ν, θ, γ and B: learning rate scaled by `lru_lr_factor`, no decay;
@@ -9,6 +10,7 @@ Parameter groups (as in the LRU paper):
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import optax
 
 RECURRENT = frozenset({"nu_log", "theta_log", "gamma_log", "B_re", "B_im"})
@@ -26,6 +28,21 @@ def param_groups(params):
     return jax.tree_util.tree_map_with_path(param_group, params)
 
 
+def group_norms(grads) -> dict[str, jax.Array]:
+    """{"grad_norm/<group>": global norm of the gradients in that group} for each group present.
+
+    Logged every train step (see `steps.make_train_step`): a group whose norm collapses or
+    spikes shows where gradients vanish or explode.
+    """
+    groups = jax.tree.leaves(param_groups(grads))
+    leaves = jax.tree.leaves(grads)
+    norms = {}
+    for name in sorted(set(groups)):
+        squares = [jnp.sum(jnp.square(g)) for g, n in zip(leaves, groups, strict=True) if n == name]
+        norms[f"grad_norm/{name}"] = jnp.sqrt(sum(squares))
+    return norms
+
+
 def schedule(train_config) -> optax.Schedule:
     """Linear warmup from 0 to learning_rate, then cosine decay to lr * min_lr_ratio."""
     c = train_config
@@ -38,6 +55,25 @@ def schedule(train_config) -> optax.Schedule:
     )
 
 
+OPTIMIZERS = ("adamw", "sgd")
+
+
+def _group_transforms(c, lr, scaled) -> dict[str, optax.GradientTransformation]:
+    if c.optimizer == "sgd":  # SGD with momentum 0.9, e.g. to see exploding gradients unmasked
+        return {
+            "default": optax.chain(
+                optax.add_decayed_weights(c.weight_decay), optax.sgd(lr, momentum=0.9)
+            ),
+            "no_decay": optax.sgd(lr, momentum=0.9),
+            "recurrent": optax.sgd(scaled, momentum=0.9),
+        }
+    return {
+        "default": optax.adamw(lr, b1=0.9, b2=0.999, weight_decay=c.weight_decay),
+        "no_decay": optax.adam(lr, b1=0.9, b2=0.999),
+        "recurrent": optax.adam(scaled, b1=0.9, b2=0.999),
+    }
+
+
 def make_optimizer(train_config) -> optax.GradientTransformation:
     c = train_config
     lr = schedule(c)
@@ -45,12 +81,7 @@ def make_optimizer(train_config) -> optax.GradientTransformation:
     def scaled(step):
         return lr(step) * c.lru_lr_factor
 
-    groups = {
-        "default": optax.adamw(lr, b1=0.9, b2=0.999, weight_decay=c.weight_decay),
-        "no_decay": optax.adam(lr, b1=0.9, b2=0.999),
-        "recurrent": optax.adam(scaled, b1=0.9, b2=0.999),
-    }
-    chain = [optax.multi_transform(groups, param_groups)]
+    chain = [optax.multi_transform(_group_transforms(c, lr, scaled), param_groups)]
     if c.grad_clip_norm > 0:
         chain.insert(0, optax.clip_by_global_norm(c.grad_clip_norm))
     return optax.chain(*chain)

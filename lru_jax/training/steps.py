@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import optax
 
 from lru_jax.tasks.base import TaskSpec
+from lru_jax.training.optim import group_norms
 
 LN2 = math.log(2.0)
 
@@ -172,6 +173,7 @@ def make_train_step(model, tx, spec: TaskSpec, *, seed: int, tbptt_length: int =
         params = optax.apply_updates(state.params, updates)
         metrics = summarise(spec, sums)
         metrics["grad_norm"] = global_norm(grads)
+        metrics.update(group_norms(grads))  # grad_norm/recurrent, /no_decay, /default
         new_state = state.replace(
             step=state.step + 1, params=params, opt_state=opt_state, batch_stats=batch_stats
         )
