@@ -2,11 +2,13 @@
 and an encoder-decoder with attention (`EncoderDecoder`, `greedy_decode`).
 
     inputs -> encoder (Embed for tokens, Dense for floats) -> num_layers x SequenceBlock(mixer)
-           -> LayerNorm -> pooling ("none" | "last" | "mean") -> Dense head
+           -> LayerNorm -> pooling ("none" | "last" | "mean" | "attention") -> Dense head
 
-Any mixer: "lru", "lstm", "gru" or "simple_rnn". A language model is the "none"-pooling model
-over tokens; `generate` samples from it one token at a time through every block's `step`, so
-each new token costs one step, not a re-run of the prefix.
+Any mixer: "lru", "lstm", "gru", "simple_rnn" or "attention" (causal multi-head
+self-attention with rotary positions: a Transformer baseline). A language model is the
+"none"-pooling model over tokens; `generate` samples from it one token at a time through every
+block's `step` (for attention, a key/value cache), so each new token costs one step, not a
+re-run of the prefix.
 """
 
 from __future__ import annotations
@@ -19,11 +21,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lru_jax import _checks, attention, scan
+from lru_jax import _checks, scan
 from lru_jax import nn as lnn
 
-CELLS = ("lru", "lstm", "gru", "simple_rnn")
-POOLINGS = ("none", "last", "mean")
+CELLS = ("lru", "lstm", "gru", "simple_rnn", "attention")
+POOLINGS = ("none", "last", "mean", "attention")
 
 
 class SequenceModel(nn.Module):
@@ -33,11 +35,14 @@ class SequenceModel(nn.Module):
       num_outputs: classes, regression dimensions or vocabulary size of the head.
       vocab_size: token vocabulary of the inputs (Embed encoder), or None for float inputs
         (Dense encoder).
-      cell: the mixer of every block: "lru" | "lstm" | "gru" | "simple_rnn".
+      cell: the mixer of every block: "lru" | "lstm" | "gru" | "simple_rnn" | "attention".
       d_model: the residual width; recurrent mixers use it as their hidden size.
       d_state: the LRU's state size N.
-      pooling: "none" (an output per step), "last" (at each sequence's last valid step) or
-        "mean" (over valid steps).
+      pooling: "none" (an output per step), "last" (at each sequence's last valid step),
+        "mean" (over valid steps) or "attention" (a learned query, `nn.AttentionPooling`).
+      num_heads: attention heads of the "attention" mixer (d_model / num_heads even).
+      max_len: the "attention" mixer's key/value cache size: the most steps a sequence, or a
+        prompt plus its generated continuation, may have.
       remat: recompute each block's activations in the backward pass (`nn.remat`) to save
         memory.
     """
@@ -58,6 +63,8 @@ class SequenceModel(nn.Module):
     dropout_rate: float = 0.0
     pooling: str = "none"
     remat: bool = False
+    num_heads: int = 4
+    max_len: int = 2048
 
     def setup(self):
         _checks.one_of("cell", self.cell, CELLS)
@@ -80,11 +87,15 @@ class SequenceModel(nn.Module):
             for _ in range(self.num_layers)
         ]
         self.final_norm = nn.LayerNorm()
+        if self.pooling == "attention":
+            self.attention_pool = lnn.AttentionPooling()
         self.head = nn.Dense(self.num_outputs)
 
     def _mixer(self) -> nn.Module:
         if self.cell == "lru":
             return lnn.LRU(self.d_state, self.r_min, self.r_max, self.max_phase, self.scan_method)
+        if self.cell == "attention":
+            return lnn.CausalSelfAttention(self.d_model, self.num_heads, self.max_len)
         return lnn.RecurrentLayer(self.d_model, cell=self.cell)
 
     def _check_inputs(self, x, name="inputs"):
@@ -120,6 +131,8 @@ class SequenceModel(nn.Module):
         time = h.shape[1]
         if lengths is None:
             lengths = jnp.full((h.shape[0],), time, jnp.int32)
+        if self.pooling == "attention":
+            return self.attention_pool(h, lengths)[0]
         if self.pooling == "last":
             return scan.last_valid(jnp.swapaxes(h, 0, 1), lengths, jnp.zeros_like(h[:, 0]))
         mask = jnp.swapaxes(scan.step_mask(lengths, time), 0, 1)[..., None]
@@ -189,6 +202,11 @@ def generate(
         raise ValueError(f"temperature: expected >= 0, got {temperature}")
     if not 0 <= top_k <= model.num_outputs:
         raise ValueError(f"top_k: expected 0..{model.num_outputs}, got {top_k}")
+    if model.cell == "attention" and prompt.shape[1] + length > model.max_len:
+        raise ValueError(
+            f"length: prompt ({prompt.shape[1]}) + length ({length}) exceeds the attention "
+            f"cache, max_len={model.max_len}"
+        )
     return np.asarray(
         _generate(
             model, variables, jnp.asarray(prompt, jnp.int32), length, temperature, top_k, seed
@@ -213,6 +231,7 @@ def _generate(model, variables, prompt, length, temperature, top_k, seed):
 
 # ---------------------------------------------------------------- encoder-decoder
 
+RECURRENT_CELLS = ("lru", "lstm", "gru", "simple_rnn")
 ATTENTIONS = ("none", "soft", "hard")
 SCORES = ("additive", "dot")
 
@@ -227,10 +246,13 @@ class EncoderDecoder(nn.Module):
                -> num_layers x SequenceBlock(causal mixer) -> LayerNorm -> query q_t
         attention "none":  o_t = q_t
                   "soft":  c_t = sum_j a_tj m_j with a_t = softmax(score(q_t, m)) over the
-                           valid source steps; o_t = tanh(W [q_t; c_t])
-                  "hard":  c_t = m_j for one position j: sampled with Gumbel-softmax
-                           straight-through in training (one-hot forwards, soft gradients
-                           backwards), the argmax at evaluation
+                           valid source steps (`nn.AdditiveAttention`, Bahdanau, or
+                           `nn.DotProductAttention` "general", Luong: q_t . W m_j);
+                           o_t = tanh(W [q_t; c_t])
+                  "hard":  c_t = m_j for one position j (`nn.HardAttention`, scaled dot
+                           product scores): sampled with Gumbel-softmax straight-through in
+                           training (one-hot forwards, soft gradients backwards), the argmax
+                           at evaluation
         logits_t = Dense(o_t)                                          [batch, vocab]
 
     The attention reads the decoder's output and is not fed back into its recurrence
@@ -242,7 +264,7 @@ class EncoderDecoder(nn.Module):
       vocab_size: tokens of sources and targets (PAD 0, BOS 1, EOS 2; see tasks.seq2seq).
       cell: the mixer of every block: "lru" | "lstm" | "gru" | "simple_rnn".
       attention: "none" | "soft" | "hard".
-      score: "additive" (Bahdanau) | "dot" (scaled dot product of projections).
+      score: soft attention's score: "additive" (Bahdanau) | "dot" (Luong's "general").
       bidirectional: the encoder's blocks read the source both ways.
       hard_temperature: the Gumbel-softmax temperature of hard attention in training.
     """
@@ -264,7 +286,7 @@ class EncoderDecoder(nn.Module):
 
     def setup(self):
         _checks.positive_int("vocab_size", self.vocab_size)
-        _checks.one_of("cell", self.cell, CELLS)
+        _checks.one_of("cell", self.cell, RECURRENT_CELLS)
         _checks.one_of("attention", self.attention, ATTENTIONS)
         _checks.one_of("score", self.score, SCORES)
         if not self.hard_temperature > 0:
@@ -276,15 +298,13 @@ class EncoderDecoder(nn.Module):
         self.bridge = nn.Dense(self.d_model)
         self.decoder_blocks = [self._block(self._mixer()) for _ in range(self.num_layers)]
         self.decoder_norm = nn.LayerNorm()
+        if self.attention == "hard":
+            self.read = lnn.HardAttention(estimator="gumbel", temperature=self.hard_temperature)
+        elif self.attention == "soft" and self.score == "additive":
+            self.read = lnn.AdditiveAttention(hidden=self.d_model)
+        elif self.attention == "soft":
+            self.read = lnn.DotProductAttention(kind="general")
         if self.attention != "none":
-            self.query_proj = nn.Dense(self.d_model, use_bias=False)
-            self.key_proj = nn.Dense(self.d_model, use_bias=False)
-            if self.score == "additive":
-                self.score_vector = self.param(
-                    "score_vector",
-                    nn.initializers.normal(1.0 / math.sqrt(self.d_model)),
-                    (1, self.d_model),
-                )
             self.combine = nn.Dense(self.d_model)
         self.head = nn.Dense(self.vocab_size)
 
@@ -338,26 +358,13 @@ class EncoderDecoder(nn.Module):
         weights [batch, T, S] or None)."""
         if self.attention == "none":
             return self.head(queries), None
-        q = self.query_proj(queries)[:, :, None]  # one head: [batch, T, 1, d]
-        k = self.key_proj(memory)[:, :, None]
-        mask = None if lengths is None else attention.padding_mask(lengths, memory.shape[1])
-        if self.score == "additive":
-            scores = attention.additive_scores(q, k, self.score_vector)
-        else:
-            scores = attention.dot_product_scores(q, k)
-        weights = attention.masked_softmax(scores, mask)  # [batch, 1, T, S]
-        pick = weights
         if self.attention == "hard":
-            if deterministic:
-                best = jnp.argmax(jnp.where(weights > 0, scores, -jnp.inf), axis=-1)
-                pick = jax.nn.one_hot(best, memory.shape[1])
-            else:
-                pick = attention.gumbel_softmax_straight_through(
-                    self.make_rng("dropout"), scores, self.hard_temperature, mask=mask
-                )
-        context = attention.attend(pick, memory[:, :, None])[:, :, 0]  # [batch, T, d]
+            hard = self.read(queries, memory, key_lengths=lengths, deterministic=deterministic)
+            context, weights = hard.output, hard.probs
+        else:
+            context, weights = self.read(queries, memory, key_lengths=lengths, return_weights=True)
         out = jnp.tanh(self.combine(jnp.concatenate([queries, context], axis=-1)))
-        return self.head(out), weights[:, 0]
+        return self.head(out), weights
 
     def __call__(
         self,

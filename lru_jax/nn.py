@@ -11,6 +11,10 @@ and returns y [batch, time, out], or (carry, y) with `return_carry`. With `seq_l
 last valid step. Causal layers also have `step(carry, x_t) -> (carry, y_t)` for generation,
 one step at a time with the trained variables (`module.apply(variables, c, x_t, method="step")`)
 and `initial_carry(batch_size)`.
+
+The attention modules (`MultiHeadAttention`, `DotProductAttention`, `AdditiveAttention`,
+`AttentionPooling`, `HardAttention` and the mixer `CausalSelfAttention`) live in
+`lru_jax.attention_nn` and are re-exported here.
 """
 
 from __future__ import annotations
@@ -23,6 +27,16 @@ import jax
 import jax.numpy as jnp
 
 from lru_jax import _checks, cells, lru, scan
+from lru_jax.attention_nn import (  # noqa: F401  (re-exported)
+    AdditiveAttention,
+    AttentionPooling,
+    CausalSelfAttention,
+    DotProductAttention,
+    HardAttention,
+    HardAttentionOutput,
+    KVCache,
+    MultiHeadAttention,
+)
 
 
 def check_sequence(x, seq_lengths, name: str = "x"):

@@ -24,7 +24,9 @@ def batch():
     return {k: jnp.asarray(v) for k, v in TASK.batch("train", 0, 4).items()}
 
 
-def make(cell="lru", attention="soft", **kwargs):
+@functools.cache
+def _make(cell, attention, extra):
+    kwargs = dict(extra)
     model = models.EncoderDecoder(
         vocab_size=TASK.spec.vocab_size,
         cell=cell,
@@ -36,6 +38,11 @@ def make(cell="lru", attention="soft", **kwargs):
     b = TASK.batch("train", 0, 2)
     init = jax.jit(model.init)
     return model, init(jax.random.key(1), b["inputs"], b["lengths"], b["decoder_inputs"])
+
+
+def make(cell="lru", attention="soft", **kwargs):
+    """A small model and its initial variables (built once per distinct configuration)."""
+    return _make(cell, attention, tuple(sorted(kwargs.items())))
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -59,7 +66,7 @@ def teacher_forced_and_stepwise(model, v, batch):
     "cell, attention, extra",
     [
         ("lru", "soft", {}),
-        ("gru", "hard", {"score": "dot"}),
+        ("gru", "hard", {}),
         ("lstm", "none", {"bidirectional": False}),
     ],
 )
@@ -90,9 +97,22 @@ def test_greedy_decoding_is_a_fixed_point_of_teacher_forcing(batch):
         assert (row[cut:] == 0).all()
 
 
-@pytest.mark.parametrize("attention, score", [("soft", "additive"), ("hard", "dot")])
-def test_attention_read_matches_a_numpy_reference(attention, score):
-    model, v = make("lru", attention, score=score)
+def reference_scores(read, q, memory, attention, score):
+    """Scores [S] of one query q [d] against memory [S, d], from the parameters by numpy."""
+    if attention == "hard":  # scaled dot product of the projected query
+        return memory @ (q @ read["query"]["kernel"]) / np.sqrt(q.size)
+    if score == "additive":  # Bahdanau: v . tanh(W_q q + W_k m_j + b)
+        hidden = q @ read["W_q"]["kernel"] + memory @ read["W_k"]["kernel"] + read["W_k"]["bias"]
+        return np.tanh(hidden) @ read["v"][:, 0]
+    return (memory @ read["W_a"]["kernel"]) @ q  # Luong's general: q . W_a m_j
+
+
+@pytest.mark.parametrize(
+    "cell, attention, score",
+    [("lru", "soft", "additive"), ("lru", "soft", "dot"), ("gru", "hard", "additive")],
+)
+def test_attention_read_matches_a_numpy_reference(cell, attention, score):
+    model, v = make(cell, attention) if score == "additive" else make(cell, attention, score=score)
     rng = np.random.default_rng(0)
     queries = rng.normal(size=(3, 4, 16)).astype(np.float32)
     memory = rng.normal(size=(3, 5, 16)).astype(np.float32)
@@ -100,15 +120,10 @@ def test_attention_read_matches_a_numpy_reference(attention, score):
     read = jax.jit(lambda *a: model.apply(*a, True, method=models.EncoderDecoder._read))
     logits, weights = read(v, queries, memory, jnp.asarray(lengths))
     p = jax.tree.map(np.asarray, v["params"])
-    q = queries @ p["query_proj"]["kernel"]
-    k = memory @ p["key_proj"]["kernel"]
     for b in range(3):
         n = lengths[b]
         for t in range(4):
-            if score == "additive":
-                scores = np.tanh(q[b, t] + k[b, :n]) @ p["score_vector"][0]
-            else:
-                scores = k[b, :n] @ q[b, t] / np.sqrt(16)
+            scores = reference_scores(p["read"], queries[b, t], memory[b, :n], attention, score)
             soft = np.exp(scores - scores.max())
             soft /= soft.sum()
             np.testing.assert_allclose(weights[b, t, :n], soft, rtol=1e-4, atol=1e-6)
@@ -135,7 +150,7 @@ def test_padding_is_never_read(batch):
 
 
 def test_hard_attention_samples_in_training_and_trains_through_straight_through(batch):
-    model, v = make("lru", "hard")
+    model, v = make("gru", "hard")
     args = (batch["inputs"], batch["lengths"], batch["decoder_inputs"])
 
     def total(params, key):
@@ -148,7 +163,7 @@ def test_hard_attention_samples_in_training_and_trains_through_straight_through(
         value_and_grad(v["params"], jax.random.key(1)),
     )
     assert a != b  # different sampled positions
-    assert np.abs(grads["query_proj"]["kernel"]).max() > 0  # soft gradients reach the scores
+    assert np.abs(grads["read"]["query"]["kernel"]).max() > 0  # soft gradients reach scores
 
 
 def test_sequence_accuracy_on_a_hand_written_batch():
@@ -237,6 +252,8 @@ def test_bad_inputs_raise_naming_the_argument(batch, tmp_path):
         make(attention="local")
     with pytest.raises(ValueError, match="score"):
         make(score="cosine")
+    with pytest.raises(ValueError, match="cell"):
+        make(cell="attention")
     model, v = make()
     with pytest.raises(ValueError, match="decoder_inputs"):
         model.apply(v, batch["inputs"], batch["lengths"])
@@ -254,6 +271,10 @@ def test_bad_inputs_raise_naming_the_argument(batch, tmp_path):
     c.model.attention = "sparse"
     with pytest.raises(ValueError, match="config.model.attention"):
         config_lib.validate(c)
+    c = reverse_config()
+    c.model.cell = "attention"
+    with pytest.raises(ValueError, match="config.model.cell"):
+        config_lib.check_against_task(c, TASK.spec)
     c = reverse_config()
     c.model.pooling = "last"
     with pytest.raises(ValueError, match="config.model.pooling"):

@@ -28,7 +28,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.task = ml_collections.ConfigDict({"name": "text", "corpus": "jokes", "seq_len": 128})
     c.model = ml_collections.ConfigDict(
         {
-            "cell": "lru",  # lru | lstm | gru | simple_rnn
+            "cell": "lru",  # lru | lstm | gru | simple_rnn | attention
             "d_model": 128,
             "num_layers": 2,
             "d_state": 128,  # LRU state size N
@@ -40,8 +40,10 @@ def default_config() -> ml_collections.ConfigDict:
             "prenorm": True,
             "ffn": "glu",  # glu | gelu
             "dropout_rate": 0.1,
-            "pooling": "none",  # none (per-step outputs) | last | mean
+            "pooling": "none",  # none (per-step outputs) | last | mean | attention
             "remat": False,  # recompute block activations in the backward pass
+            "num_heads": 4,  # attention mixer: heads (d_model / num_heads must be even)
+            "max_len": 2048,  # attention mixer: key/value cache size (sequence + generation)
             # Encoder-decoder (seq2seq tasks only):
             "attention": "soft",  # none | soft | hard (Gumbel straight-through)
             "attention_score": "additive",  # additive | dot
@@ -114,7 +116,7 @@ def validate(config) -> None:
         _fail("seed", "an int", config.seed)
 
     m = config.model
-    for name in ("d_model", "num_layers", "d_state"):
+    for name in ("d_model", "num_layers", "d_state", "num_heads", "max_len"):
         _positive_int(config, "model", name)
     _choice(config, "model", "cell", models.CELLS)
     _choice(config, "model", "pooling", models.POOLINGS)
@@ -127,6 +129,12 @@ def validate(config) -> None:
     if not (isinstance(m.hard_temperature, (int, float)) and m.hard_temperature > 0):
         _fail("model.hard_temperature", "a positive number", m.hard_temperature)
     _in_range(config, "model", "dropout_rate", 0.0, 1.0)
+    if m.cell == "attention" and (m.d_model % m.num_heads or (m.d_model // m.num_heads) % 2):
+        _fail(
+            "model.num_heads",
+            f"a divisor of d_model={m.d_model} leaving an even head size (rotary positions)",
+            m.num_heads,
+        )
     try:
         lru.check_ring(m.r_min, m.r_max, m.max_phase)
     except ValueError as err:
@@ -159,12 +167,26 @@ def check_against_task(config, spec: TaskSpec) -> None:
     if per_step and pooling != "none":
         _fail("model.pooling", f"'none' for the {spec.kind} task {spec.name}", pooling)
     if not per_step and pooling == "none":
-        _fail("model.pooling", f"'last' or 'mean' for the {spec.kind} task {spec.name}", pooling)
+        _fail(
+            "model.pooling",
+            f"'last' or 'mean' (or 'attention') for the {spec.kind} task {spec.name}",
+            pooling,
+        )
+    if spec.kind == "seq2seq" and config.model.cell not in models.RECURRENT_CELLS:
+        _fail(
+            "model.cell",
+            f"a recurrent cell {list(models.RECURRENT_CELLS)} for the encoder-decoder",
+            config.model.cell,
+        )
     if config.train.tbptt_length and spec.kind != "per_step":
         _fail(
             "train.tbptt_length",
             f"0: truncated BPTT needs per-step targets, and {spec.name} is {spec.kind}",
             config.train.tbptt_length,
+        )
+    if config.model.cell == "attention" and spec.seq_len > config.model.max_len:
+        _fail(
+            "model.max_len", f"at least the task's seq_len ({spec.seq_len})", config.model.max_len
         )
     if config.generate.top_k > spec.num_outputs:
         _fail(
@@ -209,4 +231,6 @@ def build_model(model_config, spec: TaskSpec) -> models.SequenceModel | models.E
         dropout_rate=m.dropout_rate,
         pooling=m.pooling,
         remat=m.remat,
+        num_heads=m.num_heads,
+        max_len=m.max_len,
     )
