@@ -541,7 +541,7 @@ def test_cocktail_party_baseline_is_the_entropy_of_the_cued_words_given_the_cue(
     task = CocktailParty(
         num_sources=2, tokens_per_source=2, num_private=2, num_shared=1, branching=2, max_burst=2
     )
-    b = task.batch("train", 0, 40000)
+    b = task.batch("train", 0, 16000)
     entropy = 0.0
     for cue in (0, 1):
         rows = b["targets"][b["cued_source"] == cue]
