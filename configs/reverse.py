@@ -3,9 +3,10 @@ symbols backwards then EOS out, with a bidirectional LRU encoder and an LRU deco
 attends over the encoder states (`lru_jax.models.EncoderDecoder`).
 
 The baseline is the best loss of a decoder that never reads the source (the entropy of the
-targets per step, 1.88 nats). `sequence_accuracy` counts outputs right at every step, which
-is exactly the share greedy step-by-step decoding gets right. Swap `--config.task.name=sort`
-to sort instead, and `--config.model.attention=none|soft|hard`, `--config.model.cell=gru`.
+targets per step: 2.29 nats for reverse, 1.44 for sort). `sequence_accuracy` counts outputs
+right at every step, which is exactly the share greedy step-by-step decoding gets right. Swap
+`--config.task.name=sort` to sort instead, `--config.model.attention=none|soft|hard`,
+`--config.model.cell=gru`.
 """
 
 from lru_jax.training.config import default_config

@@ -4,7 +4,8 @@
 
 Loads the run's config and latest checkpoint, decodes `num_examples` held-out examples
 greedily step by step and writes a PNG for each of the first `max_images` (rows: output
-steps, columns: source steps, colour: attention weight) into `out` (default:
+steps, columns: source steps, colour: attention weight; for hard attention the distribution
+its positions are drawn from, whose argmax it reads at evaluation) into `out` (default:
 WORKDIR/attention). For the cocktail
 party each source column is tinted by the speaker who really said it (which the model never
 sees), and `summary.json` reports the share of attention that falls on the cued speaker: the
