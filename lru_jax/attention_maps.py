@@ -6,10 +6,10 @@ Loads the run's config and latest checkpoint, decodes `num_examples` held-out ex
 greedily step by step and writes a PNG for each of the first `max_images` (rows: output
 steps, columns: source steps, colour: attention weight; for hard attention the distribution
 its positions are drawn from, whose argmax it reads at evaluation) into `out` (default:
-WORKDIR/attention). For the cocktail
-party each source column is tinted by the speaker who really said it (which the model never
-sees), and `summary.json` reports the share of attention that falls on the cued speaker: the
-segmentation that attention learned without being told who spoke when.
+WORKDIR/attention). For the cocktail party each source column is tinted by the speaker who
+really said it (which the model never sees), and `summary.json` reports the share of
+attention that falls on the cued speaker: the segmentation that attention learned without
+being told who spoke when.
 """
 
 from __future__ import annotations
@@ -92,6 +92,20 @@ def plot_example(path, weights, source, output, speakers=None, cued=None, num_cu
     plt.close(fig)
 
 
+def cued_speaker_attention(weights, batch) -> float:
+    """The mean attention weight on the cued speaker's mixture steps, over the output steps
+    that emit a word (not EOS).
+
+    weights [batch, T, S] with S = 1 + mixture steps (step 0 is the cue); batch: a
+    cocktail-party batch (speakers [batch, S - 1], cued_source [batch], targets and mask
+    [batch, T]).
+    """
+    on_cued = batch["speakers"] == batch["cued_source"][:, None]  # [batch, S - 1]
+    steps = (batch["mask"] > 0) & (batch["targets"] != EOS)  # [batch, T]
+    share = np.sum(weights[:, :, 1:] * on_cued[:, None, :], axis=-1)  # [batch, T]
+    return float(share[steps].mean())
+
+
 def attention_maps(
     workdir: str,
     out: str | None = None,
@@ -120,11 +134,10 @@ def attention_maps(
     summary["exact_match"] = float(exact.mean())
     speakers = batch.get("speakers")
     if speakers is not None:
-        on_cued = speakers == batch["cued_source"][:, None]  # [batch, S - 1]
-        steps = (batch["mask"] > 0) & (batch["targets"] != EOS)  # [batch, T]
-        share = np.sum(weights[:, :, 1:] * on_cued[:, None, :], axis=-1)  # [batch, T]
-        summary["attention_on_cued_speaker"] = float(share[steps].mean())
-        summary["cued_speaker_share_of_steps"] = float(on_cued.mean())
+        summary["attention_on_cued_speaker"] = cued_speaker_attention(weights, batch)
+        summary["cued_speaker_share_of_steps"] = float(
+            np.mean(speakers == batch["cued_source"][:, None])
+        )
     paths = []
     for i in range(min(num_examples, max_images)):
         length = int(batch["lengths"][i])

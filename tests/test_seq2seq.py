@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from lru_jax import attention_maps, models
-from lru_jax.tasks import Reverse
+from lru_jax.tasks import CocktailParty, Reverse
 from lru_jax.tasks.base import TaskSpec
 from lru_jax.training import config as config_lib
 from lru_jax.training import loop, steps
@@ -242,6 +242,27 @@ def test_attention_maps_of_reverse_are_anti_diagonal(trained, tmp_path):
         np.argmax(weights[i, t]) == n - 1 - t for i, n in enumerate(b["lengths"]) for t in range(n)
     ]
     assert np.mean(hits) >= 0.9
+
+
+def test_cued_speaker_attention_and_its_heatmap_on_a_hand_written_case(tmp_path):
+    task = CocktailParty(num_sources=2, tokens_per_source=2, max_burst=2)
+    b = task.batch("test", 0, 2)
+    weights = np.zeros((2, 3, 5))  # [batch, T = M + 1, S = 1 + K M]
+    # Example 0 reads its cued speaker's steps at output steps 0 and 1; example 1 reads the
+    # other speaker at step 0 and splits step 1 half and half. EOS steps do not count.
+    for i, reads in enumerate([[1.0, 1.0], [0.0, 0.5]]):
+        cued = np.flatnonzero(b["speakers"][i] == b["cued_source"][i]) + 1
+        other = np.flatnonzero(b["speakers"][i] != b["cued_source"][i]) + 1
+        for t, share in enumerate(reads):
+            weights[i, t, cued[0]] = share
+            weights[i, t, other[0]] = 1.0 - share
+        weights[i, 2, 0] = 1.0
+    assert attention_maps.cued_speaker_attention(weights, b) == pytest.approx(2.5 / 4)
+    path = tmp_path / "cocktail.png"
+    attention_maps.plot_example(
+        path, weights[0], b["inputs"][0], b["targets"][0], b["speakers"][0], 1, num_cues=2
+    )
+    assert path.read_bytes()[:4] == b"\x89PNG"
 
 
 # ---------------------------------------------------------------- bad inputs
