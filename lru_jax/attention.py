@@ -84,21 +84,21 @@ def _check_qk(query, key):
         )
 
 
-def _check_mask(mask, scores_shape) -> None:
+def check_mask(mask, shape, layout: str = "[batch, heads, Tq, Tk]") -> None:
+    """Checks that `mask` is a bool array broadcastable to `shape` (described by `layout`)."""
     if mask is None:
         return
-    if not hasattr(mask, "shape"):
+    if not hasattr(mask, "shape") or not hasattr(mask, "dtype"):
         raise TypeError(f"mask: expected a bool array, got {type(mask).__name__}")
     if mask.dtype != bool:
         raise TypeError(f"mask: expected dtype bool (True = attend), got {mask.dtype}")
     try:
-        out = jnp.broadcast_shapes(mask.shape, scores_shape)
+        out = jnp.broadcast_shapes(mask.shape, tuple(shape))
     except ValueError:
         out = None
-    if out != tuple(scores_shape):
+    if out != tuple(shape):
         raise ValueError(
-            f"mask: expected a shape broadcastable to {tuple(scores_shape)} "
-            f"[batch, heads, Tq, Tk], got {mask.shape}"
+            f"mask: expected a shape broadcastable to {tuple(shape)} {layout}, got {mask.shape}"
         )
 
 
@@ -166,7 +166,7 @@ def _dropout(weights, rate, rng):
 def dot_product_weights(query, key, *, mask=None, scale: float | None = None) -> jax.Array:
     """Attention weights [batch, heads, Tq, Tk]: masked softmax of the scaled dot products."""
     scores = dot_product_scores(query, key, scale=scale)
-    _check_mask(mask, scores.shape)
+    check_mask(mask, scores.shape)
     return masked_softmax(scores, mask)
 
 
@@ -208,7 +208,7 @@ def additive_attention(query, key, value, v, *, mask=None, dropout_rate=0.0, dro
     """
     _check_value(value, key)
     scores = additive_scores(query, key, v)
-    _check_mask(mask, scores.shape)
+    check_mask(mask, scores.shape)
     weights = masked_softmax(scores, mask)
     return attend(weights, value, dropout_rate=dropout_rate, dropout_rng=dropout_rng), weights
 
@@ -261,13 +261,13 @@ def _masked_logits(logits, mask):
 
 
 def _check_logits(logits, k, mask):
-    _checks.floating("logits", logits, allow_complex=False)
-    _checks.rank("logits", logits, range(1, 8), "[..., positions]")
+    shape = _checks.floating("logits", logits, allow_complex=False)
+    if not shape:
+        raise ValueError("logits: expected rank >= 1 [..., positions], got a scalar")
     k = _checks.positive_int("k", k)
-    if k > logits.shape[-1]:
-        raise ValueError(f"k: expected at most {logits.shape[-1]} (the positions), got {k}")
-    if mask is not None:
-        _checks.broadcastable(("logits", "mask"), (logits.shape, mask.shape))
+    if k > shape[-1]:
+        raise ValueError(f"k: expected at most {shape[-1]} (the positions), got {k}")
+    check_mask(mask, shape, "[..., positions]")
     return k
 
 
@@ -301,6 +301,8 @@ def sample_log_prob(logits, positions, *, mask=None) -> jax.Array:
     positions[i] with the earlier draws removed. For k = 1 this is log softmax at the position.
     """
     _checks.rank("positions", positions, logits.ndim, "[..., k]")
+    if not jnp.issubdtype(positions.dtype, jnp.integer):
+        raise TypeError(f"positions: expected integer positions, got dtype {positions.dtype}")
     logits = _masked_logits(logits, mask)
     total = jnp.zeros(positions.shape[:-1], jnp.float32)
     for i in range(positions.shape[-1]):

@@ -110,6 +110,7 @@ class MultiHeadAttention(nn.Module):
                 f"causal: needs as many queries as keys, got {inputs_q.shape[1]} and "
                 f"{inputs_kv.shape[1]}"
             )
+        att.check_mask(mask, (inputs_q.shape[0], heads, inputs_q.shape[1], inputs_kv.shape[1]))
         query_mask, key_mask = _length_masks(inputs_q, inputs_kv, query_lengths, key_lengths)
         causal = att.causal_mask(inputs_q.shape[1]) if self.causal else None
         mask = att.combine_masks(mask, causal, query_mask, key_mask)
@@ -136,20 +137,10 @@ class MultiHeadAttention(nn.Module):
 
 
 def _single_head_mask(mask, query, key):
-    """Checks a bool mask broadcastable to [batch, Tq, Tk]."""
-    if mask is None:
-        return None
-    mask = jnp.asarray(mask)
-    if mask.dtype != bool:
-        raise TypeError(f"mask: expected dtype bool (True = attend), got {mask.dtype}")
-    want = (query.shape[0], query.shape[1], key.shape[1])
-    if (
-        mask.ndim > 3
-        or _checks.broadcastable(("mask", "[batch, Tq, Tk]"), (mask.shape, want)) != want
-    ):
-        raise ValueError(
-            f"mask: expected a shape broadcastable to {want} [batch, Tq, Tk], got {mask.shape}"
-        )
+    """Checks a bool mask broadcastable to [batch, Tq, Tk]; returns it as an array."""
+    if mask is not None:
+        mask = jnp.asarray(mask) if isinstance(mask, (list, tuple)) else mask
+        att.check_mask(mask, (query.shape[0], query.shape[1], key.shape[1]), "[batch, Tq, Tk]")
     return mask
 
 
@@ -442,8 +433,7 @@ class CausalSelfAttention(nn.Module):
         _check_inputs("x", x)
         _checks.feature_size("x", x.shape[-1], self.d_model, "features (d_model)")
         batch, time = x.shape[:2]
-        lengths = _checks.seq_lengths(seq_lengths, batch, time)
-        lengths = jnp.full((batch,), time, jnp.int32) if lengths is None else lengths
+        seq_lengths = _checks.seq_lengths(seq_lengths, batch, time)
         cache = initial_carry
         if cache is not None:
             self._check_cache(cache, batch, time)
@@ -451,20 +441,23 @@ class CausalSelfAttention(nn.Module):
             raise ValueError(f"x: expected at most max_len={self.max_len} steps, got {time}")
         start = jnp.zeros((batch,), jnp.int32) if cache is None else cache.index
         q, k, v = self._project(x, start[:, None] + jnp.arange(time))
-        query_mask = att.query_padding_mask(lengths, time)
-        mask = att.combine_masks(att.causal_mask(time), att.padding_mask(lengths, time))
-        keys, values = k, v
+        # Causality alone keeps valid queries off padded keys (they come later); padded
+        # queries' outputs are zeroed below.
+        mask, keys, values = att.causal_mask(time), k, v
         if cache is not None:  # the new steps also see every cached one
             cached = jnp.arange(self.max_len)[None, :] < cache.index[:, None]
             cached = jnp.broadcast_to(cached[:, None, None, :], (batch, 1, time, self.max_len))
             mask = jnp.concatenate([cached, jnp.broadcast_to(mask, (batch, 1, time, time))], -1)
             keys = jnp.concatenate([cache.key, k], axis=1)
             values = jnp.concatenate([cache.value, v], axis=1)
-        out, _ = att.dot_product_attention(q, keys, values, mask=query_mask & mask)
-        y = _zero_padded_queries(self.out(out), query_mask)
+        out, _ = att.dot_product_attention(q, keys, values, mask=mask)
+        y = self.out(out)
+        if seq_lengths is not None:
+            y = _zero_padded_queries(y, att.query_padding_mask(seq_lengths, time))
         if not return_carry:
             return y
         cache = self.initial_carry(batch) if cache is None else cache
+        lengths = jnp.full((batch,), time, jnp.int32) if seq_lengths is None else seq_lengths
         return _write(cache, k, v, lengths), y
 
     def _check_cache(self, cache, batch, time):

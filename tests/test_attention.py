@@ -410,6 +410,10 @@ def test_bad_inputs_are_named():
     x = jnp.zeros((1, 3, 6))
     with pytest.raises(ValueError, match="num_heads"):
         lnn.CausalSelfAttention(d_model=6, num_heads=2).init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match=r"mask: expected a shape broadcastable to \(1, 3, 3\)"):
+        lnn.DotProductAttention().init(jax.random.key(0), x, x, mask=jnp.ones((2, 2), bool))
+    with pytest.raises(ValueError, match=r"mask: expected a shape broadcastable to \(1, 2, 3, 3\)"):
+        lnn.MultiHeadAttention(2).init(jax.random.key(0), x, mask=jnp.ones((2, 1, 1, 1), bool))
     with pytest.raises(ValueError, match="qkv_features"):
         lnn.MultiHeadAttention(num_heads=4).init(jax.random.key(0), x)
     with pytest.raises(ValueError, match="x: expected at most max_len=2"):
