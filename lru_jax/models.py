@@ -267,6 +267,7 @@ class EncoderDecoder(nn.Module):
       score: soft attention's score: "additive" (Bahdanau) | "dot" (Luong's "general").
       bidirectional: the encoder's blocks read the source both ways.
       hard_temperature: the Gumbel-softmax temperature of hard attention in training.
+      norm, prenorm, ffn, dropout_rate: of every `nn.SequenceBlock`.
     """
 
     vocab_size: int
@@ -282,6 +283,9 @@ class EncoderDecoder(nn.Module):
     score: str = "additive"
     bidirectional: bool = True
     hard_temperature: float = 1.0
+    norm: str = "layer"
+    prenorm: bool = True
+    ffn: str = "glu"
     dropout_rate: float = 0.0
 
     def setup(self):
@@ -309,7 +313,14 @@ class EncoderDecoder(nn.Module):
         self.head = nn.Dense(self.vocab_size)
 
     def _block(self, mixer):
-        return lnn.SequenceBlock(self.d_model, mixer, dropout_rate=self.dropout_rate)
+        return lnn.SequenceBlock(
+            self.d_model,
+            mixer,
+            norm=self.norm,
+            prenorm=self.prenorm,
+            ffn=self.ffn,
+            dropout_rate=self.dropout_rate,
+        )
 
     def _mixer(self) -> nn.Module:
         if self.cell == "lru":

@@ -297,6 +297,10 @@ def test_bad_inputs_raise_naming_the_argument(batch, tmp_path):
     with pytest.raises(ValueError, match="config.model.cell"):
         config_lib.check_against_task(c, TASK.spec)
     c = reverse_config()
+    c.model.remat = True
+    with pytest.raises(ValueError, match="config.model.remat"):
+        config_lib.check_against_task(c, TASK.spec)
+    c = reverse_config()
     c.model.pooling = "last"
     with pytest.raises(ValueError, match="config.model.pooling"):
         config_lib.check_against_task(c, TASK.spec)

@@ -178,6 +178,8 @@ def check_against_task(config, spec: TaskSpec) -> None:
             f"a recurrent cell {list(models.RECURRENT_CELLS)} for the encoder-decoder",
             config.model.cell,
         )
+    if spec.kind == "seq2seq" and config.model.remat:
+        _fail("model.remat", "False: the encoder-decoder does not rematerialise", True)
     if config.train.tbptt_length and spec.kind != "per_step":
         _fail(
             "train.tbptt_length",
@@ -212,6 +214,9 @@ def build_model(model_config, spec: TaskSpec) -> models.SequenceModel | models.E
             score=m.attention_score,
             bidirectional=m.bidirectional,
             hard_temperature=m.hard_temperature,
+            norm=m.norm,
+            prenorm=m.prenorm,
+            ffn=m.ffn,
             dropout_rate=m.dropout_rate,
         )
     return models.SequenceModel(
