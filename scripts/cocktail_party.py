@@ -1,6 +1,6 @@
 """Trains the encoder-decoder experiments and writes their table and attention heatmaps.
 
-    python scripts/cocktail_party.py            # about 15 minutes on 2 CPU cores
+    python scripts/cocktail_party.py            # about 10 minutes on 2 CPU cores
     python scripts/cocktail_party.py --resume   # keep experiments that already finished
 
 The cocktail party with no, soft and hard attention (configs/cocktail_party.py), and reverse
