@@ -1,4 +1,5 @@
-"""Task heads over a stack of residual sequence blocks: classifier, regressor, language model.
+"""Task heads over a stack of residual sequence blocks: classifier, regressor, language model,
+and an encoder-decoder with attention (`EncoderDecoder`, `greedy_decode`).
 
     inputs -> encoder (Embed for tokens, Dense for floats) -> num_layers x SequenceBlock(mixer)
            -> LayerNorm -> pooling ("none" | "last" | "mean" | "attention") -> Dense head
@@ -268,3 +269,267 @@ def _generate(model, variables, prompt, length, temperature, top_k, seed):
     keys = jax.random.split(jax.random.key(seed), length)  # seed is traced: no recompiles
     _, tokens = jax.lax.scan(one_token, (carry, logits[:, -1]), keys)
     return jnp.swapaxes(tokens, 0, 1).astype(jnp.int32)
+
+
+# ---------------------------------------------------------------- encoder-decoder
+
+RECURRENT_CELLS = ("lru", "lstm", "gru", "simple_rnn")
+ATTENTIONS = ("none", "soft", "hard")
+SCORES = ("additive", "dot")
+
+
+class EncoderDecoder(nn.Module):
+    """A recurrent encoder and a recurrent decoder that attends over the encoder's states.
+
+        source -> Embed -> num_layers x SequenceBlock(mixer, both directions if
+                  `bidirectional`) -> LayerNorm -> memory m_1..m_S     [batch, S, d_model]
+        summary s = Dense([m_1; m_last valid])                         [batch, d_model]
+        decoder input at step t: Dense([Embed(y_{t-1}); s])
+               -> num_layers x SequenceBlock(causal mixer) -> LayerNorm -> query q_t
+        attention "none":  o_t = q_t
+                  "soft":  c_t = sum_j a_tj m_j with a_t = softmax(score(q_t, m)) over the
+                           valid source steps (`nn.AdditiveAttention`, Bahdanau, or
+                           `nn.DotProductAttention` "general", Luong: q_t . W m_j);
+                           o_t = tanh(W [q_t; c_t])
+                  "hard":  c_t = m_j for one position j (`nn.HardAttention`, scaled dot
+                           product scores): sampled with Gumbel-softmax straight-through in
+                           training (one-hot forwards, soft gradients backwards), the argmax
+                           at evaluation
+        logits_t = Dense(o_t)                                          [batch, vocab]
+
+    The attention reads the decoder's output and is not fed back into its recurrence
+    (Luong et al. 2015 without input feeding), so teacher forcing runs the decoder over the
+    whole target at once (the LRU's parallel scan) and `decode_step` runs it one token at a
+    time with the same result. Source and target share one vocabulary and embedding.
+
+    Attributes:
+      vocab_size: tokens of sources and targets (PAD 0, BOS 1, EOS 2; see tasks.seq2seq).
+      cell: the mixer of every block: "lru" | "lstm" | "gru" | "simple_rnn".
+      attention: "none" | "soft" | "hard".
+      score: soft attention's score: "additive" (Bahdanau) | "dot" (Luong's "general").
+      bidirectional: the encoder's blocks read the source both ways.
+      hard_temperature: the Gumbel-softmax temperature of hard attention in training.
+      norm, prenorm, ffn, dropout_rate: of every `nn.SequenceBlock`.
+    """
+
+    vocab_size: int
+    cell: str = "lru"
+    d_model: int = 64
+    num_layers: int = 1
+    d_state: int = 64
+    r_min: float = 0.0
+    r_max: float = 1.0
+    max_phase: float = 2 * math.pi
+    scan_method: str = "auto"
+    attention: str = "soft"
+    score: str = "additive"
+    bidirectional: bool = True
+    hard_temperature: float = 1.0
+    norm: str = "layer"
+    prenorm: bool = True
+    ffn: str = "glu"
+    dropout_rate: float = 0.0
+
+    def setup(self):
+        _checks.positive_int("vocab_size", self.vocab_size)
+        _checks.one_of("cell", self.cell, RECURRENT_CELLS)
+        _checks.one_of("attention", self.attention, ATTENTIONS)
+        _checks.one_of("score", self.score, SCORES)
+        if not self.hard_temperature > 0:
+            raise ValueError(f"hard_temperature: expected > 0, got {self.hard_temperature}")
+        self.embed = nn.Embed(self.vocab_size, self.d_model)
+        self.encoder_blocks = [self._block(self._encoder_mixer()) for _ in range(self.num_layers)]
+        self.encoder_norm = nn.LayerNorm()
+        self.summarise = nn.Dense(self.d_model)
+        self.bridge = nn.Dense(self.d_model)
+        self.decoder_blocks = [self._block(self._mixer()) for _ in range(self.num_layers)]
+        self.decoder_norm = nn.LayerNorm()
+        if self.attention == "hard":
+            self.read = lnn.HardAttention(estimator="gumbel", temperature=self.hard_temperature)
+        elif self.attention == "soft" and self.score == "additive":
+            self.read = lnn.AdditiveAttention(hidden=self.d_model)
+        elif self.attention == "soft":
+            self.read = lnn.DotProductAttention(kind="general")
+        if self.attention != "none":
+            self.combine = nn.Dense(self.d_model)
+        self.head = nn.Dense(self.vocab_size)
+
+    def _block(self, mixer):
+        return lnn.SequenceBlock(
+            self.d_model,
+            mixer,
+            norm=self.norm,
+            prenorm=self.prenorm,
+            ffn=self.ffn,
+            dropout_rate=self.dropout_rate,
+        )
+
+    def _mixer(self) -> nn.Module:
+        if self.cell == "lru":
+            return lnn.LRU(self.d_state, self.r_min, self.r_max, self.max_phase, self.scan_method)
+        return lnn.RecurrentLayer(self.d_model, cell=self.cell)
+
+    def _encoder_mixer(self) -> nn.Module:
+        if self.bidirectional:
+            return lnn.Bidirectional(self._mixer(), self._mixer())
+        return self._mixer()
+
+    def _check_tokens(self, name, x):
+        _checks.rank(name, x, 2, "[batch, time]")
+        if not jnp.issubdtype(x.dtype, jnp.integer):
+            raise TypeError(f"{name}: expected integer token ids, got dtype {x.dtype}")
+
+    def encode(self, inputs, lengths=None, deterministic=True):
+        """inputs int [batch, S] -> (memory [batch, S, d_model], summary [batch, d_model]).
+
+        Memory past each length is zero; `lengths` int [batch] (None: all S steps valid)."""
+        self._check_tokens("inputs", inputs)
+        lengths = _checks.seq_lengths(lengths, inputs.shape[0], inputs.shape[1])
+        h = self.embed(inputs)
+        for block in self.encoder_blocks:
+            h = block(h, lengths, None, False, deterministic)
+        memory = self.encoder_norm(h)
+        if lengths is not None:
+            memory = jnp.where(
+                jnp.swapaxes(scan.step_mask(lengths, inputs.shape[1]), 0, 1)[..., None],
+                memory,
+                0.0,
+            )
+            last = scan.last_valid(jnp.swapaxes(memory, 0, 1), lengths, memory[:, 0])
+        else:
+            last = memory[:, -1]
+        return memory, self.summarise(jnp.concatenate([memory[:, 0], last], axis=-1))
+
+    def _decoder_input(self, tokens, summary):
+        """tokens int [batch, T] or [batch], summary [batch, d] -> [batch, (T,) d]."""
+        e = self.embed(tokens)
+        s = jnp.broadcast_to(summary[:, None] if e.ndim == 3 else summary, e.shape)
+        return self.bridge(jnp.concatenate([e, s], axis=-1))
+
+    def _read(self, queries, memory, lengths, deterministic):
+        """queries [batch, T, d], memory [batch, S, d] -> (logits [batch, T, vocab],
+        weights [batch, T, S] or None)."""
+        if self.attention == "none":
+            return self.head(queries), None
+        if self.attention == "hard":
+            hard = self.read(queries, memory, key_lengths=lengths, deterministic=deterministic)
+            context, weights = hard.output, hard.probs
+        else:
+            context, weights = self.read(queries, memory, key_lengths=lengths, return_weights=True)
+        out = jnp.tanh(self.combine(jnp.concatenate([queries, context], axis=-1)))
+        return self.head(out), weights
+
+    def __call__(
+        self,
+        inputs,
+        lengths=None,
+        decoder_inputs=None,
+        *,
+        initial_carry=None,
+        return_carry=False,
+        return_weights=False,
+        deterministic=True,
+    ):
+        """Teacher forcing: logits [batch, T, vocab] for every target step at once.
+
+        inputs int [batch, S] (source), lengths int [batch], decoder_inputs int [batch, T]
+        (BOS then the target shifted right). With `return_carry`, (decoder carries, logits);
+        with `return_weights`, the attention weights [batch, T, S] are appended (None for
+        attention "none").
+        """
+        if decoder_inputs is None:
+            raise ValueError("decoder_inputs: expected int tokens [batch, T], got None")
+        self._check_tokens("decoder_inputs", decoder_inputs)
+        if decoder_inputs.shape[0] != inputs.shape[0]:
+            raise ValueError(
+                f"decoder_inputs: expected batch {inputs.shape[0]} (inputs'), got "
+                f"{decoder_inputs.shape[0]}"
+            )
+        memory, summary = self.encode(inputs, lengths, deterministic)
+        h = self._decoder_input(decoder_inputs, summary)
+        carries = []
+        for i, block in enumerate(self.decoder_blocks):
+            carry = None if initial_carry is None else initial_carry[i]
+            carry, h = block(h, None, carry, True, deterministic)
+            carries.append(carry)
+        logits, weights = self._read(self.decoder_norm(h), memory, lengths, deterministic)
+        out = (tuple(carries), logits) if return_carry else (logits,)
+        out = (*out, weights) if return_weights else out
+        return out if len(out) > 1 else out[0]
+
+    def initial_carry(self, batch_size: int):
+        """The decoder's zero carries."""
+        return tuple(block.initial_carry(batch_size) for block in self.decoder_blocks)
+
+    def decode_step(self, carry, token, memory, summary, lengths=None):
+        """One decoder step: token int [batch] -> (carry, logits [batch, vocab], weights
+        [batch, S] or None). memory and summary come from `encode`."""
+        h = self._decoder_input(token, summary)
+        new = []
+        for block, c in zip(self.decoder_blocks, carry, strict=True):
+            c, h = block.step(c, h)
+            new.append(c)
+        logits, weights = self._read(self.decoder_norm(h)[:, None], memory, lengths, True)
+        return tuple(new), logits[:, 0], None if weights is None else weights[:, 0]
+
+
+def greedy_decode(
+    model: EncoderDecoder,
+    variables,
+    inputs,
+    lengths,
+    max_length: int,
+    *,
+    bos: int = 1,
+    eos: int = 2,
+    pad: int = 0,
+):
+    """Greedy step-by-step decoding: each step feeds back the previous step's argmax.
+
+    Args:
+      inputs: int [batch, S] source tokens; lengths: int [batch] valid source steps.
+      max_length: decoder steps to run.
+      bos, eos, pad: the special tokens (defaults: the layout of `lru_jax.tasks.seq2seq`).
+
+    Returns:
+      (tokens int32 numpy [batch, max_length], PAD after the first EOS; weights float32
+      numpy [batch, max_length, S] of the attention at each step, or None for attention
+      "none").
+    """
+    inputs, lengths = np.asarray(inputs), np.asarray(lengths)
+    _checks.rank("inputs", inputs, 2, "[batch, S]")
+    if not np.issubdtype(inputs.dtype, np.integer):
+        raise TypeError(f"inputs: expected integer token ids, got dtype {inputs.dtype}")
+    _checks.seq_lengths(lengths, inputs.shape[0], inputs.shape[1])
+    _checks.positive_int("max_length", max_length)
+    tokens, weights = _greedy_decode(
+        model,
+        variables,
+        jnp.asarray(inputs, jnp.int32),
+        jnp.asarray(lengths, jnp.int32),
+        max_length,
+        bos,
+    )
+    tokens = np.asarray(tokens)
+    ended = np.cumsum(tokens == eos, axis=1) - (tokens == eos) > 0  # strictly after an EOS
+    tokens = np.where(ended, pad, tokens).astype(np.int32)
+    return tokens, None if weights is None else np.asarray(weights)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4, 5))
+def _greedy_decode(model, variables, inputs, lengths, max_length, bos):
+    memory, summary = model.apply(variables, inputs, lengths, method="encode")
+    carry = model.apply(variables, inputs.shape[0], method="initial_carry")
+
+    def one_step(state, _):
+        carry, token = state
+        carry, logits, weights = model.apply(
+            variables, carry, token, memory, summary, lengths, method="decode_step"
+        )
+        token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return (carry, token), (token, weights)
+
+    start = jnp.full((inputs.shape[0],), bos, jnp.int32)
+    _, (tokens, weights) = jax.lax.scan(one_step, (carry, start), None, length=max_length)
+    weights = None if weights is None else jnp.swapaxes(weights, 0, 1)
+    return jnp.swapaxes(tokens, 0, 1), weights

@@ -13,9 +13,12 @@ from lru_jax.tasks import (
     AddingProblem,
     AssociativeRecall,
     CharText,
+    CocktailParty,
     CopyMemory,
     ListOps,
+    Reverse,
     SelectiveCopy,
+    Sort,
     get_task,
 )
 from lru_jax.tasks import listops as listops_lib
@@ -31,6 +34,9 @@ SMALL = {
     "mnist1d": dict(num_samples=1000),
     "listops": dict(num_train=200, num_valid=50, num_test=50, min_length=8, max_length=40),
     "text": dict(seq_len=32),
+    "reverse": dict(max_length=8),
+    "sort": dict(max_length=8),
+    "cocktail_party": dict(tokens_per_source=5, max_burst=3),
 }
 
 
@@ -64,9 +70,13 @@ def test_batch_shapes_and_dtypes_match_spec(tasks, name):
         elif spec.kind == "regression":
             assert y.dtype == np.float32 and y.shape == (5, spec.num_outputs)
         else:
-            assert y.dtype == np.int32 and y.shape == (5, spec.seq_len)
+            time = spec.target_len if spec.kind == "seq2seq" else spec.seq_len
+            assert y.dtype == np.int32 and y.shape == (5, time)
             assert 0 <= y.min() and y.max() < spec.num_outputs
-            assert b["mask"].dtype == np.float32 and b["mask"].shape == (5, spec.seq_len)
+            assert b["mask"].dtype == np.float32 and b["mask"].shape == (5, time)
+        if spec.kind == "seq2seq":
+            d = b["decoder_inputs"]
+            assert d.dtype == np.int32 and d.shape == (5, spec.target_len)
         if "lengths" in b:
             assert b["lengths"].dtype == np.int32 and b["lengths"].shape == (5,)
         n = task.num_examples(split)
@@ -84,7 +94,9 @@ def test_batches_are_deterministic_and_vary(tasks, name):
     assert not np.array_equal(first["inputs"], twin.batch("valid", 3, 8)["inputs"])
 
 
-@pytest.mark.parametrize("name", ["adding", "copy", "selective_copy", "associative_recall"])
+@pytest.mark.parametrize(
+    "name", ["adding", "copy", "selective_copy", "associative_recall", "reverse", "cocktail_party"]
+)
 def test_seed_changes_generated_data(name):
     a = get_task(name, **SMALL[name], seed=0).batch("train", 0, 8)["inputs"]
     b = get_task(name, **SMALL[name], seed=1).batch("train", 0, 8)["inputs"]
@@ -118,6 +130,11 @@ def test_get_task_errors_name_the_problem():
         (lambda: CharText(seq_len=0), "seq_len"),
         (lambda: CharText(seq_len=10**6), "seq_len"),
         (lambda: AddingProblem(seed=-1), "seed"),
+        (lambda: Reverse(min_length=5, max_length=4), "max_length"),
+        (lambda: Sort(num_symbols=1), "num_symbols"),
+        (lambda: CocktailParty(num_sources=1), "num_sources"),
+        (lambda: CocktailParty(tokens_per_source=3, max_burst=4), "max_burst"),
+        (lambda: CocktailParty(num_private=2, num_shared=1, branching=4), "branching"),
     ],
 )
 def test_bad_arguments_raise_naming_them(make, argument):
@@ -437,3 +454,98 @@ def test_jokes_corpus_is_every_english_joke():
     jokes = CharText(corpus="jokes")
     ours = {d for s in SPLITS for d in jokes.documents(s)}
     assert ours == {j + "\n" for j in get_jokes("en", "all")}
+
+
+# ---------------------------------------------------------------- seq2seq: reverse and sort
+
+SEQ2SEQ = {"reverse": lambda s: s[::-1], "sort": sorted}
+
+
+@pytest.mark.parametrize("name", sorted(SEQ2SEQ))
+def test_seq2seq_layout_rebuilt_by_a_python_loop(name):
+    task = get_task(name, num_symbols=5, min_length=2, max_length=7)
+    b = task.batch("train", 1, 300)
+    assert task.spec.seq_len == 7 and task.spec.target_len == 8 and task.spec.vocab_size == 8
+    for x, n, d, y, m in zip(
+        b["inputs"], b["lengths"], b["decoder_inputs"], b["targets"], b["mask"], strict=True
+    ):
+        source = list(x[:n])
+        assert 2 <= n <= 7 and all(3 <= t < 8 for t in source) and (x[n:] == 0).all()
+        out = list(SEQ2SEQ[name](source))
+        np.testing.assert_array_equal(y, out + [2] + [0] * (7 - n))  # EOS, then PAD
+        np.testing.assert_array_equal(d, [1] + out + [0] * (7 - n))  # BOS, target shifted
+        np.testing.assert_array_equal(m, [1] * (n + 1) + [0] * (7 - n))
+    assert set(b["lengths"]) == set(range(2, 8))
+
+
+@pytest.mark.parametrize("name", sorted(SEQ2SEQ))
+def test_seq2seq_baseline_is_the_entropy_of_the_targets_by_enumeration(name):
+    """Every source of every length enumerated: the entropy of the target sequences (EOS
+    included) per expected target step is the best loss without reading the source."""
+    import itertools
+
+    v, lo, hi = 3, 1, 4
+    probability = collections.Counter()
+    for n in range(lo, hi + 1):
+        for source in itertools.product(range(v), repeat=n):
+            probability[tuple(SEQ2SEQ[name](list(source)))] += 1 / (hi - lo + 1) / v**n
+    entropy = -sum(p * math.log(p) for p in probability.values())
+    mean_steps = np.mean(np.arange(lo, hi + 1)) + 1
+    task = get_task(name, num_symbols=v, min_length=lo, max_length=hi)
+    assert task.spec.baseline == pytest.approx(entropy / mean_steps, rel=1e-9)
+
+
+# ---------------------------------------------------------------- cocktail party
+
+
+def test_cocktail_party_target_is_the_cued_speakers_words():
+    task = CocktailParty(num_sources=3, tokens_per_source=6, num_private=3, num_shared=2)
+    k, m = 3, 6
+    b = task.batch("valid", 0, 200)
+    assert task.spec.seq_len == k * m + 1 and task.spec.target_len == m + 1
+    shared = {6, 7}  # after PAD, BOS, EOS and three cues
+    private = [set(range(8 + 3 * s, 11 + 3 * s)) for s in range(k)]
+    runs = []
+    for x, speakers, cued, y, d in zip(
+        b["inputs"],
+        b["speakers"],
+        b["cued_source"],
+        b["targets"],
+        b["decoder_inputs"],
+        strict=True,
+    ):
+        assert x[0] == 3 + cued  # the cue token
+        mixture = x[1:]
+        assert sorted(np.bincount(speakers, minlength=k)) == [m] * k
+        for s in range(k):
+            said = mixture[speakers == s]
+            assert set(said) <= shared | private[s]  # its own alphabet
+            for a, c in zip(said[:-1], said[1:], strict=True):  # successions of its own chain
+                row = list(task.alphabets[s]).index(a)
+                assert c in task.alphabets[s][task.successors[s, row]]
+        np.testing.assert_array_equal(y, list(mixture[speakers == cued]) + [2])
+        np.testing.assert_array_equal(d, [1] + list(mixture[speakers == cued]))
+        runs.append(1 + np.count_nonzero(np.diff(speakers)))
+    assert np.mean(runs) > 6  # speakers take turns many times
+    assert set(b["cued_source"]) == {0, 1, 2}
+    # Shared symbols occur in every speaker's words: the mixture is ambiguous token by token.
+    every = b["inputs"][:, 1:]
+    for s in range(k):
+        assert np.isin(every[b["speakers"] == s], list(shared)).any()
+    # The speakers' chains differ.
+    assert not np.array_equal(task.successors[0], task.successors[1])
+
+
+def test_cocktail_party_baseline_is_the_entropy_of_the_cued_words_given_the_cue():
+    """Estimated by counting: with 2 words per speaker the targets have few values."""
+    task = CocktailParty(
+        num_sources=2, tokens_per_source=2, num_private=2, num_shared=1, branching=2, max_burst=2
+    )
+    b = task.batch("train", 0, 16000)
+    entropy = 0.0
+    for cue in (0, 1):
+        rows = b["targets"][b["cued_source"] == cue]
+        counts = np.array(list(collections.Counter(map(tuple, rows)).values()))
+        p = counts / counts.sum()
+        entropy += -(p * np.log(p)).sum() / 2
+    assert task.spec.baseline == pytest.approx(entropy / 3, rel=0.01)

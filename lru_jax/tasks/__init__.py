@@ -11,10 +11,12 @@ import inspect
 from lru_jax.tasks.adding import AddingProblem
 from lru_jax.tasks.associative_recall import AssociativeRecall
 from lru_jax.tasks.base import SPLITS, Task, TaskSpec, epoch_batch_indices, split_rng
+from lru_jax.tasks.cocktail_party import CocktailParty
 from lru_jax.tasks.copy_memory import CopyMemory
 from lru_jax.tasks.listops import ListOps
 from lru_jax.tasks.mnist1d import MNIST1D
 from lru_jax.tasks.selective_copy import SelectiveCopy
+from lru_jax.tasks.seq2seq import Reverse, SequenceTransduction, Sort
 from lru_jax.tasks.text import CharText
 
 TASKS = {
@@ -25,6 +27,9 @@ TASKS = {
     "mnist1d": MNIST1D,
     "listops": ListOps,
     "text": CharText,
+    "reverse": Reverse,
+    "sort": Sort,
+    "cocktail_party": CocktailParty,
 }
 
 
@@ -50,10 +55,14 @@ __all__ = [
     "AddingProblem",
     "AssociativeRecall",
     "CharText",
+    "CocktailParty",
     "CopyMemory",
     "ListOps",
     "MNIST1D",
+    "Reverse",
     "SelectiveCopy",
+    "SequenceTransduction",
+    "Sort",
     "Task",
     "TaskSpec",
     "epoch_batch_indices",

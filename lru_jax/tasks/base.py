@@ -10,6 +10,9 @@ Batches are dicts of numpy arrays, batch-major:
                or int32 [batch, time] (per-step prediction, e.g. language modelling)
     "lengths": int32 [batch], optional: valid steps per sequence (padding after them)
     "mask":    float32 [batch, time], only for per-step targets: which steps count in the loss
+
+Sequence-to-sequence tasks (kind "seq2seq", see `tasks.seq2seq`) add "decoder_inputs" and
+give targets and mask [batch, target_len].
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from typing import Protocol
 import numpy as np
 
 SPLITS = ("train", "valid", "test")
-KINDS = ("classification", "regression", "per_step")
+KINDS = ("classification", "regression", "per_step", "seq2seq")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,8 +33,10 @@ class TaskSpec:
     Attributes:
       name: the task's registry name.
       kind: "classification" (one class per sequence), "regression" (one vector per
-        sequence) or "per_step" (a class at every step, e.g. next-token prediction).
+        sequence), "per_step" (a class at every step, e.g. next-token prediction) or
+        "seq2seq" (an output sequence decoded from the input; see `tasks.seq2seq`).
       seq_len: the (maximum) number of time steps of "inputs".
+      target_len: seq2seq only: the number of decoder steps (targets' time axis).
       num_outputs: classes, regression dimensions, or the per-step vocabulary size.
       vocab_size: token vocabulary of the inputs, or None for float inputs.
       input_dim: features per step for float inputs, or None for token inputs.
@@ -49,12 +54,15 @@ class TaskSpec:
     baseline: float | None = None
     baseline_metric: str = "loss"
     is_language_model: bool = False
+    target_len: int | None = None
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"kind: expected one of {list(KINDS)}, got {self.kind!r}")
         if (self.vocab_size is None) == (self.input_dim is None):
             raise ValueError("exactly one of vocab_size (token inputs) and input_dim is set")
+        if (self.kind == "seq2seq") != (self.target_len is not None):
+            raise ValueError("target_len: expected a value for seq2seq tasks only")
 
 
 class Task(Protocol):

@@ -46,6 +46,11 @@ def default_config() -> ml_collections.ConfigDict:
             "remat_chunk": 256,
             "num_heads": 4,  # attention mixer: heads (d_model / num_heads must be even)
             "max_len": 2048,  # attention mixer: key/value cache size (sequence + generation)
+            # Encoder-decoder (seq2seq tasks only):
+            "attention": "soft",  # none | soft | hard (Gumbel straight-through)
+            "attention_score": "additive",  # additive | dot
+            "bidirectional": True,  # the encoder reads the source both ways
+            "hard_temperature": 1.0,  # Gumbel-softmax temperature of hard attention
         }
     )
     c.train = ml_collections.ConfigDict(
@@ -121,6 +126,11 @@ def validate(config) -> None:
     _choice(config, "model", "norm", ("layer", "batch"))
     _choice(config, "model", "ffn", ("glu", "gelu"))
     _choice(config, "model", "scan_method", (*scan.METHODS, "auto"))
+    _choice(config, "model", "attention", models.ATTENTIONS)
+    _choice(config, "model", "attention_score", models.SCORES)
+    _choice(config, "model", "bidirectional", (True, False))
+    if not (isinstance(m.hard_temperature, (int, float)) and m.hard_temperature > 0):
+        _fail("model.hard_temperature", "a positive number", m.hard_temperature)
     _in_range(config, "model", "dropout_rate", 0.0, 1.0)
     if m.remat and m.norm == "batch":
         _fail("model.remat", "False with norm 'batch' (chunks would change the statistics)", True)
@@ -161,14 +171,23 @@ def validate(config) -> None:
 def check_against_task(config, spec: TaskSpec) -> None:
     """Checks the choices that depend on what the task is."""
     pooling = config.model.pooling
-    if spec.kind == "per_step" and pooling != "none":
-        _fail("model.pooling", f"'none' for the per-step task {spec.name}", pooling)
-    if spec.kind != "per_step" and pooling == "none":
+    per_step = spec.kind in ("per_step", "seq2seq")
+    if per_step and pooling != "none":
+        _fail("model.pooling", f"'none' for the {spec.kind} task {spec.name}", pooling)
+    if not per_step and pooling == "none":
         _fail(
             "model.pooling",
             f"'last' or 'mean' (or 'attention') for the {spec.kind} task {spec.name}",
             pooling,
         )
+    if spec.kind == "seq2seq" and config.model.cell not in models.RECURRENT_CELLS:
+        _fail(
+            "model.cell",
+            f"a recurrent cell {list(models.RECURRENT_CELLS)} for the encoder-decoder",
+            config.model.cell,
+        )
+    if spec.kind == "seq2seq" and config.model.remat:
+        _fail("model.remat", "False: the encoder-decoder does not rematerialise", True)
     if config.train.tbptt_length and spec.kind != "per_step":
         _fail(
             "train.tbptt_length",
@@ -185,8 +204,29 @@ def check_against_task(config, spec: TaskSpec) -> None:
         )
 
 
-def build_model(model_config, spec: TaskSpec) -> models.SequenceModel:
+def build_model(model_config, spec: TaskSpec) -> models.SequenceModel | models.EncoderDecoder:
+    """The model for `spec`: an EncoderDecoder for seq2seq tasks, else a SequenceModel."""
     m = model_config
+    if spec.kind == "seq2seq":
+        return models.EncoderDecoder(
+            vocab_size=spec.vocab_size,
+            cell=m.cell,
+            d_model=m.d_model,
+            num_layers=m.num_layers,
+            d_state=m.d_state,
+            r_min=m.r_min,
+            r_max=m.r_max,
+            max_phase=m.max_phase,
+            scan_method=m.scan_method,
+            attention=m.attention,
+            score=m.attention_score,
+            bidirectional=m.bidirectional,
+            hard_temperature=m.hard_temperature,
+            norm=m.norm,
+            prenorm=m.prenorm,
+            ffn=m.ffn,
+            dropout_rate=m.dropout_rate,
+        )
     return models.SequenceModel(
         num_outputs=spec.num_outputs,
         vocab_size=spec.vocab_size,

@@ -23,7 +23,7 @@ from lru_jax.training.checkpoints import Checkpointer
 from lru_jax.training.metrics import MetricsWriter
 from lru_jax.training.optim import make_optimizer, schedule
 from lru_jax.training.state import TrainState
-from lru_jax.training.steps import make_eval_step, make_train_step, summarise
+from lru_jax.training.steps import make_eval_step, make_train_step, model_inputs, summarise
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -37,9 +37,7 @@ def build_task(config):
 
 def init_state(model, tx, task, config):
     batch = task.batch("train", 0, config.train.batch_size)
-    variables = jax.jit(model.init)(
-        jax.random.key(config.seed), batch["inputs"], batch.get("lengths")
-    )
+    variables = jax.jit(model.init)(jax.random.key(config.seed), *model_inputs(batch))
     return TrainState.create(variables, tx)
 
 

@@ -37,11 +37,17 @@ def loss_sums(spec: TaskSpec, outputs, batch) -> dict[str, jax.Array]:
             "correct": correct.sum(),
         }
     mask = batch["mask"].astype(jnp.float32)
-    return {
+    sums = {
         "loss_sum": jnp.sum(ce * mask),
         "count": jnp.sum(mask),
         "correct": jnp.sum(correct * mask),
     }
+    if spec.kind == "seq2seq":
+        # Every target step right under teacher forcing <=> greedy decoding returns the target.
+        wrong = jnp.sum((1.0 - correct) * mask, axis=1)
+        sums["sequences_correct"] = jnp.sum(wrong == 0).astype(jnp.float32)
+        sums["sequences"] = jnp.asarray(wrong.size, jnp.float32)
+    return sums
 
 
 def summarise(spec: TaskSpec, sums) -> dict[str, jax.Array]:
@@ -55,35 +61,44 @@ def summarise(spec: TaskSpec, sums) -> dict[str, jax.Array]:
         metrics["accuracy"] = sums["correct"] / count
     if spec.is_language_model:
         metrics["bits_per_char"] = loss / LN2
+    if spec.kind == "seq2seq":
+        metrics["sequence_accuracy"] = sums["sequences_correct"] / jnp.maximum(sums["sequences"], 1)
     return metrics
 
 
-def _apply(model, params, batch_stats, inputs, lengths, carry, key, train):
-    """Runs the model; returns (carry, outputs, new batch_stats)."""
+def model_inputs(batch) -> tuple:
+    """The model's positional inputs: (inputs, lengths), plus decoder_inputs for seq2seq."""
+    if "decoder_inputs" in batch:
+        return batch["inputs"], batch.get("lengths"), batch["decoder_inputs"]
+    return batch["inputs"], batch.get("lengths")
+
+
+def _apply(model, params, batch_stats, inputs, lengths, carry, key, train, *extra):
+    """Runs the model on (inputs, lengths, *extra); returns (carry, outputs, new batch_stats)."""
     variables = {"params": params}
     if batch_stats:
         variables["batch_stats"] = batch_stats
     kwargs = dict(initial_carry=carry, return_carry=True, deterministic=not train)
     if train and batch_stats:
         (carry, out), updates = model.apply(
-            variables, inputs, lengths, rngs={"dropout": key}, mutable=["batch_stats"], **kwargs
+            variables,
+            inputs,
+            lengths,
+            *extra,
+            rngs={"dropout": key},
+            mutable=["batch_stats"],
+            **kwargs,
         )
         return carry, out, updates["batch_stats"]
-    carry, out = model.apply(variables, inputs, lengths, rngs={"dropout": key}, **kwargs)
+    carry, out = model.apply(variables, inputs, lengths, *extra, rngs={"dropout": key}, **kwargs)
     return carry, out, batch_stats
 
 
 def _full_bptt(model, spec, state, batch, key):
     def loss_fn(params):
+        inputs, lengths, *extra = model_inputs(batch)
         _, out, batch_stats = _apply(
-            model,
-            params,
-            state.batch_stats,
-            batch["inputs"],
-            batch.get("lengths"),
-            None,
-            key,
-            True,
+            model, params, state.batch_stats, inputs, lengths, None, key, True, *extra
         )
         sums = loss_sums(spec, out, batch)
         return sums["loss_sum"] / jnp.maximum(sums["count"], 1.0), (sums, batch_stats)
@@ -186,7 +201,7 @@ def make_eval_step(model, spec: TaskSpec):
     """A compiled `(state, batch) -> sums` (add them up over batches, then `summarise`)."""
 
     def eval_step(state, batch):
-        out = model.apply(state.variables(), batch["inputs"], batch.get("lengths"))
+        out = model.apply(state.variables(), *model_inputs(batch))
         return loss_sums(spec, out, batch)
 
     return jax.jit(eval_step)

@@ -1,0 +1,179 @@
+"""Attention heatmaps of a trained encoder-decoder: what each output step read.
+
+    python -m lru_jax.attention_maps --workdir=runs/reverse [--out=DIR] [--max_images=4]
+
+Loads the run's config and latest checkpoint, decodes `num_examples` held-out examples
+greedily step by step and writes a PNG for each of the first `max_images` (rows: output
+steps, columns: source steps, colour: attention weight; for hard attention the distribution
+its positions are drawn from, whose argmax it reads at evaluation) into `out` (default:
+WORKDIR/attention). For the cocktail party each source column is tinted by the speaker who
+really said it (which the model never sees), and `summary.json` reports the share of
+attention that falls on the cued speaker: the segmentation that attention learned without
+being told who spoke when.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import jax
+import matplotlib
+import ml_collections
+import numpy as np
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from lru_jax import models  # noqa: E402
+from lru_jax.tasks.seq2seq import BOS, EOS, NUM_SPECIAL, PAD  # noqa: E402
+from lru_jax.training import config as config_lib  # noqa: E402
+from lru_jax.training.checkpoints import Checkpointer  # noqa: E402
+from lru_jax.training.loop import build_task, init_state  # noqa: E402
+from lru_jax.training.optim import make_optimizer  # noqa: E402
+
+SPEAKER_COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown")
+
+
+def load_run(workdir: str):
+    """(config, task, model, variables) of the latest checkpoint in `workdir`."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise ValueError(f"workdir: expected a training run with config.json, got {workdir!r}")
+    with open(path) as f:
+        config = ml_collections.ConfigDict(json.load(f))
+    task = build_task(config)
+    if task.spec.kind != "seq2seq":
+        raise ValueError(
+            f"workdir: expected a run of a seq2seq task (an encoder-decoder), got the "
+            f"{task.spec.kind} task {task.spec.name!r}"
+        )
+    model = config_lib.build_model(config.model, task.spec)
+    template = init_state(model, make_optimizer(config.train), task, config)
+    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), 0)
+    if checkpointer.latest_step() is None:
+        raise ValueError(f"workdir: no checkpoint in {workdir!r}")
+    state = checkpointer.restore(template)
+    checkpointer.close()
+    return config, task, model, jax.device_get(state.variables())
+
+
+def token_label(token: int, num_cues: int = 0) -> str:
+    """A short name for a token of the seq2seq layout: "·" PAD, "<" BOS, ">" EOS, cues
+    "c0".., symbols numbered from 0."""
+    names = {PAD: "·", BOS: "<", EOS: ">"}
+    if token in names:
+        return names[token]
+    if token < NUM_SPECIAL + num_cues:
+        return f"c{token - NUM_SPECIAL}"
+    return str(token - NUM_SPECIAL - num_cues)
+
+
+def plot_example(path, weights, source, output, speakers=None, cued=None, num_cues=0, title=""):
+    """Writes one heatmap: weights [T_out, S]; source int [S]; output int [T_out];
+    speakers int [S - 1] (cocktail party: the speaker of each mixture step) or None;
+    num_cues: how many cue tokens the vocabulary has (for the tick labels)."""
+    fig, ax = plt.subplots(figsize=(0.3 * len(source) + 1.5, 0.3 * len(output) + 1.2))
+    ax.imshow(weights, cmap="Greys", vmin=0.0, vmax=1.0, aspect="auto")
+    ax.set_xticks(range(len(source)), [token_label(int(t), num_cues) for t in source], fontsize=7)
+    ax.set_yticks(range(len(output)), [token_label(int(t), num_cues) for t in output], fontsize=7)
+    ax.set_xlabel("source step (input token)")
+    ax.set_ylabel("output step (decoded token)")
+    if speakers is not None:  # step 0 is the cue; tint the rest by who really spoke
+        for step, speaker in enumerate(speakers, start=1):
+            colour = SPEAKER_COLOURS[int(speaker) % len(SPEAKER_COLOURS)]
+            ax.get_xticklabels()[step].set_color(colour)
+            ax.axvspan(step - 0.5, step + 0.5, color=colour, alpha=0.12, lw=0)
+        title += f" (cue: speaker {cued}, tick colours: true speaker)"
+    ax.set_title(title, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def cued_speaker_attention(weights, batch) -> float:
+    """The mean attention weight on the cued speaker's mixture steps, over the output steps
+    that emit a word (not EOS).
+
+    weights [batch, T, S] with S = 1 + mixture steps (step 0 is the cue); batch: a
+    cocktail-party batch (speakers [batch, S - 1], cued_source [batch], targets and mask
+    [batch, T]).
+    """
+    on_cued = batch["speakers"] == batch["cued_source"][:, None]  # [batch, S - 1]
+    steps = (batch["mask"] > 0) & (batch["targets"] != EOS)  # [batch, T]
+    share = np.sum(weights[:, :, 1:] * on_cued[:, None, :], axis=-1)  # [batch, T]
+    return float(share[steps].mean())
+
+
+def attention_maps(
+    workdir: str,
+    out: str | None = None,
+    num_examples: int = 64,
+    max_images: int = 4,
+    split: str = "test",
+):
+    """Decodes `num_examples` examples of `split` and writes heatmaps of the first
+    `max_images` into `out`.
+
+    Returns the summary written to out/summary.json: the decoded sequences' exact-match rate
+    and, for the cocktail party, the mean attention weight on the cued speaker's steps.
+    """
+    config, task, model, variables = load_run(workdir)
+    if config.model.attention == "none":
+        raise ValueError("workdir: the model has no attention (model.attention 'none')")
+    out = out or os.path.join(workdir, "attention")
+    os.makedirs(out, exist_ok=True)
+    batch = task.batch(split, 0, num_examples)
+    spec = task.spec
+    tokens, weights = models.greedy_decode(
+        model, variables, batch["inputs"], batch["lengths"], spec.target_len
+    )
+    exact = np.all((tokens == batch["targets"]) | (batch["mask"] == 0), axis=1)
+    summary = {"workdir": workdir, "split": split, "examples": num_examples}
+    summary["exact_match"] = float(exact.mean())
+    speakers = batch.get("speakers")
+    if speakers is not None:
+        summary["attention_on_cued_speaker"] = cued_speaker_attention(weights, batch)
+        summary["cued_speaker_share_of_steps"] = float(
+            np.mean(speakers == batch["cued_source"][:, None])
+        )
+    paths = []
+    for i in range(min(num_examples, max_images)):
+        length = int(batch["lengths"][i])
+        shown = int(np.argmax(tokens[i] == EOS)) + 1 if (tokens[i] == EOS).any() else None
+        path = os.path.join(out, f"{spec.name}_{i}.png")
+        plot_example(
+            path,
+            weights[i, :shown, :length],
+            batch["inputs"][i, :length],
+            tokens[i, :shown],
+            None if speakers is None else speakers[i],
+            None if speakers is None else int(batch["cued_source"][i]),
+            getattr(task, "num_sources", 0),
+            title=f"{spec.name} {config.model.attention} attention, example {i}"
+            + ("" if exact[i] else " (decoded wrongly)"),
+        )
+        paths.append(path)
+    summary["images"] = paths
+    with open(os.path.join(out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    return summary
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--workdir", required=True, help="a training run of a seq2seq task")
+    parser.add_argument("--out", default=None, help="where the PNGs go (WORKDIR/attention)")
+    parser.add_argument("--num_examples", type=int, default=64, help="decoded for the summary")
+    parser.add_argument("--max_images", type=int, default=4, help="PNGs written")
+    parser.add_argument("--split", default="test", choices=("train", "valid", "test"))
+    args = parser.parse_args(argv)
+    summary = attention_maps(args.workdir, args.out, args.num_examples, args.max_images, args.split)
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()
