@@ -80,14 +80,7 @@ def table(rows: list[dict]) -> str:
 
 
 def write_readme(text: str) -> None:
-    path = os.path.join(ROOT, "README.md")
-    readme = open(path).read()
-    if START not in readme or END not in readme:
-        raise SystemExit(f"README.md has no {START} ... {END} section to fill")
-    head, rest = readme.split(START, 1)
-    _, tail = rest.split(END, 1)
-    with open(path, "w") as f:
-        f.write(head + START + "\n" + text + END + tail)
+    results.write_readme(text, START, END)
 
 
 def main():

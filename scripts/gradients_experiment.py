@@ -35,6 +35,7 @@ from lru_jax.diagnose import _plt, _positive, diagnose_state, load  # noqa: E402
 from lru_jax.training.checkpoints import Checkpointer  # noqa: E402
 from lru_jax.training.loop import NonFiniteLossError, train_and_evaluate  # noqa: E402
 from lru_jax.training.metrics import read_jsonl  # noqa: E402
+from scripts import results  # noqa: E402
 from scripts.results import load_config  # noqa: E402
 
 CELLS = ("simple_rnn", "lstm", "gru", "lru")
@@ -259,14 +260,7 @@ def markdown(results, exploding, settings: dict, total_s: float) -> str:
 
 
 def write_readme(text: str) -> None:
-    path = os.path.join(ROOT, "README.md")
-    readme = open(path).read()
-    if START not in readme or END not in readme:
-        raise SystemExit(f"README.md has no {START} ... {END} section to fill")
-    head, rest = readme.split(START, 1)
-    _, tail = rest.split(END, 1)
-    with open(path, "w") as f:
-        f.write(head + START + "\n" + text + END + tail)
+    results.write_readme(text, START, END)
 
 
 def run_all(args, saved: dict | None) -> dict:

@@ -119,15 +119,16 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_readme(text: str) -> None:
+def write_readme(text: str, start: str = START, end: str = END) -> None:
+    """Replaces README.md's text between the markers `start` and `end` with `text`."""
     path = os.path.join(ROOT, "README.md")
     readme = open(path).read()
-    if START not in readme or END not in readme:
-        raise SystemExit(f"README.md has no {START} ... {END} section to fill")
-    head, rest = readme.split(START, 1)
-    _, tail = rest.split(END, 1)
+    if start not in readme or end not in readme:
+        raise SystemExit(f"README.md has no {start} ... {end} section to fill")
+    head, rest = readme.split(start, 1)
+    _, tail = rest.split(end, 1)
     with open(path, "w") as f:
-        f.write(head + START + "\n" + text + END + tail)
+        f.write(head + start + "\n" + text + end + tail)
 
 
 def main():

@@ -207,44 +207,29 @@ def check_against_task(config, spec: TaskSpec) -> None:
 def build_model(model_config, spec: TaskSpec) -> models.SequenceModel | models.EncoderDecoder:
     """The model for `spec`: an EncoderDecoder for seq2seq tasks, else a SequenceModel."""
     m = model_config
+    shared = {  # the blocks' settings, the same for both kinds of model
+        name: m[name]
+        for name in (
+            "cell", "d_model", "num_layers", "d_state", "r_min", "r_max", "max_phase",
+            "scan_method", "norm", "prenorm", "ffn", "dropout_rate",
+        )
+    }  # fmt: skip
     if spec.kind == "seq2seq":
         return models.EncoderDecoder(
             vocab_size=spec.vocab_size,
-            cell=m.cell,
-            d_model=m.d_model,
-            num_layers=m.num_layers,
-            d_state=m.d_state,
-            r_min=m.r_min,
-            r_max=m.r_max,
-            max_phase=m.max_phase,
-            scan_method=m.scan_method,
             attention=m.attention,
             score=m.attention_score,
             bidirectional=m.bidirectional,
             hard_temperature=m.hard_temperature,
-            norm=m.norm,
-            prenorm=m.prenorm,
-            ffn=m.ffn,
-            dropout_rate=m.dropout_rate,
+            **shared,
         )
     return models.SequenceModel(
         num_outputs=spec.num_outputs,
         vocab_size=spec.vocab_size,
-        cell=m.cell,
-        d_model=m.d_model,
-        num_layers=m.num_layers,
-        d_state=m.d_state,
-        r_min=m.r_min,
-        r_max=m.r_max,
-        max_phase=m.max_phase,
-        scan_method=m.scan_method,
-        norm=m.norm,
-        prenorm=m.prenorm,
-        ffn=m.ffn,
-        dropout_rate=m.dropout_rate,
         pooling=m.pooling,
         remat=m.remat,
         remat_chunk=m.remat_chunk,
         num_heads=m.num_heads,
         max_len=m.max_len,
+        **shared,
     )
