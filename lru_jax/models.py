@@ -39,6 +39,8 @@ class SequenceModel(nn.Module):
         "mean" (over valid steps).
       remat: recompute each block's activations in the backward pass (`nn.remat`) to save
         memory.
+      sequence_axis: a mesh axis to split the LRU scans' time over (sequence parallelism;
+        "lru" cells only, applied under `jax.set_mesh`), or None.
     """
 
     num_outputs: int
@@ -57,9 +59,14 @@ class SequenceModel(nn.Module):
     dropout_rate: float = 0.0
     pooling: str = "none"
     remat: bool = False
+    sequence_axis: str | None = None
 
     def setup(self):
         _checks.one_of("cell", self.cell, CELLS)
+        if self.sequence_axis is not None and self.cell != "lru":
+            raise ValueError(
+                f"sequence_axis: sequence parallelism needs cell 'lru', got cell {self.cell!r}"
+            )
         _checks.one_of("pooling", self.pooling, POOLINGS)
         if self.vocab_size is None:
             self.encoder = nn.Dense(self.d_model)
@@ -83,7 +90,14 @@ class SequenceModel(nn.Module):
 
     def _mixer(self) -> nn.Module:
         if self.cell == "lru":
-            return lnn.LRU(self.d_state, self.r_min, self.r_max, self.max_phase, self.scan_method)
+            return lnn.LRU(
+                self.d_state,
+                self.r_min,
+                self.r_max,
+                self.max_phase,
+                self.scan_method,
+                self.sequence_axis,
+            )
         return lnn.RecurrentLayer(self.d_model, cell=self.cell)
 
     def _check_inputs(self, x, name="inputs"):
@@ -188,6 +202,8 @@ def generate(
         raise ValueError(f"temperature: expected >= 0, got {temperature}")
     if not 0 <= top_k <= model.num_outputs:
         raise ValueError(f"top_k: expected 0..{model.num_outputs}, got {top_k}")
+    # Prompts are short and of any length: generation never splits time over devices.
+    model = model.clone(sequence_axis=None)
     return np.asarray(
         _generate(
             model, variables, jnp.asarray(prompt, jnp.int32), length, temperature, top_k, seed

@@ -1,7 +1,8 @@
 """Checks a training config before anything compiles, and builds the model it describes.
 
 A config (see configs/default.py) has sections `task` (name + the task's keyword arguments),
-`model`, `train` and `generate`, plus `seed`. Every bad value is a ValueError naming its
+`model`, `train`, `sharding` (devices, see lru_jax/training/sharding.py) and `generate`, plus
+`seed`. Every bad value is a ValueError naming its
 key, e.g. "config.model.d_model: expected a positive int, got -4".
 """
 
@@ -14,7 +15,7 @@ import ml_collections
 from lru_jax import lru, models, scan
 from lru_jax.tasks.base import TaskSpec
 
-SECTIONS = ("task", "model", "train", "generate")
+SECTIONS = ("task", "model", "train", "sharding", "generate")
 
 # The LRU paper's initialisation for long-range tasks: eigenvalues near the unit circle
 # (slow decay) with small phases.
@@ -46,7 +47,8 @@ def default_config() -> ml_collections.ConfigDict:
     )
     c.train = ml_collections.ConfigDict(
         {
-            "batch_size": 32,
+            "batch_size": 32,  # the global batch, over all devices
+            "per_device_batch_size": 0,  # > 0: the global batch is this x data devices
             "num_steps": 1000,
             "learning_rate": 3e-3,
             "warmup_steps": 100,
@@ -60,6 +62,14 @@ def default_config() -> ml_collections.ConfigDict:
             "eval_batches": 0,  # 0: the whole split once (or one batch if generated)
             "checkpoint_every": 250,
             "keep_checkpoints": 2,
+        }
+    )
+    c.sharding = ml_collections.ConfigDict(
+        {
+            "data": -1,  # devices the batch is split over; -1: all not used by `sequence`
+            "sequence": 1,  # devices time is split over (sequence-parallel LRU scans)
+            "params": "replicated",  # replicated | fsdp (large parameters split over data)
+            "fsdp_min_size": 2**14,  # smaller parameters stay replicated under fsdp
         }
     )
     c.generate = ml_collections.ConfigDict(
@@ -124,7 +134,13 @@ def validate(config) -> None:
 
     for name in ("batch_size", "num_steps", "log_every", "eval_every", "checkpoint_every"):
         _positive_int(config, "train", name)
-    for name in ("warmup_steps", "eval_batches", "tbptt_length", "keep_checkpoints"):
+    for name in (
+        "per_device_batch_size",
+        "warmup_steps",
+        "eval_batches",
+        "tbptt_length",
+        "keep_checkpoints",
+    ):
         _positive_int(config, "train", name, allow_zero=True)
     t = config.train
     if not (isinstance(t.learning_rate, float) and t.learning_rate > 0):
@@ -133,6 +149,15 @@ def validate(config) -> None:
     _in_range(config, "train", "lru_lr_factor", 0.0, math.inf)
     _in_range(config, "train", "weight_decay", 0.0, math.inf)
     _in_range(config, "train", "grad_clip_norm", 0.0, math.inf)
+
+    if config.sharding.data != -1:
+        _positive_int(config, "sharding", "data")
+    _positive_int(config, "sharding", "sequence")
+    _choice(config, "sharding", "params", ("replicated", "fsdp"))
+    _positive_int(config, "sharding", "fsdp_min_size", allow_zero=True)
+    if config.sharding.sequence > 1 and m.cell != "lru":
+        expected = f"1 for cell {m.cell!r} (sequence parallelism is LRU-only)"
+        _fail("sharding.sequence", expected, config.sharding.sequence)
 
     _positive_int(config, "generate", "num_samples", allow_zero=True)
     _positive_int(config, "generate", "length")
@@ -155,13 +180,23 @@ def check_against_task(config, spec: TaskSpec) -> None:
             f"0: truncated BPTT needs per-step targets, and {spec.name} is {spec.kind}",
             config.train.tbptt_length,
         )
+    seq = config.sharding.sequence
+    if spec.seq_len % seq:
+        _fail("sharding.sequence", f"a divisor of the task's seq_len {spec.seq_len}", seq)
+    tbptt = config.train.tbptt_length
+    if tbptt % seq:
+        _fail("train.tbptt_length", f"a multiple of sharding.sequence ({seq})", tbptt)
     if config.generate.top_k > spec.num_outputs:
         _fail(
             "generate.top_k", f"at most the vocabulary ({spec.num_outputs})", config.generate.top_k
         )
 
 
-def build_model(model_config, spec: TaskSpec) -> models.SequenceModel:
+def build_model(
+    model_config, spec: TaskSpec, sequence_axis: str | None = None
+) -> models.SequenceModel:
+    """The model `model_config` describes; `sequence_axis` splits its scans' time over a mesh
+    axis (sequence parallelism)."""
     m = model_config
     return models.SequenceModel(
         num_outputs=spec.num_outputs,
@@ -180,4 +215,5 @@ def build_model(model_config, spec: TaskSpec) -> models.SequenceModel:
         dropout_rate=m.dropout_rate,
         pooling=m.pooling,
         remat=m.remat,
+        sequence_axis=sequence_axis,
     )
