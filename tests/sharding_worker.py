@@ -33,7 +33,7 @@ RUNS = {
 }
 
 
-def train_runs(out: str, arrays: dict, facts: dict) -> None:
+def train_runs(out: str) -> None:
     for name, changes in RUNS.items():
         config = tiny_config()
         config.sharding.update(changes)
@@ -57,7 +57,7 @@ def restore_checks(out: str, arrays: dict, facts: dict) -> None:
     config = tiny_config()
     config.sharding.update({"params": "fsdp", "fsdp_min_size": 64})
     directory = os.path.join(out, "fsdp_seq", "checkpoints")
-    saved_devices = set()
+    saved_steps = set()
     for devices in (1, 2):
         config.sharding.data = devices
         state = restore_on(jax.devices()[:devices], config, directory)
@@ -70,8 +70,17 @@ def restore_checks(out: str, arrays: dict, facts: dict) -> None:
         facts[f"restored{devices}_sharded_leaves"] = sum(
             not leaf.sharding.is_fully_replicated for _, leaf in leaves
         )
-        saved_devices.add(int(state.step))
-    facts["restored_steps"] = sorted(saved_devices)
+        saved_steps.add(int(state.step))
+    facts["restored_steps"] = sorted(saved_steps)
+    config.sharding.update({"data": 2, "sequence": 2})  # the layout the run saved from
+    task = loop.build_task(config)
+    layout = sharding.layout_from_config(config, loop.time_keys(task.spec))
+    model = config_lib.build_model(config.model, task.spec)
+    saved = loop.abstract_state(model, make_optimizer(config.train), task, config, layout)
+    facts["saved_devices"] = len(layout.mesh.devices.flat)
+    facts["saved_sharded_leaves"] = sum(
+        not x.sharding.is_fully_replicated for x in jax.tree.leaves(saved.params)
+    )
 
 
 def scan_checks(arrays: dict, facts: dict) -> None:
@@ -132,7 +141,7 @@ def data_checks(arrays: dict, facts: dict) -> None:
 def main(out: str) -> None:
     assert jax.device_count() == 4, jax.devices()
     arrays, facts = {}, {}
-    train_runs(out, arrays, facts)
+    train_runs(out)
     restore_checks(out, arrays, facts)
     scan_checks(arrays, facts)
     data_checks(arrays, facts)

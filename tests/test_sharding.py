@@ -1,12 +1,14 @@
 """Scaling out on forced host CPU devices.
 
 One subprocess (tests/sharding_worker.py) starts JAX with 4 CPU devices and trains, restores
-and scans there; this process (1 device) checks its results against its own 1-device training,
-a numpy loop and the plain scan's gradients.
+and scans there, and train.py runs as two processes of 2 CPU devices each (a 2-host run on one
+machine); this process (1 device) checks their results against its own 1-device training, a
+numpy loop and the plain scan's gradients.
 """
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -29,20 +31,78 @@ ROOT = os.path.dirname(HERE)
 RUNS = ("data4", "fsdp_seq")  # the worker's runs: 4 data devices; 2 data x 2 seq with FSDP
 
 
-@pytest.fixture(scope="module")
-def worker(tmp_path_factory):
-    """(out directory, arrays, facts) of the 4-device worker."""
-    out = tmp_path_factory.mktemp("four_devices")
+def _cpu_env(devices: int) -> dict:
+    """The environment of a subprocess with `devices` forced host CPU devices."""
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env["XLA_FLAGS"] = (
-        env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
-    ).strip()
+    flag = f"--xla_force_host_platform_device_count={devices}"
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + flag).strip()
     env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
-    script = os.path.join(HERE, "sharding_worker.py")
-    proc = subprocess.run(
-        [sys.executable, script, str(out)], env=env, capture_output=True, text=True, timeout=900
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def _start(args, devices: int, log):
+    """A subprocess with `devices` forced host CPU devices, its output going to `log`."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    flag = f"--xla_force_host_platform_device_count={devices}"
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + flag).strip()
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
+    with open(f"{log}.out", "w") as out, open(f"{log}.err", "w") as err:
+        return subprocess.Popen([sys.executable, *args], env=env, cwd=ROOT, stdout=out, stderr=err)
+
+
+def _wait(proc, log) -> str:
+    """Waits for `proc`; returns its stdout, failing with its stderr if it failed."""
+    proc.wait(timeout=900)
+    with open(f"{log}.err") as err:
+        assert proc.returncode == 0, err.read()[-5000:]
+    with open(f"{log}.out") as out:
+        return out.read()
+
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory):
+    """Starts the subprocesses at once, to overlap with each other and this process's own
+    1-device run: the 4-device worker (tests/sharding_worker.py), and train.py as 2 processes
+    of 2 CPU devices each (a 2-host run on one machine)."""
+    tmp = tmp_path_factory.mktemp("sharding")
+    worker = _start([os.path.join(HERE, "sharding_worker.py"), str(tmp)], 4, tmp / "worker")
+    config_file = tmp / "tiny.py"
+    config_file.write_text(
+        f"import sys\nsys.path.insert(0, {HERE!r})\n"
+        "from sharding_cases import tiny_config\n\n\n"
+        "def get_config():\n"
+        "    c = tiny_config()\n"
+        "    c.sharding.update({'params': 'fsdp', 'fsdp_min_size': 64})\n"
+        "    return c\n"
     )
-    assert proc.returncode == 0, proc.stderr[-5000:]
+    address = f"localhost:{_free_port()}"
+    processes = [
+        _start(
+            [os.path.join(ROOT, "train.py"), f"--config={config_file}"]
+            + [f"--workdir={tmp / 'two_processes'}", f"--coordinator_address={address}"]
+            + ["--num_processes=2", f"--process_id={i}"],
+            2,
+            tmp / f"process{i}",
+        )
+        for i in range(2)
+    ]
+    yield tmp, worker, processes
+    for proc in (worker, *processes):  # only if a test failed before waiting for them
+        if proc.poll() is None:
+            proc.kill()
+
+
+@pytest.fixture(scope="module")
+def worker(launched):
+    """(out directory, arrays, facts) of the 4-device worker."""
+    out, proc, _ = launched
+    _wait(proc, out / "worker")
     with np.load(out / "results.npz") as results:
         arrays = dict(results)
     with open(out / "facts.json") as f:
@@ -51,8 +111,16 @@ def worker(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def single(tmp_path_factory):
-    """The same training on this process's first device alone."""
+def two_processes(launched):
+    """(workdir, stdout of process 0, stdout of process 1) of the 2-process run."""
+    out, _, processes = launched
+    stdouts = [_wait(p, out / f"process{i}") for i, p in enumerate(processes)]
+    return out / "two_processes", *stdouts
+
+
+@pytest.fixture(scope="module")
+def single(launched, tmp_path_factory):
+    """The same training on this process's first device alone (while the others run)."""
     workdir = tmp_path_factory.mktemp("one_device")
     config = tiny_config()
     config.sharding.data = 1
@@ -99,9 +167,31 @@ def test_four_device_training_equals_one_device_training(worker, single, run):
         np.testing.assert_allclose(final_four[name], value, rtol=1e-4, atol=1e-6, err_msg=name)
 
 
+def test_two_processes_train_like_one_device_and_only_process_0_writes(two_processes, single):
+    workdir, stdout0, stdout1 = two_processes
+    for split in ("train", "valid"):
+        ours, theirs = _losses(single, split), _losses(workdir, split)
+        assert ours.keys() == theirs.keys()
+        for step in ours:
+            np.testing.assert_allclose(theirs[step], ours[step], rtol=1e-5)
+    final_one, final_two = _restore_here(single), _restore_here(workdir)
+    for name, value in final_one.items():
+        np.testing.assert_allclose(final_two[name], value, rtol=1e-4, atol=1e-6, err_msg=name)
+    ours = [line for line in stdout1.splitlines() if not line.startswith("[Gloo]")]
+    assert "final: valid" in stdout0 and ours == []  # (Gloo, the CPU collectives, talks)
+    assert sorted(os.listdir(workdir)) == [
+        "checkpoints",
+        "config.json",
+        "final_metrics.json",
+        "metrics.jsonl",
+        "tensorboard",
+    ]
+
+
 def test_checkpoint_saved_on_four_devices_restores_on_one_and_two(worker):
     out, arrays, facts = worker
     assert facts["restored_steps"] == [4]
+    assert facts["saved_devices"] == 4 and facts["saved_sharded_leaves"] > 0
     assert facts["restored1_devices"] == [1] and facts["restored2_devices"] == [2]
     assert facts["restored2_sharded_leaves"] > 0  # FSDP on 2 devices: some params split
     here = _restore_here(out / "fsdp_seq")  # and in this 1-device process

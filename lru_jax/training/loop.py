@@ -210,10 +210,11 @@ def _train_and_evaluate(config, workdir: str, task, layout: sharding.Layout) -> 
         "test": run_eval(state, "test"),
         "baseline": {spec.baseline_metric: spec.baseline},
     }
+    if main:
+        print("final: valid " + _format(final["valid"]) + " | test " + _format(final["test"]))
     if spec.is_language_model and config.generate.num_samples:  # every process generates
         final["samples"] = write_samples(model, state, task, config.generate, workdir, main)
     if main:
-        print("final: valid " + _format(final["valid"]) + " | test " + _format(final["test"]))
         with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
             json.dump(final, f, indent=2)
     return final
