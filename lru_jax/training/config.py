@@ -1,9 +1,9 @@
 """Checks a training config before anything compiles, and builds the model it describes.
 
 A config (see configs/default.py) has sections `task` (name + the task's keyword arguments),
-`model`, `train`, `sharding` (devices, see lru_jax/training/sharding.py) and `generate`, plus
-`seed`. Every bad value is a ValueError naming its
-key, e.g. "config.model.d_model: expected a positive int, got -4".
+`model`, `train`, `sharding` (how devices are used: lru_jax/training/sharding.py) and
+`generate`, plus `seed`. Every bad value is a ValueError naming its key, e.g.
+"config.model.d_model: expected a positive int, got -4".
 """
 
 from __future__ import annotations
