@@ -265,16 +265,15 @@ def _sequence_parallel(a, b, h0, time_varying, method, chunk_size, axis):
     h0 = jnp.zeros(state_shape, b.dtype) if h0 is None else h0
 
     def block(a, b, h0):
-        # a, b: this device's block [time / devices, ...]; h0 is replicated.
+        # b (and a time-varying a): this device's block [time / devices, ...]; h0 whole.
         h = _run(a, b, None, time_varying, method, chunk_size)
         if time_varying:
             decay = jnp.cumprod(a, axis=0)  # product of the a's since the block start
         else:  # a [*state tail] -> a^(t+1), [block, 1.., *state tail]
             decay = jnp.cumprod(jnp.broadcast_to(a, (b.shape[0],) + a.shape), axis=0)
             decay = decay.reshape((b.shape[0],) + (1,) * (b.ndim - 1 - a.ndim) + a.shape)
-        decay = jnp.broadcast_to(decay, h.shape)
-        block_decay = jax.lax.all_gather(decay[-1], axis)  # [devices, *state]
-        block_end = jax.lax.all_gather(h[-1], axis)  # block end states from a zero start
+        block_decay = jax.lax.all_gather(jnp.broadcast_to(decay[-1], h.shape[1:]), axis)
+        block_end = jax.lax.all_gather(h[-1], axis)  # [devices, *state], from zero starts
         ends = _sequential(block_decay, block_end, h0, True)  # true state at each block end
         entering = jnp.concatenate([h0[None], ends[:-1]])[jax.lax.axis_index(axis)]
         return h + decay * entering[None]
