@@ -134,6 +134,7 @@ def forward(
     reverse: bool = False,
     resets: jax.Array | None = None,
     method: str = "auto",
+    sequence_axis: str | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """The LRU over a whole sequence, in parallel where `method` allows.
 
@@ -146,6 +147,8 @@ def forward(
       reverse: run from the last (valid) step to the first.
       resets: optional bool [time, ...]: restart the state from zero at these steps.
       method: a `linear_scan` method.
+      sequence_axis: optional mesh axis to split time over (`linear_scan`'s sequence
+        parallelism; needs `jax.set_mesh`).
 
     Returns:
       (y [time, ..., H], h_last [..., N]): outputs and the final state.
@@ -171,6 +174,7 @@ def forward(
         h0,
         method=method,
         reverse=run_reversed,
+        sequence_axis=sequence_axis,
         resets=resets,
     )
     y = readout(params, hs, u)

@@ -49,6 +49,8 @@ class SequenceModel(nn.Module):
         outputs) instead of every block's at every step. Outputs and gradients are unchanged;
         dropout masks differ. Recurrent mixers only (every block must be causal with a carry).
       remat_chunk: the chunk length of `remat`.
+      sequence_axis: a mesh axis to split the LRU scans' time over (sequence parallelism;
+        "lru" cells only, applied under `jax.set_mesh`), or None.
     """
 
     num_outputs: int
@@ -70,9 +72,14 @@ class SequenceModel(nn.Module):
     remat_chunk: int = 256
     num_heads: int = 4
     max_len: int = 2048
+    sequence_axis: str | None = None
 
     def setup(self):
         _checks.one_of("cell", self.cell, CELLS)
+        if self.sequence_axis is not None and self.cell != "lru":
+            raise ValueError(
+                f"sequence_axis: sequence parallelism needs cell 'lru', got cell {self.cell!r}"
+            )
         _checks.one_of("pooling", self.pooling, POOLINGS)
         if self.vocab_size is None:
             self.encoder = nn.Dense(self.d_model)
@@ -101,7 +108,14 @@ class SequenceModel(nn.Module):
 
     def _mixer(self) -> nn.Module:
         if self.cell == "lru":
-            return lnn.LRU(self.d_state, self.r_min, self.r_max, self.max_phase, self.scan_method)
+            return lnn.LRU(
+                self.d_state,
+                self.r_min,
+                self.r_max,
+                self.max_phase,
+                self.scan_method,
+                self.sequence_axis,
+            )
         if self.cell == "attention":
             return lnn.CausalSelfAttention(self.d_model, self.num_heads, self.max_len)
         return lnn.RecurrentLayer(self.d_model, cell=self.cell)
@@ -249,6 +263,8 @@ def generate(
             f"length: prompt ({prompt.shape[1]}) + length ({length}) exceeds the attention "
             f"cache, max_len={model.max_len}"
         )
+    # Prompts are short and of any length: generation never splits time over devices.
+    model = model.clone(sequence_axis=None)
     return np.asarray(
         _generate(
             model, variables, jnp.asarray(prompt, jnp.int32), length, temperature, top_k, seed

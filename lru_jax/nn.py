@@ -126,6 +126,8 @@ class LRU(nn.Module):
 
     Parameters: nu_log [N], theta_log [N], gamma_log [N], B_re [N,H], B_im [N,H], C_re [H,N],
     C_im [H,N], D [H]. The carry is the complex64 state [batch, N].
+    `sequence_axis`, a mesh axis name, splits time over that axis' devices (sequence
+    parallelism, see `lru_jax.scan.linear_scan`); apply the module under `jax.set_mesh`.
     """
 
     d_state: int
@@ -133,6 +135,7 @@ class LRU(nn.Module):
     r_max: float = 1.0
     max_phase: float = 2 * math.pi
     scan_method: str = "auto"
+    sequence_axis: str | None = None
 
     @nn.compact
     def __call__(
@@ -167,6 +170,7 @@ class LRU(nn.Module):
             reverse=reverse,
             resets=resets,
             method=self.scan_method,
+            sequence_axis=self.sequence_axis,
         )
         y = _time_major(y)
         return (h_last, y) if return_carry else y

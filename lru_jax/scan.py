@@ -16,6 +16,13 @@ Every method computes the same thing along axis 0 (time) and differs only in how
   it runs in Pallas' interpret mode (slow, for tests). "auto" does not choose it yet.
 - ``"auto"``: picks one of the above from the platform and the shape (see `choose_method`).
 
+Sequence parallelism (`sequence_axis=...`, inside `jax.set_mesh(mesh)`): time is split into
+contiguous blocks over the devices of one mesh axis. Each device scans its block from a zero
+state with `method`, the blocks' (total decay, end state) pairs are all-gathered, a short scan
+over the blocks gives each device the state entering its block, and every step adds
+(product of its a's since the block start) * (that state). This lets a sequence longer than one
+device holds be scanned, and equals the single-device scan.
+
 Gradients are JAX's own autodiff through the chosen method (except "pallas", see above).
 """
 
@@ -26,13 +33,24 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from lru_jax import _checks
 
 METHODS = ("sequential", "associative", "chunked", "pallas")
 
 
-def linear_scan(a, b, h0=None, *, method="auto", reverse=False, resets=None, chunk_size=None):
+def linear_scan(
+    a,
+    b,
+    h0=None,
+    *,
+    method="auto",
+    reverse=False,
+    resets=None,
+    chunk_size=None,
+    sequence_axis=None,
+):
     """Runs h_t = a_t * h_{t-1} + b_t along axis 0 and returns every h_t.
 
     Args:
@@ -49,6 +67,9 @@ def linear_scan(a, b, h0=None, *, method="auto", reverse=False, resets=None, chu
         the leading axes: a [time, batch] mask applies to every feature of that batch element.
       chunk_size: block length of the "chunked" method, default about sqrt(time); time steps
         per program of the "pallas" kernel, default chosen from the shape.
+      sequence_axis: optional name of an axis of the current mesh (`jax.set_mesh`) to split
+        time over (sequence parallelism, see the module docstring); `method` then runs within
+        each device's block. Time must be divisible by that axis' size. Call it under `jax.jit`.
 
     Returns:
       h: [time, ...] with shape broadcast(a, b) and dtype result_type(a, b, h0).
@@ -59,6 +80,10 @@ def linear_scan(a, b, h0=None, *, method="auto", reverse=False, resets=None, chu
     _checks.one_of("method", method, (*METHODS, "auto"))
     if not isinstance(reverse, bool):
         raise TypeError(f"reverse: expected a bool, got {reverse!r}")
+    if sequence_axis is not None:
+        check_sequence_axis(sequence_axis, out_shape[0])
+        if method == "pallas":
+            raise ValueError("method: 'pallas' does not take a sequence_axis yet; use another")
 
     dtype = jnp.result_type(a, b, *(() if h0 is None else (h0,)))
     time = out_shape[0]
@@ -81,18 +106,26 @@ def linear_scan(a, b, h0=None, *, method="auto", reverse=False, resets=None, chu
         a = jnp.where(mask, jnp.zeros((), dtype), a if time_varying else a[None])
         time_varying = True
 
-    if method == "auto":
-        method = choose_method(time, math.prod(out_shape[1:]))
     if reverse:
         b = jnp.flip(b, 0)
         a = jnp.flip(a, 0) if time_varying else a
-    if method == "sequential":
-        h = _sequential(a, b, h0, time_varying)
-    elif method == "associative":
-        h = _associative(a, b, h0, time_varying)
+    if sequence_axis is not None:
+        h = _sequence_parallel(a, b, h0, time_varying, method, chunk_size, sequence_axis)
     else:
-        h = _chunked(a, b, h0, time_varying, chunk_size or _default_chunk(time))
+        h = _run(a, b, h0, time_varying, method, chunk_size)
     return jnp.flip(h, 0) if reverse else h
+
+
+def _run(a, b, h0, time_varying, method, chunk_size):
+    """The forward scan of prepared inputs (see `linear_scan`) with one method."""
+    time = b.shape[0]
+    if method == "auto":
+        method = choose_method(time, math.prod(b.shape[1:]))
+    if method == "sequential":
+        return _sequential(a, b, h0, time_varying)
+    if method == "associative":
+        return _associative(a, b, h0, time_varying)
+    return _chunked(a, b, h0, time_varying, chunk_size or _default_chunk(time))
 
 
 def choose_method(time: int, state_size: int, backend: str | None = None) -> str:
@@ -216,6 +249,58 @@ def _chunked(a, b, h0, time_varying, chunk):
     h = h_local + decay * h_entry[None]
     h = jnp.swapaxes(h, 0, 1).reshape((n_chunks * chunk,) + state_shape)
     return h[:time]
+
+
+def check_sequence_axis(sequence_axis, time: int) -> int:
+    """Checks that `sequence_axis` names an axis of the current mesh dividing `time`.
+
+    Returns that axis' size.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if not isinstance(sequence_axis, str) or sequence_axis not in mesh.axis_names:
+        raise ValueError(
+            f"sequence_axis: expected an axis of the current mesh (set with jax.set_mesh), "
+            f"one of {list(mesh.axis_names)}, got {sequence_axis!r}"
+        )
+    size = mesh.shape[sequence_axis]
+    if time % size:
+        raise ValueError(
+            f"sequence_axis: the {time} time steps do not split into {size} equal blocks over "
+            f"mesh axis {sequence_axis!r}; use a length divisible by {size}"
+        )
+    return size
+
+
+def _sequence_parallel(a, b, h0, time_varying, method, chunk_size, axis):
+    """`_run` with time split into contiguous blocks over mesh axis `axis`."""
+    state_shape = b.shape[1:]
+    h0 = jnp.zeros(state_shape, b.dtype) if h0 is None else h0
+
+    def block(a, b, h0):
+        # b (and a time-varying a): this device's block [time / devices, ...]; h0 whole.
+        h = _run(a, b, None, time_varying, method, chunk_size)
+        if time_varying:
+            decay = jnp.cumprod(a, axis=0)  # product of the a's since the block start
+        else:  # a [*state tail] -> a^(t+1), [block, 1.., *state tail]
+            decay = jnp.cumprod(jnp.broadcast_to(a, (b.shape[0],) + a.shape), axis=0)
+            decay = decay.reshape((b.shape[0],) + (1,) * (b.ndim - 1 - a.ndim) + a.shape)
+        block_decay = jax.lax.all_gather(jnp.broadcast_to(decay[-1], h.shape[1:]), axis)
+        block_end = jax.lax.all_gather(h[-1], axis)  # [devices, *state], from zero starts
+        ends = _sequential(block_decay, block_end, h0, True)  # true state at each block end
+        entering = jnp.concatenate([h0[None], ends[:-1]])[jax.lax.axis_index(axis)]
+        return h + decay * entering[None]
+
+    a_spec = P(axis) if time_varying else P()
+    # check_vma=False: the local scans start from zero carries that JAX would otherwise
+    # require to be marked as device-varying; the collectives are explicit above.
+    sharded = jax.shard_map(
+        block,
+        in_specs=(a_spec, P(axis), P()),
+        out_specs=P(axis),
+        axis_names={axis},
+        check_vma=False,
+    )
+    return sharded(a, b, h0)
 
 
 # Padding: sequences of different lengths in one [time, batch, ...] array.

@@ -1,2 +1,2 @@
 """Training: config checks, optimiser, compiled steps (full and truncated BPTT), checkpoints,
-metrics and the loop that `train.py` runs."""
+metrics, sharding over devices and hosts, and the loop that `train.py` runs."""

@@ -2,12 +2,17 @@
 
 Saves are synchronous and atomic (orbax writes to a temporary directory and renames it when
 complete), so a crash leaves either the previous checkpoints or a finished new one.
+
+Sharding-aware: every process takes part in a save, each writing the shards it holds, and a
+restore lays each array out as the template's sharding says, so a state saved on one mesh
+restores onto another (e.g. saved on 4 devices, restored on 1 or 2).
 """
 
 from __future__ import annotations
 
 import os
 
+import jax
 import orbax.checkpoint as ocp
 
 
@@ -30,9 +35,17 @@ class Checkpointer:
         self.manager.wait_until_finished()
 
     def restore(self, template, step: int | None = None):
-        """The state saved at `step` (default: the latest), shaped like `template`."""
+        """The state saved at `step` (default: the latest), shaped and sharded like `template`
+        (a pytree of jax.Arrays or of jax.ShapeDtypeStructs with shardings)."""
         step = self.latest_step() if step is None else step
-        return self.manager.restore(step, args=ocp.args.StandardRestore(template))
+        target = jax.tree.map(_abstract, template)
+        return self.manager.restore(step, args=ocp.args.StandardRestore(target))
 
     def close(self) -> None:
         self.manager.close()
+
+
+def _abstract(leaf):
+    if isinstance(leaf, jax.Array):
+        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf.sharding)
+    return leaf

@@ -1,8 +1,9 @@
 """Checks a training config before anything compiles, and builds the model it describes.
 
 A config (see configs/default.py) has sections `task` (name + the task's keyword arguments),
-`model`, `train` and `generate`, plus `seed`. Every bad value is a ValueError naming its
-key, e.g. "config.model.d_model: expected a positive int, got -4".
+`model`, `train`, `sharding` (how devices are used: lru_jax/training/sharding.py) and
+`generate`, plus `seed`. Every bad value is a ValueError naming its key, e.g.
+"config.model.d_model: expected a positive int, got -4".
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from lru_jax import lru, models, scan
 from lru_jax.tasks.base import TaskSpec
 from lru_jax.training.optim import OPTIMIZERS
 
-SECTIONS = ("task", "model", "train", "generate")
+SECTIONS = ("task", "model", "train", "sharding", "generate")
 
 # The LRU paper's initialisation for long-range tasks: eigenvalues near the unit circle
 # (slow decay) with small phases.
@@ -55,7 +56,8 @@ def default_config() -> ml_collections.ConfigDict:
     )
     c.train = ml_collections.ConfigDict(
         {
-            "batch_size": 32,
+            "batch_size": 32,  # the global batch, over all devices
+            "per_device_batch_size": 0,  # > 0: the global batch is this x data devices
             "num_steps": 1000,
             "learning_rate": 3e-3,
             "warmup_steps": 100,
@@ -70,6 +72,14 @@ def default_config() -> ml_collections.ConfigDict:
             "eval_batches": 0,  # 0: the whole split once (or one batch if generated)
             "checkpoint_every": 250,
             "keep_checkpoints": 2,
+        }
+    )
+    c.sharding = ml_collections.ConfigDict(
+        {
+            "data": -1,  # devices the batch is split over; -1: all not used by `sequence`
+            "sequence": 1,  # devices time is split over (sequence-parallel LRU scans)
+            "params": "replicated",  # replicated | fsdp (large parameters split over data)
+            "fsdp_min_size": 2**14,  # smaller parameters stay replicated under fsdp
         }
     )
     c.generate = ml_collections.ConfigDict(
@@ -149,7 +159,13 @@ def validate(config) -> None:
 
     for name in ("batch_size", "num_steps", "log_every", "eval_every", "checkpoint_every"):
         _positive_int(config, "train", name)
-    for name in ("warmup_steps", "eval_batches", "tbptt_length", "keep_checkpoints"):
+    for name in (
+        "per_device_batch_size",
+        "warmup_steps",
+        "eval_batches",
+        "tbptt_length",
+        "keep_checkpoints",
+    ):
         _positive_int(config, "train", name, allow_zero=True)
     t = config.train
     _choice(config, "train", "optimizer", OPTIMIZERS)
@@ -159,6 +175,15 @@ def validate(config) -> None:
     _in_range(config, "train", "lru_lr_factor", 0.0, math.inf)
     _in_range(config, "train", "weight_decay", 0.0, math.inf)
     _in_range(config, "train", "grad_clip_norm", 0.0, math.inf)
+
+    if config.sharding.data != -1:
+        _positive_int(config, "sharding", "data")
+    _positive_int(config, "sharding", "sequence")
+    _choice(config, "sharding", "params", ("replicated", "fsdp"))
+    _positive_int(config, "sharding", "fsdp_min_size", allow_zero=True)
+    if config.sharding.sequence > 1 and m.cell != "lru":
+        expected = f"1 for cell {m.cell!r} (sequence parallelism is LRU-only)"
+        _fail("sharding.sequence", expected, config.sharding.sequence)
 
     _positive_int(config, "generate", "num_samples", allow_zero=True)
     _positive_int(config, "generate", "length")
@@ -198,14 +223,26 @@ def check_against_task(config, spec: TaskSpec) -> None:
         _fail(
             "model.max_len", f"at least the task's seq_len ({spec.seq_len})", config.model.max_len
         )
+    seq = config.sharding.sequence
+    if spec.seq_len % seq:
+        _fail("sharding.sequence", f"a divisor of the task's seq_len {spec.seq_len}", seq)
+    tbptt = config.train.tbptt_length
+    if tbptt % seq:
+        _fail("train.tbptt_length", f"a multiple of sharding.sequence ({seq})", tbptt)
+    if seq > 1 and (spec.kind == "seq2seq" or config.model.remat):
+        _fail("sharding.sequence", "1 for seq2seq tasks and with model.remat", seq)
     if config.generate.top_k > spec.num_outputs:
         _fail(
             "generate.top_k", f"at most the vocabulary ({spec.num_outputs})", config.generate.top_k
         )
 
 
-def build_model(model_config, spec: TaskSpec) -> models.SequenceModel | models.EncoderDecoder:
-    """The model for `spec`: an EncoderDecoder for seq2seq tasks, else a SequenceModel."""
+def build_model(
+    model_config, spec: TaskSpec, sequence_axis: str | None = None
+) -> models.SequenceModel | models.EncoderDecoder:
+    """The model for `spec`: an EncoderDecoder for seq2seq tasks, else a SequenceModel.
+    `sequence_axis` splits the SequenceModel's scans' time over a mesh axis (sequence
+    parallelism)."""
     m = model_config
     shared = {  # the blocks' settings, the same for both kinds of model
         name: m[name]
@@ -231,5 +268,6 @@ def build_model(model_config, spec: TaskSpec) -> models.SequenceModel | models.E
         remat_chunk=m.remat_chunk,
         num_heads=m.num_heads,
         max_len=m.max_len,
+        sequence_axis=sequence_axis,
         **shared,
     )

@@ -3,6 +3,10 @@
 Everything random is a function of (seed, step): the batch at step s is `task.batch("train",
 s, ...)` and the dropout key is `fold_in(key, s)`. So a run resumed from a checkpoint repeats
 exactly what an uninterrupted run would have done.
+
+On several devices or hosts (see lru_jax/training/sharding.py) the same loop runs in every
+process on a mesh from `config.sharding`: each process supplies its rows of every global batch,
+all take part in every step and checkpoint, and only process 0 writes logs and files.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from tqdm import tqdm
 
 from lru_jax import models, tasks
 from lru_jax.training import config as config_lib
+from lru_jax.training import sharding
 from lru_jax.training.checkpoints import Checkpointer
 from lru_jax.training.metrics import MetricsWriter
 from lru_jax.training.optim import make_optimizer, schedule
@@ -35,14 +40,41 @@ def build_task(config):
     return tasks.get_task(config.task.name, seed=config.seed, **kwargs)
 
 
-def init_state(model, tx, task, config):
+def _creator(model, tx, task, config):
+    """`create(key) -> TrainState` for the model and optimiser."""
     batch = task.batch("train", 0, config.train.batch_size)
-    variables = jax.jit(model.init)(jax.random.key(config.seed), *model_inputs(batch))
-    return TrainState.create(variables, tx)
+
+    def create(key):
+        variables = model.init(key, *model_inputs(batch))
+        return TrainState.create(variables, tx)
+
+    return create
 
 
-def evaluate(eval_step, state, task, split: str, batch_size: int, num_batches: int):
-    """Metrics over `num_batches` batches of `split` (0: the whole split once, if finite)."""
+def init_state(model, tx, task, config, layout: sharding.Layout):
+    """(state, its shardings): the state created directly in the layout's shardings."""
+    create = _creator(model, tx, task, config)
+    return sharding.init_state(create, jax.random.key(config.seed), layout)
+
+
+def abstract_state(model, tx, task, config, layout: sharding.Layout):
+    """The state's shapes, dtypes and layout shardings (jax.ShapeDtypeStruct leaves), without
+    computing it: a restore target for `Checkpointer.restore`."""
+    create = _creator(model, tx, task, config)
+    return sharding.abstract_state(create, jax.random.key(config.seed), layout)
+
+
+def time_keys(spec) -> tuple[str, ...]:
+    """The batch arrays with a time axis (at position 1)."""
+    return ("inputs", "targets", "mask") if spec.kind == "per_step" else ("inputs",)
+
+
+def evaluate(eval_step, state, task, split: str, batch_size: int, num_batches: int, put=None):
+    """Metrics over `num_batches` batches of `split` (0: the whole split once, if finite).
+
+    `put` places each numpy batch on devices (e.g. `Layout.put_batch`); default: as is.
+    """
+    put = put or (lambda batch: batch)
     n = task.num_examples(split) if num_batches == 0 else None
     if num_batches == 0:
         num_batches = 1 if n is None else math.ceil(n / batch_size)
@@ -52,7 +84,7 @@ def evaluate(eval_step, state, task, split: str, batch_size: int, num_batches: i
         if n is not None and index == num_batches - 1:  # the split's tail, without wrapping
             remainder = n - index * batch_size
             batch = {name: array[:remainder] for name, array in batch.items()}
-        sums = eval_step(state, batch)
+        sums = eval_step(state, put(batch))
         total = sums if total is None else jax.tree.map(jnp.add, total, sums)
     return {k: float(v) for k, v in summarise(task.spec, total).items()}
 
@@ -82,39 +114,67 @@ def train_and_evaluate(config, workdir: str) -> dict:
     """Trains as `config` says, in `workdir` (resuming from its latest checkpoint).
 
     Returns the final metrics: {"valid": {...}, "test": {...}, "steps": n, "train_time_s": t}.
+    Runs on the devices `config.sharding` asks for (all of them by default).
     """
     config_lib.validate(config)
     task = build_task(config)
+    config_lib.check_against_task(config, task.spec)
+    layout = sharding.layout_from_config(config, time_keys(task.spec))
+    with jax.set_mesh(layout.mesh):  # the context mesh of the sequence-parallel scans
+        return _train_and_evaluate(config, workdir, task, layout)
+
+
+def _train_and_evaluate(config, workdir: str, task, layout: sharding.Layout) -> dict:
     spec = task.spec
-    config_lib.check_against_task(config, spec)
-    model = config_lib.build_model(config.model, spec)
+    model = config_lib.build_model(config.model, spec, layout.sequence_axis)
     tc = config.train
+    batch_size = sharding.global_batch_size(tc, layout.mesh)
+    main = jax.process_index() == 0  # the one process that writes logs and files
     os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(config.to_json_best_effort(indent=2))
+    if main:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
 
     tx = make_optimizer(tc)
-    state = init_state(model, tx, task, config)
+    state, state_shardings = init_state(model, tx, task, config, layout)
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), tc.keep_checkpoints)
     start = checkpointer.latest_step()
     if start is not None:
         state = checkpointer.restore(state)
-        print(f"Resuming from the checkpoint at step {start} in {workdir}")
-    writer = MetricsWriter(workdir, resume_step=start)
+        if main:
+            print(f"Resuming from the checkpoint at step {start} in {workdir}")
+    writer = MetricsWriter(workdir, resume_step=start) if main else _NoWriter()
     start = start or 0
 
+    def next_batch(split, index):
+        return layout.put_batch(task.batch(split, index, batch_size))
+
     train_step = make_train_step(
-        model, tx, spec, seed=config.seed + 1, tbptt_length=tc.tbptt_length
+        model,
+        tx,
+        spec,
+        seed=config.seed + 1,
+        tbptt_length=tc.tbptt_length,
+        in_shardings=(state_shardings, layout.batch_shardings(task.batch("train", 0, batch_size))),
+        out_shardings=(state_shardings, layout.replicated),
     )
-    eval_step = make_eval_step(model, spec)
+    compiled_eval = make_eval_step(model, spec)
+
+    def run_eval(state, split):
+        return evaluate(
+            compiled_eval, state, task, split, batch_size, tc.eval_batches, layout.put_batch
+        )
+
     lr = schedule(tc)
-    tokens_per_batch = tc.batch_size * spec.seq_len
+    tokens_per_batch = batch_size * spec.seq_len
     pending = _PendingMetrics()
-    bar = tqdm(total=tc.num_steps, initial=start, desc="train", dynamic_ncols=True)
+    bar = tqdm(
+        total=tc.num_steps, initial=start, desc="train", dynamic_ncols=True, disable=not main
+    )
     tick, tick_step, train_time, valid = time.perf_counter(), start, 0.0, None
     try:
         for step in range(start, tc.num_steps):
-            state, metrics = train_step(state, task.batch("train", step, tc.batch_size))
+            state, metrics = train_step(state, next_batch("train", step))
             done = step + 1
             pending.add(done, metrics)
             bar.update(1)
@@ -130,9 +190,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
                 bar.set_postfix(loss=f"{means['loss']:.4f}", tok_s=f"{means['tokens_per_s']:.0f}")
             valid = None
             if done % tc.eval_every == 0 or done == tc.num_steps:
-                valid = evaluate(eval_step, state, task, "valid", tc.batch_size, tc.eval_batches)
+                valid = run_eval(state, "valid")
                 writer.write(done, "valid", valid)
-                bar.write(f"step {done}: valid " + _format(valid))
+                if main:
+                    bar.write(f"step {done}: valid " + _format(valid))
             if save:
                 checkpointer.save(done, state)
             if log or save or done % tc.eval_every == 0:  # time evaluation and saving apart
@@ -145,24 +206,37 @@ def train_and_evaluate(config, workdir: str) -> dict:
     final = {
         "steps": tc.num_steps,
         "train_time_s": train_time,
-        "valid": valid or evaluate(eval_step, state, task, "valid", tc.batch_size, tc.eval_batches),
-        "test": evaluate(eval_step, state, task, "test", tc.batch_size, tc.eval_batches),
+        "valid": valid or run_eval(state, "valid"),
+        "test": run_eval(state, "test"),
         "baseline": {spec.baseline_metric: spec.baseline},
     }
-    print("final: valid " + _format(final["valid"]) + " | test " + _format(final["test"]))
-    if spec.is_language_model and config.generate.num_samples:
-        final["samples"] = write_samples(model, state, task, config.generate, workdir)
-    with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
-        json.dump(final, f, indent=2)
+    if main:
+        print("final: valid " + _format(final["valid"]) + " | test " + _format(final["test"]))
+    if spec.is_language_model and config.generate.num_samples:  # every process generates
+        final["samples"] = write_samples(model, state, task, config.generate, workdir, main)
+    if main:
+        with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
+            json.dump(final, f, indent=2)
     return final
+
+
+class _NoWriter:
+    """The metrics writer of processes other than 0: they log nothing."""
+
+    def write(self, step: int, split: str, metrics: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def _format(metrics: dict) -> str:
     return " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
 
 
-def write_samples(model, state, task, gen, workdir: str) -> list[str]:
-    """Generates `gen.num_samples` continuations of `gen.prompt`, prints and saves them.
+def write_samples(model, state, task, gen, workdir: str, write: bool = True) -> list[str]:
+    """Generates `gen.num_samples` continuations of `gen.prompt`, prints and saves them
+    (if `write`).
 
     An empty prompt starts from a newline, i.e. at the start of a new document (a new joke).
     """
@@ -180,6 +254,8 @@ def write_samples(model, state, task, gen, workdir: str) -> list[str]:
     samples = [(gen.prompt + task.decode(row)) for row in tokens]
     if not gen.prompt:  # one document per sample: stop at its end
         samples = [s.split("\n")[0] for s in samples]
+    if not write:
+        return samples
     print("samples:")
     for s in samples:
         print("  " + s)

@@ -170,11 +170,22 @@ def global_norm(tree) -> jax.Array:
     return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
 
 
-def make_train_step(model, tx, spec: TaskSpec, *, seed: int, tbptt_length: int = 0):
+def make_train_step(
+    model,
+    tx,
+    spec: TaskSpec,
+    *,
+    seed: int,
+    tbptt_length: int = 0,
+    in_shardings=None,
+    out_shardings=None,
+):
     """A compiled `(state, batch) -> (state, metrics)`.
 
     Dropout keys are `fold_in(key(seed), step)`: a resumed run draws the same masks.
     `tbptt_length` > 0 switches to truncated BPTT with segments of that many steps.
+    `in_shardings` / `out_shardings`: optional `jax.jit` shardings of (state, batch) and
+    (state, metrics) (see lru_jax/training/sharding.py); default: follow the arguments.
     """
     dropout_root = jax.random.key(seed)
 
@@ -194,7 +205,9 @@ def make_train_step(model, tx, spec: TaskSpec, *, seed: int, tbptt_length: int =
         )
         return new_state, metrics
 
-    return jax.jit(train_step, donate_argnums=0)
+    shardings = {"in_shardings": in_shardings, "out_shardings": out_shardings}
+    shardings = {k: v for k, v in shardings.items() if v is not None}
+    return jax.jit(train_step, donate_argnums=0, **shardings)
 
 
 def make_eval_step(model, spec: TaskSpec):
