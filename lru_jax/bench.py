@@ -105,6 +105,7 @@ def measure_group(candidates: Sequence[tuple[Callable, Sequence]], repeats: int)
 
     Every candidate is compiled and run once (warm-up); then `repeats` rounds run each candidate
     once in turn, so slow drifts of a shared machine hit all of them alike and ratios stay fair.
+    Each round starts one candidate later, so none is always first (or always after another).
     Returns one {"median_ms", "p25_ms", "p75_ms", "cpu_ms", "compile_s", "memory_mb"} each.
     """
     compiled = [_compile(fn, args) for fn, args in candidates]
@@ -112,9 +113,10 @@ def measure_group(candidates: Sequence[tuple[Callable, Sequence]], repeats: int)
         _block(fn(*args))
     wall: list[list[float]] = [[] for _ in candidates]
     cpu: list[list[float]] = [[] for _ in candidates]
-    for _ in range(repeats):
-        for i, ((fn, _), (_, args)) in enumerate(zip(compiled, candidates, strict=True)):
-            _timed_call(fn, args, wall[i], cpu[i])
+    n = len(candidates)
+    for r in range(repeats):
+        for i in [(r + j) % n for j in range(n)]:  # rotated: none always runs first
+            _timed_call(compiled[i][0], candidates[i][1], wall[i], cpu[i])
     return [
         _summary(w, c, compile_s, fn)
         for w, c, (fn, compile_s) in zip(wall, cpu, compiled, strict=True)

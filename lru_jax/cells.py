@@ -264,13 +264,20 @@ def _elementwise_params(params: Params) -> Params:
     return {k: v for k, v in params.items() if k not in ("w_ih", "w_hh")}
 
 
-def _pre_activations(cell: Cell, params: Params, carry, x):
+def _step_params(cell: Cell, params: Params) -> Params:
+    """What `_pre_activations` multiplies by: for additive cells w_ih is [w_ih; w_hh] (stacked
+    once, before the loop)."""
+    if not cell.additive:
+        return params
+    return dict(params, w_ih=jnp.concatenate([params["w_ih"], params["w_hh"]], 0))
+
+
+def _pre_activations(cell: Cell, step_params: Params, carry, x):
     """(projected, recurrent) of one step; for additive cells one matmul and recurrent = 0."""
     h = cell.state_of(carry)
     if cell.additive:
-        stacked = dict(params, w_ih=jnp.concatenate([params["w_ih"], params["w_hh"]], 0))
-        return cell.project(stacked, jnp.concatenate([x, h], -1)), jnp.zeros((), h.dtype)
-    return cell.project(params, x), h @ params["w_hh"]
+        return cell.project(step_params, jnp.concatenate([x, h], -1)), jnp.zeros((), h.dtype)
+    return cell.project(step_params, x), h @ step_params["w_hh"]
 
 
 def _masked_combine(cell: Cell, params, carry, xp, recurrent, ok):
@@ -287,10 +294,11 @@ def _forward_scan(cell, unroll, params, carry, xs, valid, keep_residuals):
     elementwise part (a pytree of the saved activations, stacked over time by the scan) and
     the state h_{t-1} that multiplied w_hh."""
     elementwise = _elementwise_params(params)
+    step_params = _step_params(cell, params)
 
     def step(carry, inputs):
         x, ok = inputs
-        xp, recurrent = _pre_activations(cell, params, carry, x)
+        xp, recurrent = _pre_activations(cell, step_params, carry, x)
 
         def combine(p, c, x, z):
             return _masked_combine(cell, p, c, x, z, ok)
@@ -343,12 +351,14 @@ def _recurrence_bwd(cell, unroll, residuals, cotangents):
     (dcarry0, delementwise), (dxps, dzs) = jax.lax.scan(
         step, (dcarry_last, zero), (combine_vjps, dys), reverse=True
     )
-    _, project_vjp = jax.vjp(cell.project, params, xs)
-    dparams, dxs = project_vjp(dxps)
-    dparams = dict(dparams, w_hh=dparams["w_hh"] + jnp.einsum("tbh,tbg->hg", states, dzs))
+    # [time * batch, features] matrices: XLA:CPU runs 2-D matmuls much faster than 3-D ones.
+    flat = functools.partial(jax.tree.map, lambda a: a.reshape(-1, a.shape[-1]))
+    _, project_vjp = jax.vjp(cell.project, params, flat(xs))
+    dparams, dxs = project_vjp(flat(dxps))
+    dparams = dict(dparams, w_hh=dparams["w_hh"] + flat(states).T @ flat(dzs))
     dparams = {k: v + delementwise[k] if k in delementwise else v for k, v in dparams.items()}
     valid_cotangent = None
-    return dparams, dcarry0, dxs, valid_cotangent
+    return dparams, dcarry0, dxs.reshape(xs.shape), valid_cotangent
 
 
 _recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)

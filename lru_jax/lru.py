@@ -104,16 +104,28 @@ def eigenvalues(params: Params) -> jax.Array:
 
 
 def input_term(params: Params, u: jax.Array) -> jax.Array:
-    """γ ⊙ (B u): u [..., H] real -> [..., N] complex64, by two real matmuls."""
+    """γ ⊙ (B u): u [..., H] real -> [..., N] complex64, by two real matmuls.
+
+    The leading axes are flattened first: XLA:CPU ran these matmuls (and their gradients) about
+    twice as fast on [M, H] as on [time, batch, H] (docs/benchmarks.md).
+    """
     gamma = jnp.exp(params["gamma_log"])[:, None]
-    re = u @ (params["B_re"] * gamma).T
-    im = u @ (params["B_im"] * gamma).T
-    return jax.lax.complex(re.astype(jnp.float32), im.astype(jnp.float32))
+    flat = u.reshape(-1, u.shape[-1])
+    re = flat @ (params["B_re"] * gamma).T
+    im = flat @ (params["B_im"] * gamma).T
+    h = jax.lax.complex(re.astype(jnp.float32), im.astype(jnp.float32))
+    return h.reshape(u.shape[:-1] + (h.shape[-1],))
 
 
 def readout(params: Params, h: jax.Array, u: jax.Array) -> jax.Array:
-    """Re(C h) + D ⊙ u: h [..., N] complex, u [..., H] -> [..., H] real."""
-    return h.real @ params["C_re"].T - h.imag @ params["C_im"].T + params["D"] * u
+    """Re(C h) + D ⊙ u: h [..., N] complex, u [..., H] -> [..., H] real.
+
+    One matmul of [Re h, Im h] [M, 2N] with [C_re, -C_im], leading axes flattened.
+    """
+    flat = h.reshape(-1, h.shape[-1])
+    c = jnp.concatenate([params["C_re"], -params["C_im"]], 1)  # [H, 2N]
+    y = jnp.concatenate([flat.real, flat.imag], -1) @ c.T
+    return y.reshape(h.shape[:-1] + (y.shape[-1],)) + params["D"] * u
 
 
 def check_input(params: Params, u, name: str = "u") -> None:
