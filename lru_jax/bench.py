@@ -188,12 +188,12 @@ def _flop_rate(row: Row, limits: Limits) -> None:
 # The scan suite
 
 
-def scan_methods(backend: str) -> tuple[str, ...]:
-    """Every `linear_scan` method worth timing on `backend`."""
+def scan_methods(backend: str, with_auto: bool = True) -> tuple[str, ...]:
+    """Every `linear_scan` method worth timing on `backend` (Pallas only on a GPU)."""
     methods = [m for m in scan.METHODS if m != "pallas"]
     if "pallas" in scan.METHODS and backend == "gpu":
         methods.append("pallas")
-    return (*methods, "auto")
+    return (*methods, "auto") if with_auto else tuple(methods)
 
 
 def _scan_inputs(key, time_steps: int, batch: int, state: int, dtype):
@@ -242,11 +242,16 @@ def scan_suite(
 
 
 def _scan_group(a, b, mode: str, repeats: int, limits: Limits) -> list[Row]:
-    """Every method on one b [T, B, N], interleaved."""
+    """Every method on one b [T, B, N], interleaved.
+
+    "auto" is not timed separately: it compiles to exactly the method `choose_method` names
+    (`scan_summary` reports it from that row). Timed as a separate candidate, an identical
+    program came out up to 1.7x slower or faster depending on what the others allocated.
+    """
     length, batch, state = b.shape
     dtype_name = jnp.dtype(b.dtype).name
     group = f"{dtype_name} T={length} B={batch} N={state} {mode}"
-    methods = scan_methods(jax.default_backend())
+    methods = scan_methods(jax.default_backend(), with_auto=False)
     timings = measure_group([(_scan_fns(m)[mode], (a, b)) for m in methods], repeats)
     # minimum traffic: read b, write h (and read h, b's cotangent, write two grads in backward)
     passes = 2 if mode == "fwd" else 5
@@ -493,6 +498,37 @@ def format_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def load_rows(path: str) -> list[Row]:
+    """The rows of a bench.json written by `--out`."""
+    with open(path) as f:
+        return [Row(**r) for r in json.load(f)["rows"]]
+
+
+def scan_summary(rows: list[Row], backend: str | None = None) -> str:
+    """One line per scan group: each method's median ms, the fastest, what "auto" picks there
+    (`scan.choose_method`) and its time against the fastest."""
+    groups: dict[str, dict[str, Row]] = {}
+    for r in rows:
+        groups.setdefault(r.group, {})[r.name] = r
+    methods = list(dict.fromkeys(r.name for r in rows))
+    lines = [
+        "| group | "
+        + " | ".join(f"{m} ms" for m in methods)
+        + " | fastest | auto picks | auto / fastest | sequential of copy bandwidth |",
+        "|---|" + "---:|" * (len(methods) + 4),
+    ]
+    for group, by_name in groups.items():
+        fastest = min(by_name.values(), key=lambda r: r.median_ms)
+        work = fastest.work
+        pick = scan.choose_method(work["length"], work["batch"] * work["state"], backend)
+        ratio = f"{by_name[pick].median_ms / fastest.median_ms:.2f}" if pick in by_name else ""
+        seq = by_name.get("sequential")
+        share = "" if seq is None or seq.fraction is None else f"{seq.fraction:.0%}"
+        times = " | ".join(f"{by_name[m].median_ms:.3g}" if m in by_name else "" for m in methods)
+        lines.append(f"| {group} | {times} | {fastest.name} | {pick} | {ratio} | {share} |")
+    return "\n".join(lines)
+
+
 def machine_description(limits: Limits | None) -> dict:
     info = {
         "date": time.strftime("%Y-%m-%d"),
@@ -618,6 +654,8 @@ def run(args: argparse.Namespace) -> dict:
             else:
                 new = memory_suite(args.memory_length, max(1, args.repeats // 2))
             print(f"\n## {suite}\n\n{format_table(new)}", flush=True)
+            if suite in ("scan", "gpu"):
+                print(f"\n## {suite} summary\n\n{scan_summary(new)}", flush=True)
             rows += new
     result = {"machine": machine_description(limits), "rows": [dataclasses.asdict(r) for r in rows]}
     if args.out:

@@ -44,7 +44,7 @@ def test_a_tiny_run_writes_a_table_json_and_plot(tmp_path, capsys):
     assert os.path.getsize(os.path.join(tmp_path, "scan.png")) > 0
     rows = result["rows"]
     scan_rows = [r for r in rows if r["suite"] == "scan"]
-    methods = bench.scan_methods(jax.default_backend())
+    methods = bench.scan_methods(jax.default_backend(), with_auto=False)
     assert len(scan_rows) == len(methods)  # one length, every method
     for r in rows:
         assert 0 < r["p25_ms"] <= r["median_ms"] <= r["p75_ms"]
@@ -54,7 +54,12 @@ def test_a_tiny_run_writes_a_table_json_and_plot(tmp_path, capsys):
             assert r["speedup"] == 1.0  # the baseline of its group
     names = {r["name"] for r in rows if r["suite"] == "layers"}
     assert {"flax nn.RNN(OptimizedLSTMCell)", "lru_jax lstm", "lru_jax lru (auto)"} <= names
-    assert "| group | name | median ms" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "| group | name | median ms" in out
+    saved = bench.load_rows(os.path.join(tmp_path, "bench.json"))
+    summary = bench.scan_summary([r for r in saved if r.suite == "scan"])
+    assert summary in out and "auto / fastest" in summary
+    assert len(summary.splitlines()) == 3  # header, rule, one group
 
 
 def test_bad_arguments_are_named():
