@@ -549,28 +549,32 @@ def plot_scan(rows: list[Row], path: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
-    panels = sorted(
-        {(r.work["dtype"], r.work["batch"], r.work["state"], r.work["mode"]) for r in rows}
-    )
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6), squeeze=False)
-    for ax, (dtype, batch, state, mode) in zip(axes[0], panels, strict=True):
-        mine = [
-            r
-            for r in rows
-            if (r.work["dtype"], r.work["batch"], r.work["state"], r.work["mode"])
-            == (dtype, batch, state, mode)
-        ]
+    def panel(r):
+        return r.work["dtype"], r.work["batch"], r.work["state"], r.work["mode"]
+
+    panels = sorted({panel(r) for r in rows})
+    cols = min(4, len(panels))
+    nrows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.4 * nrows), squeeze=False)
+    for ax, key in zip(axes.flat, panels, strict=False):  # spare panels stay empty
+        mine = [r for r in rows if panel(r) == key]
         for method in dict.fromkeys(r.name for r in mine):
             pts = sorted((r.work["length"], r.median_ms) for r in mine if r.name == method)
             ax.loglog(*zip(*pts, strict=True), marker="o", label=method)
+        dtype, batch, state, mode = key
         ax.set_title(f"{dtype} B={batch} N={state} {mode}", fontsize=9)
         ax.set_xlabel("length T")
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.grid(True, which="both", alpha=0.3)
-    axes[0][0].set_ylabel("median time (ms)")
-    axes[0][-1].legend(fontsize=8)
+    for ax in axes.flat[len(panels) :]:
+        ax.axis("off")
+    for row in axes:
+        row[0].set_ylabel("median time (ms)")
+    axes.flat[0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
