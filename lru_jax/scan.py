@@ -131,10 +131,13 @@ def _run(a, b, h0, time_varying, method, chunk_size):
 def choose_method(time: int, state_size: int, backend: str | None = None) -> str:
     """The method "auto" runs for a scan of `time` steps over `state_size` elements per step.
 
-    Chosen from measurements (docs/benchmarks.md): on XLA:CPU a `lax.scan` step costs well under
-    a microsecond, so the sequential scan beat the associative and chunked ones at every shape
-    measured (T 64..16384, states 64..65536), forward and backward. On accelerators, where one
-    step leaves most of the chip idle, the associative scan's log depth wins.
+    Chosen from measurements (`python -m lru_jax.bench --suite scan`, docs/benchmarks.md): on
+    XLA:CPU a `lax.scan` step costs well under a microsecond and the sequential scan moves the
+    least memory, so it was the fastest method at 31 of 32 shapes measured (T 256..65536,
+    B*N 64..4096, real and complex, forward and backward; the exception a 0.6 ms case). On
+    accelerators, where one sequential step leaves most of the chip idle, the associative
+    scan's log depth is expected to win; that choice is not yet measured here (no GPU was
+    available), and "pallas" is not chosen until it is.
     """
     del state_size  # no CPU shape measured so far favours another method
     backend = backend or jax.default_backend()
