@@ -30,7 +30,7 @@ from lru_jax import models  # noqa: E402
 from lru_jax.tasks.seq2seq import BOS, EOS, NUM_SPECIAL, PAD  # noqa: E402
 from lru_jax.training import config as config_lib  # noqa: E402
 from lru_jax.training.checkpoints import Checkpointer  # noqa: E402
-from lru_jax.training.loop import build_task, init_state  # noqa: E402
+from lru_jax.training.loop import build_task, one_device_state  # noqa: E402
 from lru_jax.training.optim import make_optimizer  # noqa: E402
 
 SPEAKER_COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown")
@@ -50,7 +50,7 @@ def load_run(workdir: str):
             f"{task.spec.kind} task {task.spec.name!r}"
         )
     model = config_lib.build_model(config.model, task.spec)
-    template = init_state(model, make_optimizer(config.train), task, config)
+    template = one_device_state(model, make_optimizer(config.train), task, config)
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), 0)
     if checkpointer.latest_step() is None:
         raise ValueError(f"workdir: no checkpoint in {workdir!r}")

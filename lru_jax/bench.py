@@ -392,8 +392,7 @@ def _load_config(path: str, overrides: dict):
 
 def _train_step_setup(config):
     from lru_jax.training import config as config_lib
-    from lru_jax.training import sharding
-    from lru_jax.training.loop import build_task, init_state, time_keys
+    from lru_jax.training.loop import build_task, one_device_state
     from lru_jax.training.optim import make_optimizer
     from lru_jax.training.steps import make_train_step
 
@@ -401,10 +400,9 @@ def _train_step_setup(config):
     task = build_task(config)
     model = config_lib.build_model(config.model, task.spec)
     tx = make_optimizer(config.train)
-    layout = sharding.layout_from_config(config, time_keys(task.spec), jax.devices()[:1])
-    state, _ = init_state(model, tx, task, config, layout)
+    state = one_device_state(model, tx, task, config)
     step = make_train_step(model, tx, task.spec, seed=0, tbptt_length=config.train.tbptt_length)
-    batch = layout.put_batch(task.batch("train", 0, config.train.batch_size))
+    batch = task.batch("train", 0, config.train.batch_size)
     return task, step, state, batch
 
 

@@ -28,7 +28,7 @@ import orbax.checkpoint as ocp
 
 from lru_jax import _checks, diagnostics
 from lru_jax.training import config as config_lib
-from lru_jax.training.loop import build_task, init_state
+from lru_jax.training.loop import build_task, one_device_state
 from lru_jax.training.metrics import read_jsonl
 from lru_jax.training.optim import make_optimizer
 from lru_jax.training.steps import loss_sums
@@ -43,7 +43,7 @@ def load(config, workdir: str | None = None):
     task = build_task(config)
     config_lib.check_against_task(config, task.spec)
     model = config_lib.build_model(config.model, task.spec)
-    state = init_state(model, make_optimizer(config.train), task, config)
+    state = one_device_state(model, make_optimizer(config.train), task, config)
     directory = None if workdir is None else os.path.abspath(os.path.join(workdir, "checkpoints"))
     if directory is None or not os.path.isdir(directory):
         return model, task, state, 0

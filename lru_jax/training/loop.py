@@ -57,6 +57,14 @@ def init_state(model, tx, task, config, layout: sharding.Layout):
     return sharding.init_state(create, jax.random.key(config.seed), layout)
 
 
+def one_device_state(model, tx, task, config):
+    """The initial state on this process's first device, for tools that load a run's
+    checkpoint (diagnose, attention maps, the bench)."""
+    devices = jax.local_devices()[:1]
+    layout = sharding.layout_from_config(config, time_keys(task.spec), devices)
+    return init_state(model, tx, task, config, layout)[0]
+
+
 def abstract_state(model, tx, task, config, layout: sharding.Layout):
     """The state's shapes, dtypes and layout shardings (jax.ShapeDtypeStruct leaves), without
     computing it: a restore target for `Checkpointer.restore`."""
