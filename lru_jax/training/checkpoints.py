@@ -39,7 +39,14 @@ class Checkpointer:
         (a pytree of jax.Arrays or of jax.ShapeDtypeStructs with shardings)."""
         step = self.latest_step() if step is None else step
         target = jax.tree.map(_abstract, template)
-        return self.manager.restore(step, args=ocp.args.StandardRestore(target))
+        try:
+            return self.manager.restore(step, args=ocp.args.StandardRestore(target))
+        except (ValueError, KeyError) as err:  # orbax names a shape or key, not the cause
+            raise ValueError(
+                f"checkpoint: the one at step {step} in {self.manager.directory} does not fit "
+                "the model and optimiser this config builds (was it written with other "
+                f"settings? use a fresh --workdir, or the run's own config). orbax said: {err}"
+            ) from None
 
     def close(self) -> None:
         self.manager.close()

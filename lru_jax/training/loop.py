@@ -139,18 +139,21 @@ def _train_and_evaluate(config, workdir: str, task, layout: sharding.Layout) -> 
     batch_size = sharding.global_batch_size(tc, layout.mesh)
     main = jax.process_index() == 0  # the one process that writes logs and files
     os.makedirs(workdir, exist_ok=True)
-    if main:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
-
     tx = make_optimizer(tc)
     state, state_shardings = init_state(model, tx, task, config, layout)
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), tc.keep_checkpoints)
     start = checkpointer.latest_step()
     if start is not None:
-        state = checkpointer.restore(state)
+        try:
+            state = checkpointer.restore(state)
+        except ValueError:
+            checkpointer.close()
+            raise
         if main:
             print(f"Resuming from the checkpoint at step {start} in {workdir}")
+    if main:  # after the restore: a run refused for a mismatch keeps its own config.json
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
     writer = MetricsWriter(workdir, resume_step=start) if main else _NoWriter()
     start = start or 0
 
