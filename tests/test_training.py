@@ -71,8 +71,6 @@ def _train_losses(workdir):
     }
 
 
-# orbax leaves the failed restore's read coroutines unawaited; they warn when collected
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_resuming_with_another_model_names_the_checkpoint(tmp_path):
     workdir = str(tmp_path / "run")
     loop.train_and_evaluate(tiny_config(num_steps=4, eval_every=4), workdir)
