@@ -5,11 +5,9 @@ into the recurrent matmul and an elementwise `combine`:
 
     step(params, carry, x) = combine(params, carry, project(params, x), state_of(carry) @ w_hh)
 
-`unroll` runs the cell under `jax.lax.scan` with one matmul per step ([x, h] against the
-stacked [w_ih; w_hh] when the cell is `additive`) and a hand-written backward pass: a reverse
-scan carries the state's gradient through each step's saved elementwise vjp and one matmul with
-w_hh^T, and every weight and input gradient (dW_hh = sum_t h_{t-1}^T dz_t, dW_ih, dX) is formed
-after the loop as one large matmul instead of one small one per step (docs/benchmarks.md).
+`unroll` runs the cell under `jax.lax.scan` with one matmul per step: [x, h] against the
+stacked [w_ih; w_hh] when the cell is `additive` (SimpleRNN, LSTM), x w_ih and h w_hh apart for
+the GRU. Gradients are JAX's autodiff of that loop (docs/benchmarks.md says what was measured).
 
 Parameters (fused gates, PyTorch's gate order, so weights move between the two unchanged):
 
@@ -23,7 +21,6 @@ except the LSTM forget gate bias, which starts at 1 so the cell remembers by def
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -252,11 +249,11 @@ def unroll(
     return carry, ys
 
 
-# The recurrence with a hand-written backward pass. Measured on XLA:CPU (docs/benchmarks.md):
-# projecting the whole sequence before the loop made the forward pass slower than projecting
-# inside it (the [time, batch, gates * hidden] array goes through memory), and one matmul of
-# [x, h] with stacked weights beat two. In the backward pass only dh_{t-1} = dz_t W_hh^T must
-# be done step by step; every weight and input gradient is one large matmul after the loop.
+# Measured on XLA:CPU (docs/benchmarks.md): projecting the whole sequence before the loop made
+# the forward pass slower than projecting inside it (the [time, batch, gates * hidden] array
+# goes through memory), and one matmul of [x, h] with the stacked weights beat two. A
+# hand-written backward pass that formed the weight gradients after the loop was no faster
+# than JAX's autodiff of this loop and held 45% more memory, so gradients are JAX's own.
 
 
 def _elementwise_params(params: Params) -> Params:
@@ -289,79 +286,20 @@ def _masked_combine(cell: Cell, params, carry, xp, recurrent, ok):
     return new_carry, jnp.where(ok[:, None], y, jnp.zeros((), y.dtype))
 
 
-def _forward_scan(cell, unroll, params, carry, xs, valid, keep_residuals):
-    """The forward loop; with `keep_residuals` each step also returns the vjp of its
-    elementwise part (a pytree of the saved activations, stacked over time by the scan) and
-    the state h_{t-1} that multiplied w_hh."""
+def _recurrence(cell: Cell, unroll: int, params: Params, carry, xs, valid):
+    """Runs the cell over xs [time, batch, in] -> (carry, ys [time, batch, hidden]).
+
+    `valid` is None or bool [time, batch].
+    """
     elementwise = _elementwise_params(params)
     step_params = _step_params(cell, params)
 
     def step(carry, inputs):
         x, ok = inputs
         xp, recurrent = _pre_activations(cell, step_params, carry, x)
-
-        def combine(p, c, x, z):
-            return _masked_combine(cell, p, c, x, z, ok)
-
-        if not keep_residuals:
-            return combine(elementwise, carry, xp, recurrent)
-        (new_carry, y), combine_vjp = jax.vjp(combine, elementwise, carry, xp, recurrent)
-        return new_carry, (y, combine_vjp, cell.state_of(carry))
+        return _masked_combine(cell, elementwise, carry, xp, recurrent, ok)
 
     return jax.lax.scan(step, carry, (xs, valid), unroll=unroll)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _recurrence(cell, unroll, params, carry, xs, valid):
-    """Runs the cell over xs [time, batch, in] -> (carry, ys [time, batch, hidden]).
-
-    `valid` is None or bool [time, batch]. The backward pass is `_recurrence_bwd`.
-    """
-    return _forward_scan(cell, unroll, params, carry, xs, valid, False)
-
-
-def _recurrence_fwd(cell, unroll, params, carry, xs, valid):
-    last, (ys, combine_vjps, states) = _forward_scan(cell, unroll, params, carry, xs, valid, True)
-    return (last, ys), (params, combine_vjps, states, xs)
-
-
-def _recurrence_bwd(cell, unroll, residuals, cotangents):
-    """Reverse scan through the elementwise part and h W_hh; weight gradients afterwards.
-
-    Step t: (dbias_t, dcarry_{t-1}, dxp_t, dz_t) = the saved vjp of combine applied to
-    (dcarry_t, dy_t), then dcarry_{t-1} += dz_t W_hh^T through `state_of` (for additive cells
-    dz_t = dxp_t). After the loop, with H = [h_{t-1}] and X = [x_t] over every step and
-    sequence: dW_hh = H^T dZ, and (dW_ih, dbias, dX) = the vjp of `project` at X.
-    """
-    params, combine_vjps, states, xs = residuals
-    dcarry_last, dys = cotangents
-    w_hh = params["w_hh"]
-    _, state_vjp = jax.vjp(cell.state_of, dcarry_last)  # linear: a selection from the carry
-
-    def step(acc, inputs):
-        dcarry, dparams = acc
-        combine_vjp, dy = inputs
-        dp, dcarry_prev, dxp, dz = combine_vjp((dcarry, dy))
-        dz = dxp if cell.additive else dz
-        (through_matmul,) = state_vjp(dz @ w_hh.T)
-        dcarry_prev = jax.tree.map(jnp.add, dcarry_prev, through_matmul)
-        return (dcarry_prev, jax.tree.map(jnp.add, dparams, dp)), (dxp, dz)
-
-    zero = jax.tree.map(jnp.zeros_like, _elementwise_params(params))
-    (dcarry0, delementwise), (dxps, dzs) = jax.lax.scan(
-        step, (dcarry_last, zero), (combine_vjps, dys), reverse=True
-    )
-    # [time * batch, features] matrices: XLA:CPU runs 2-D matmuls much faster than 3-D ones.
-    flat = functools.partial(jax.tree.map, lambda a: a.reshape(-1, a.shape[-1]))
-    _, project_vjp = jax.vjp(cell.project, params, flat(xs))
-    dparams, dxs = project_vjp(flat(dxps))
-    dparams = dict(dparams, w_hh=dparams["w_hh"] + flat(states).T @ flat(dzs))
-    dparams = {k: v + delementwise[k] if k in delementwise else v for k, v in dparams.items()}
-    valid_cotangent = None
-    return dparams, dcarry0, dxs.reshape(xs.shape), valid_cotangent
-
-
-_recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
 
 
 def _check_carry(cell: Cell, carry, batch: int, hidden: int, dtype) -> None:

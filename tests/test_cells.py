@@ -346,7 +346,7 @@ def test_matches_pytorch(kind):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_gradients_match_pytorch_autograd(kind):
-    """Our hand-written backward pass (dW_hh as one matmul) against torch.autograd."""
+    """Gradients through unroll (the stacked-weight step) against torch.autograd."""
     rng = np.random.default_rng(8)
     module = torch_module(kind)
     params = from_torch(kind, module)
