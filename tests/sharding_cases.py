@@ -2,9 +2,9 @@
 
 import jax.numpy as jnp
 import numpy as np
+import tiny_configs
 
 from lru_jax import scan
-from lru_jax.training import config as config_lib
 
 SCAN_CASES = ("invariant_complex", "varying_reverse", "resets_chunked")
 TIME, BATCH, STATE = 8, 2, 3
@@ -12,22 +12,7 @@ TIME, BATCH, STATE = 8, 2, 3
 
 def tiny_config():
     """A few steps of a tiny LRU language model on a global batch of 8."""
-    c = config_lib.default_config()
-    c.task = {"name": "text", "corpus": "jokes", "seq_len": 24}
-    c.model.update({"d_model": 16, "num_layers": 1, "d_state": 8, "dropout_rate": 0.1})
-    c.train.update(
-        {
-            "batch_size": 8,
-            "num_steps": 4,
-            "warmup_steps": 2,
-            "log_every": 2,
-            "eval_every": 4,
-            "checkpoint_every": 4,
-            "eval_batches": 1,
-        }
-    )
-    c.generate.num_samples = 0
-    return c
+    return tiny_configs.tiny_config(batch_size=8, num_steps=4)
 
 
 def scan_inputs(case: str):

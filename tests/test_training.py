@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tiny_configs import tiny_config
 
 from lru_jax import tasks
 from lru_jax.training import config as config_lib
@@ -19,26 +20,6 @@ from lru_jax.training.optim import make_optimizer, param_groups
 from lru_jax.training.state import TrainState
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def tiny_config(**train):
-    c = config_lib.default_config()
-    c.task = {"name": "text", "corpus": "jokes", "seq_len": 24}
-    c.model.update({"d_model": 16, "num_layers": 1, "d_state": 8, "dropout_rate": 0.1})
-    c.train.update(
-        {
-            "batch_size": 4,
-            "num_steps": 12,
-            "warmup_steps": 2,
-            "log_every": 2,
-            "eval_every": 4,
-            "checkpoint_every": 4,
-            "eval_batches": 1,
-            **train,
-        }
-    )
-    c.generate.num_samples = 0
-    return c
 
 
 class _Crash(Exception):
