@@ -15,7 +15,9 @@ compile time, the memory the backend reports (peak bytes on GPU; XLA's buffer pl
 the achieved bandwidth or FLOP rate as a fraction of this machine's limits, which the tool
 measures itself (a large elementwise copy and a large matmul). Output: a table on stdout, JSON
 (`--out DIR/bench.json`), a PNG of time against length for the scan suite, and with
-`--trace DIR` a `jax.profiler` trace of the timed runs.
+`--trace DIR` a `jax.profiler` trace of the timed runs. The scan and gpu suites also write
+`DIR/scan_choices.json`, the fastest method per shape: load it (`lru_jax.scan_choices.load`, or
+$LRU_JAX_SCAN_CHOICES) and `linear_scan(method="auto")` chooses from this machine's measurements.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lru_jax import nn as lnn
-from lru_jax import scan
+from lru_jax import scan, scan_choices
 
 SUITES = ("scan", "layers", "train", "memory", "gpu")
 
@@ -518,7 +520,8 @@ def scan_summary(rows: list[Row], backend: str | None = None) -> str:
     for group, by_name in groups.items():
         fastest = min(by_name.values(), key=lambda r: r.median_ms)
         work = fastest.work
-        pick = scan.choose_method(work["length"], work["batch"] * work["state"], backend)
+        size = work["batch"] * work["state"]
+        pick = scan.choose_method(work["length"], size, backend, dtype=work["dtype"])
         ratio = f"{by_name[pick].median_ms / fastest.median_ms:.2f}" if pick in by_name else ""
         seq = by_name.get("sequential")
         share = "" if seq is None or seq.fraction is None else f"{seq.fraction:.0%}"
@@ -612,6 +615,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.repeats < 1:
         p.error(f"--repeats: expected a positive int, got {args.repeats}")
+    for mode in args.modes.split(","):
+        if mode not in scan_choices.MODES:
+            p.error(
+                f"--modes: expected a comma-separated subset of {scan_choices.MODES}, got {mode!r}"
+            )
     suites = args.suite or ["scan"]
     if "all" in suites:
         suites = [s for s in SUITES if s != "gpu"]
@@ -664,9 +672,15 @@ def run(args: argparse.Namespace) -> dict:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "bench.json"), "w") as f:
             json.dump(result, f, indent=1)
+        written = ["bench.json"]
         if scan_rows:
             plot_scan(scan_rows, os.path.join(args.out, "scan.png"))
-        print(f"\nwrote {args.out}/bench.json" + (" and scan.png" if scan_rows else ""))
+            scan_dicts = [dataclasses.asdict(r) for r in scan_rows]
+            choices = scan_choices.from_rows(scan_dicts, result["machine"])
+            with open(os.path.join(args.out, "scan_choices.json"), "w") as f:
+                json.dump(choices, f, indent=1)
+            written += ["scan.png", "scan_choices.json (load it with lru_jax.scan_choices)"]
+        print(f"\nwrote {', '.join(os.path.join(args.out, w) for w in written)}")
     return result
 
 

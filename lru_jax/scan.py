@@ -13,8 +13,11 @@ Every method computes the same thing along axis 0 (time) and differs only in how
   dependent steps instead of T, and a time-invariant `a` is never materialised.
 - ``"pallas"``: a Pallas kernel (`lru_jax.kernels.pallas_scan`): on a GPU each program walks
   time over a block of lanes (Triton lowering), with its own scan-shaped custom VJP; elsewhere
-  it runs in Pallas' interpret mode (slow, for tests). "auto" does not choose it yet.
-- ``"auto"``: picks one of the above from the platform and the shape (see `choose_method`).
+  it runs in Pallas' interpret mode (slow, for tests). "auto" chooses it only from a loaded
+  table of measurements in which it was fastest.
+- ``"auto"``: picks one of the above from the platform and the shape (see `choose_method`):
+  from this machine's own measurements when a table from `python -m lru_jax.bench` is loaded
+  (`lru_jax.scan_choices`), else from a built-in rule.
 
 Sequence parallelism (`sequence_axis=...`, inside `jax.set_mesh(mesh)`): time is split into
 contiguous blocks over the devices of one mesh axis. Each device scans its block from a zero
@@ -35,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from lru_jax import _checks
+from lru_jax import _checks, scan_choices
 
 METHODS = ("sequential", "associative", "chunked", "pallas")
 
@@ -87,6 +90,8 @@ def linear_scan(
 
     dtype = jnp.result_type(a, b, *(() if h0 is None else (h0,)))
     time = out_shape[0]
+    if method == "auto" and sequence_axis is None:
+        method = choose_method(time, math.prod(out_shape[1:]), dtype=dtype)
     a = jnp.asarray(a, dtype)
     b = jnp.broadcast_to(jnp.asarray(b, dtype), out_shape)
     h0 = None if h0 is None else jnp.broadcast_to(jnp.asarray(h0, dtype), out_shape[1:])
@@ -119,8 +124,8 @@ def linear_scan(
 def _run(a, b, h0, time_varying, method, chunk_size):
     """The forward scan of prepared inputs (see `linear_scan`) with one method."""
     time = b.shape[0]
-    if method == "auto":
-        method = choose_method(time, math.prod(b.shape[1:]))
+    if method == "auto":  # within a sequence-parallel block; the kernel takes no sequence_axis
+        method = choose_method(time, math.prod(b.shape[1:]), dtype=b.dtype, allow_pallas=False)
     if method == "sequential":
         return _sequential(a, b, h0, time_varying)
     if method == "associative":
@@ -128,19 +133,35 @@ def _run(a, b, h0, time_varying, method, chunk_size):
     return _chunked(a, b, h0, time_varying, chunk_size or _default_chunk(time))
 
 
-def choose_method(time: int, state_size: int, backend: str | None = None) -> str:
+def choose_method(
+    time: int,
+    state_size: int,
+    backend: str | None = None,
+    dtype=None,
+    allow_pallas: bool = True,
+) -> str:
     """The method "auto" runs for a scan of `time` steps over `state_size` elements per step.
 
-    Chosen from measurements (`python -m lru_jax.bench --suite scan`, docs/benchmarks.md): on
-    XLA:CPU a `lax.scan` step costs well under a microsecond and the sequential scan moves the
-    least memory, so it was the fastest method at 31 of 32 shapes measured (T 256..65536,
-    B*N 64..4096, real and complex, forward and backward; the exception a 0.6 ms case). On
-    accelerators, where one sequential step leaves most of the chip idle, the associative
-    scan's log depth is expected to win; that choice is not yet measured here (no GPU was
-    available), and "pallas" is not chosen until it is.
+    With a measured table for `backend` loaded (`lru_jax.scan_choices`, written by
+    `python -m lru_jax.bench --suite scan|gpu --out DIR`): the method that was fastest at the
+    nearest measured shape (same real/complex kind, forward+backward).
+
+    Without one, a built-in rule. On CPU it comes from measurements
+    (docs/benchmarks.md): a `lax.scan` step costs well under a microsecond on XLA:CPU and the
+    sequential scan moves the least memory, so it was the fastest method at 31 of 32 shapes
+    measured (T 256..65536, B*N 64..4096, real and complex, forward and backward; the
+    exception a 0.6 ms case). On accelerators the rule is "associative", whose log depth is
+    expected to win where one sequential step leaves most of the chip idle; that default is
+    not measured here (no GPU was available): run the bench's gpu suite and load its table.
     """
-    del state_size  # no CPU shape measured so far favours another method
     backend = backend or jax.default_backend()
+    allowed = METHODS if allow_pallas else tuple(m for m in METHODS if m != "pallas")
+    table = scan_choices.table_for(backend)
+    if table is not None and time > 1:
+        is_complex = None if dtype is None else bool(jnp.issubdtype(dtype, jnp.complexfloating))
+        measured = scan_choices.fastest(table, time, state_size, is_complex, allowed)
+        if measured is not None:
+            return measured
     if backend in ("gpu", "cuda", "rocm", "tpu") and time > 1:
         return "associative"
     return "sequential"

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from references import numpy_lru
 
-from lru_jax import bench, lru
+from lru_jax import bench, lru, scan, scan_choices
 
 
 def test_paper_style_reference_lru_matches_a_numpy_loop():
@@ -61,9 +61,29 @@ def test_a_tiny_run_writes_a_table_json_and_plot(tmp_path, capsys):
     assert summary in out and "auto / fastest" in summary
     assert len(summary.splitlines()) == 3  # header, rule, one group
 
+    # The measured choices: loaded, "auto" runs the method that was fastest in this run.
+    fastest = min(scan_rows, key=lambda r: r["median_ms"])["name"]
+    try:
+        table = scan_choices.load(os.path.join(tmp_path, "scan_choices.json"))
+        assert table["backend"] == jax.default_backend()
+        assert table["entries"] == [
+            {
+                "dtype": "complex64",
+                "time": 8,
+                "state_size": 8,
+                "mode": "fwd",
+                "times_ms": {r["name"]: r["median_ms"] for r in scan_rows},
+            }
+        ]
+        assert scan.choose_method(8, 8, dtype=jnp.complex64) == fastest
+    finally:
+        scan_choices.clear()
+
 
 def test_bad_arguments_are_named():
     with pytest.raises(SystemExit):
         bench.parse_args(["--repeats=0"])
     with pytest.raises(SystemExit):
         bench.parse_args(["--suite=nonsense"])
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--modes=bwd"])

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
-from lru_jax.scan import choose_method, linear_scan
+from lru_jax.scan import linear_scan
 
 METHODS = ["sequential", "associative", "chunked", "auto"]
 
@@ -160,12 +160,6 @@ def test_time_invariant_a_is_not_materialised():
     # The associative scan needs a at every step: the check above does see that.
     jaxpr = jax.make_jaxpr(lambda a, b: linear_scan(a, b, method="associative"))(a, b).jaxpr
     assert _broadcasts_to(jaxpr, (500, 8))
-
-
-def test_auto_choice():
-    assert choose_method(4096, 256, backend="cpu") == "sequential"
-    assert choose_method(4096, 256, backend="gpu") == "associative"
-    assert choose_method(1, 256, backend="tpu") == "sequential"
 
 
 @pytest.mark.parametrize(

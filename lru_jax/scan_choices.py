@@ -1,0 +1,148 @@
+"""Measured method choices for `linear_scan(method="auto")`.
+
+`python -m lru_jax.bench --suite scan --out DIR` (or `--suite gpu`) times every scan method on
+this machine and writes `DIR/scan_choices.json`. Loading that file makes "auto" run, for each
+scan, the method that was fastest at the nearest measured shape on this backend:
+
+    from lru_jax import scan_choices
+    scan_choices.load("DIR/scan_choices.json")
+
+or set the environment variable `LRU_JAX_SCAN_CHOICES=DIR/scan_choices.json` before the first
+scan is traced. Without a table for the current backend, `scan.choose_method` uses its built-in
+rule. The choice is made when a function is traced, so load the table before jitting; with
+several processes, every process must load the same table (or they compile different programs).
+
+File format (JSON):
+
+    {"backend": "gpu", "device": "...", "jax": "0.10.2", "date": "2026-11-29",
+     "entries": [{"dtype": "complex64", "time": 4096, "state_size": 4096, "mode": "fwd+bwd",
+                  "times_ms": {"sequential": 59.0, "associative": 101.0, "chunked": 138.0}}]}
+
+`state_size` is the number of elements scanned per step (batch x state). Lookup: entries of
+the query's kind (real or complex) if the table has any, forward+backward entries if it has any
+(training is what a scan's speed matters most for) else forward ones, then the entry nearest in
+(log2 time, log2 state_size); its fastest method among those allowed wins.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+ENV_VAR = "LRU_JAX_SCAN_CHOICES"
+MODES = ("fwd", "fwd+bwd")
+
+_tables: dict[str, dict] = {}  # backend -> table
+_env_loaded = False
+
+
+def load(path: str) -> dict:
+    """Reads a scan_choices.json and makes it the table for its backend; returns the table."""
+    try:
+        with open(path) as f:
+            table = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"scan choices: cannot read {path!r} as JSON: {e}") from e
+    register(table, source=path)
+    return table
+
+
+def register(table: dict, source: str = "table") -> None:
+    """Makes `table` (the format above) the measured choices for `table["backend"]`."""
+    _check(table, source)
+    _tables[table["backend"]] = table
+
+
+def clear() -> None:
+    """Forgets every loaded table (and re-reads the environment variable on next use)."""
+    global _env_loaded
+    _tables.clear()
+    _env_loaded = False
+
+
+def table_for(backend: str) -> dict | None:
+    """The loaded table for `backend`, reading $LRU_JAX_SCAN_CHOICES the first time."""
+    global _env_loaded
+    if not _env_loaded:
+        _env_loaded = True
+        path = os.environ.get(ENV_VAR)
+        if path:
+            load(path)
+    return _tables.get(backend)
+
+
+def fastest(
+    table: dict, time: int, state_size: int, is_complex: bool | None, allowed: tuple[str, ...]
+) -> str | None:
+    """The fastest allowed method at the measured shape nearest to (time, state_size)."""
+    entries = [e for e in table["entries"] if any(m in allowed for m in e["times_ms"])]
+    if is_complex is not None:
+        same_kind = [e for e in entries if _is_complex(e["dtype"]) == is_complex]
+        entries = same_kind or entries
+    for mode in reversed(MODES):
+        in_mode = [e for e in entries if e["mode"] == mode]
+        if in_mode:
+            entries = in_mode
+            break
+    if not entries:
+        return None
+
+    def distance(e):
+        log_time = math.log2(e["time"]) - math.log2(time)
+        return math.hypot(log_time, math.log2(e["state_size"]) - math.log2(state_size))
+
+    nearest = min(entries, key=distance)
+    times = {m: t for m, t in nearest["times_ms"].items() if m in allowed}
+    return min(times, key=times.get)
+
+
+def from_rows(rows: list[dict], machine: dict) -> dict:
+    """A table from the bench's scan rows (dicts of `bench.Row`) and its machine description."""
+    groups: dict[str, dict] = {}
+    for r in rows:
+        w = r["work"]
+        entry = groups.setdefault(
+            r["group"],
+            {
+                "dtype": w["dtype"],
+                "time": w["length"],
+                "state_size": w["batch"] * w["state"],
+                "mode": w["mode"],
+                "times_ms": {},
+            },
+        )
+        entry["times_ms"][r["name"]] = r["median_ms"]
+    keys = ("backend", "device", "jax", "date")
+    return {**{k: machine.get(k) for k in keys}, "entries": list(groups.values())}
+
+
+def _is_complex(dtype: str) -> bool:
+    return dtype.startswith("complex")
+
+
+def _check(table, source: str) -> None:
+    def fail(what):
+        raise ValueError(f"scan choices ({source}): {what}")
+
+    if not isinstance(table, dict) or not isinstance(table.get("backend"), str):
+        fail("expected an object with a 'backend' string")
+    entries = table.get("entries")
+    if not isinstance(entries, list) or not entries:
+        fail("expected a non-empty 'entries' list")
+    for i, e in enumerate(entries):
+        if not isinstance(e, dict):
+            fail(f"entries[{i}]: expected an object, got {type(e).__name__}")
+        for key in ("time", "state_size"):
+            if not isinstance(e.get(key), int) or e[key] < 1:
+                fail(f"entries[{i}].{key}: expected a positive int, got {e.get(key)!r}")
+        if e.get("mode") not in MODES:
+            fail(f"entries[{i}].mode: expected one of {MODES}, got {e.get('mode')!r}")
+        if not isinstance(e.get("dtype"), str):
+            fail(f"entries[{i}].dtype: expected a dtype name, got {e.get('dtype')!r}")
+        times = e.get("times_ms")
+        if not isinstance(times, dict) or not times:
+            fail(f"entries[{i}].times_ms: expected {{method: ms}}, got {times!r}")
+        for method, ms in times.items():
+            if not isinstance(ms, int | float) or not ms > 0:
+                fail(f"entries[{i}].times_ms[{method!r}]: expected a positive time, got {ms!r}")

@@ -1,0 +1,102 @@
+"""`linear_scan(method="auto")` from a table of measurements (lru_jax.scan_choices)."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lru_jax import scan_choices
+from lru_jax.scan import choose_method, linear_scan
+
+
+def _entry(time, size, mode, times, dtype="complex64"):
+    return {"dtype": dtype, "time": time, "state_size": size, "mode": mode, "times_ms": times}
+
+
+# A made-up GPU table: associative wins long scans, sequential short ones; the forward-only
+# and real-valued entries disagree, so the lookup's preferences show.
+TABLE = {
+    "backend": "gpu",
+    "entries": [
+        _entry(256, 4096, "fwd+bwd", {"sequential": 1.0, "associative": 2.0, "pallas": 3.0}),
+        _entry(65536, 4096, "fwd+bwd", {"sequential": 90.0, "associative": 9.0, "pallas": 8.0}),
+        _entry(65536, 4096, "fwd", {"sequential": 1.0, "associative": 9.0}),
+        _entry(256, 4096, "fwd+bwd", {"sequential": 5.0, "chunked": 1.0}, dtype="float32"),
+    ],
+}
+
+
+@pytest.fixture
+def gpu_table():
+    scan_choices.register(TABLE)
+    yield
+    scan_choices.clear()
+
+
+def test_nearest_measured_shape_of_the_same_kind_decides(gpu_table):
+    complex64 = jnp.complex64
+    assert choose_method(300, 4096, backend="gpu", dtype=complex64) == "sequential"
+    assert choose_method(30000, 2048, backend="gpu", dtype=complex64) == "pallas"
+    assert choose_method(30000, 2048, backend="gpu", dtype=complex64, allow_pallas=False) == (
+        "associative"
+    )
+    # real scans use the real entries where there are any (here only a short one)
+    assert choose_method(30000, 2048, backend="gpu", dtype=jnp.float32) == "chunked"
+    assert choose_method(1, 4096, backend="gpu") == "sequential"  # one step: nothing to choose
+    # other backends keep their built-in rule
+    assert choose_method(65536, 4096, backend="cpu") == "sequential"
+
+
+def test_without_a_table_the_built_in_rule_applies(monkeypatch):
+    monkeypatch.delenv(scan_choices.ENV_VAR, raising=False)
+    scan_choices.clear()
+    assert choose_method(4096, 256, backend="cpu") == "sequential"
+    assert choose_method(4096, 256, backend="gpu") == "associative"
+    assert choose_method(1, 256, backend="tpu") == "sequential"
+
+
+def test_auto_compiles_to_the_measured_choice(tmp_path, monkeypatch):
+    """A table for this backend, read from $LRU_JAX_SCAN_CHOICES, changes what "auto" runs."""
+    backend = jax.default_backend()
+    table = {"backend": backend, "entries": [_entry(64, 3, "fwd", {"associative": 1.0})]}
+    path = tmp_path / "scan_choices.json"
+    path.write_text(json.dumps(table))
+    a, b = jnp.full((3,), 0.5, jnp.complex64), jnp.ones((64, 3), jnp.complex64)
+
+    def primitives(method):
+        jaxpr = jax.make_jaxpr(lambda a, b: linear_scan(a, b, method=method))(a, b)
+        return {e.primitive.name for e in jaxpr.jaxpr.eqns}
+
+    scan_choices.clear()
+    monkeypatch.setenv(scan_choices.ENV_VAR, str(path))
+    try:
+        assert primitives("auto") == primitives("associative") != primitives("sequential")
+        np.testing.assert_allclose(
+            linear_scan(a, b), linear_scan(a, b, method="sequential"), rtol=1e-6
+        )
+    finally:
+        scan_choices.clear()
+
+
+@pytest.mark.parametrize(
+    "table, match",
+    [
+        ({"entries": []}, "'backend' string"),
+        ({"backend": "gpu", "entries": []}, "non-empty 'entries'"),
+        ({"backend": "gpu", "entries": [_entry(0, 4, "fwd", {"a": 1.0})]}, r"entries\[0\].time"),
+        ({"backend": "gpu", "entries": [_entry(8, 4, "bwd", {"a": 1.0})]}, r"entries\[0\].mode"),
+        ({"backend": "gpu", "entries": [_entry(8, 4, "fwd", {"a": -1})]}, r"times_ms\['a'\]"),
+    ],
+)
+def test_malformed_tables_are_refused_with_the_reason(table, match):
+    with pytest.raises(ValueError, match=match):
+        scan_choices.register(table)
+
+
+def test_an_unreadable_file_is_named(tmp_path):
+    path = tmp_path / "choices.json"
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match="choices.json"):
+        scan_choices.load(str(path))
