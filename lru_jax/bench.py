@@ -327,25 +327,29 @@ def rnn_flops(cell_name: str, batch: int, length: int, inputs: int, hidden: int)
 
 
 def rnn_layer_rows(batch, length, inputs, hidden, repeats, limits) -> list[Row]:
-    """Our recurrent layers against flax.linen nn.RNN, fwd+bwd, float32."""
+    """Our recurrent layers (chunked backward pass, and JAX's autodiff of the loop) against
+    flax.linen nn.RNN, fwd+bwd, float32."""
     rows = []
     x = jax.random.normal(jax.random.key(1), (batch, length, inputs))
     for cell_name in ("simple_rnn", "lstm", "gru"):
         group = f"{cell_name} B={batch} T={length} in={inputs} H={hidden} fwd+bwd"
         flax_rnn = _flax_rnn(cell_name, hidden)
         flax_params = flax_rnn.init(jax.random.key(0), x)
-        flax_fn = _grad_of_squares(lambda p, v, m=flax_rnn: m.apply(p, v))
-        ours = lnn.RecurrentLayer(hidden, cell=cell_name)
-        our_params = ours.init(jax.random.key(0), x)["params"]
-        names = (f"flax nn.RNN({type(flax_rnn.cell).__name__})", f"lru_jax {cell_name}")
-        timings = measure_group(
-            [
-                (flax_fn, (flax_params, x)),
-                (_grad_of_squares(_module_fn(ours)), (our_params, x)),
-            ],
-            repeats,
-        )
-        for name, timing in zip(names, timings, strict=True):
+        candidates = {
+            f"flax nn.RNN({type(flax_rnn.cell).__name__})": (
+                _grad_of_squares(lambda p, v, m=flax_rnn: m.apply(p, v)),
+                (flax_params, x),
+            )
+        }
+        for suffix, grad_chunk in (("", 16), (" (autodiff)", None)):
+            ours = lnn.RecurrentLayer(hidden, cell=cell_name, grad_chunk=grad_chunk)
+            our_params = ours.init(jax.random.key(0), x)["params"]
+            candidates[f"lru_jax {cell_name}{suffix}"] = (
+                _grad_of_squares(_module_fn(ours)),
+                (our_params, x),
+            )
+        timings = measure_group(list(candidates.values()), repeats)
+        for name, timing in zip(candidates, timings, strict=True):
             row = _row("layers", group, name, timing)
             row.work = {"flops": rnn_flops(cell_name, batch, length, inputs, hidden)}
             _flop_rate(row, limits)

@@ -7,7 +7,10 @@ into the recurrent matmul and an elementwise `combine`:
 
 `unroll` runs the cell under `jax.lax.scan` with one matmul per step: [x, h] against the
 stacked [w_ih; w_hh] when the cell is `additive` (SimpleRNN, LSTM), x w_ih and h w_hh apart for
-the GRU. Gradients are JAX's autodiff of that loop (docs/benchmarks.md says what was measured).
+the GRU. Its backward pass (`grad_chunk`, see `unroll`) carries only the state's gradient
+through the reversed loop and forms the weight, bias and input gradients once per chunk of
+steps, as matmuls over the chunk's rows, instead of one small matmul and a read-modify-write of
+every weight gradient per step as autodiff of the loop does (docs/benchmarks.md: measurements).
 
 Parameters (fused gates, PyTorch's gate order, so weights move between the two unchanged):
 
@@ -21,6 +24,7 @@ except the LSTM forget gate bias, which starts at 1 so the cell remembers by def
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -210,6 +214,7 @@ def unroll(
     seq_lengths: jax.Array | None = None,
     reverse: bool = False,
     unroll: int = 1,
+    grad_chunk: int | None = 16,
 ) -> tuple[Carry, jax.Array]:
     """Runs `cell` over a time-major sequence with `jax.lax.scan`.
 
@@ -224,6 +229,9 @@ def unroll(
         reversed within its own length (as PyTorch's packed sequences and flax's `keep_order`);
         outputs stay at their input positions.
       unroll: how many steps `lax.scan` unrolls per loop iteration.
+      grad_chunk: time steps per weight-gradient matmul in the backward pass (a custom VJP;
+        the result equals autodiff's to rounding). None: JAX's own autodiff of the loop, which
+        also supports forward-mode differentiation (`jax.jvp`, `jax.jacfwd`).
 
     Returns:
       (carry, ys) with ys: [time, batch, hidden].
@@ -233,6 +241,8 @@ def unroll(
     time, batch, _ = xs.shape
     seq_lengths = _checks.seq_lengths(seq_lengths, batch, time)
     _checks.positive_int("unroll", unroll)
+    if grad_chunk is not None:
+        _checks.positive_int("grad_chunk", grad_chunk)
     hidden = hidden_size(params)
     dtype = jnp.result_type(xs, params["w_hh"])
     if carry is None:
@@ -243,7 +253,10 @@ def unroll(
     if reverse:
         xs = reverse_within_lengths(xs, seq_lengths)
     valid = step_mask(seq_lengths, time)
-    carry, ys = _recurrence(cell, unroll, params, carry, xs, valid)
+    if grad_chunk is None:
+        carry, ys = _recurrence(cell, unroll, params, carry, xs, valid)
+    else:
+        carry, ys = _chunked_bptt(cell, unroll, grad_chunk, params, carry, xs, valid)
     if reverse:
         ys = reverse_within_lengths(ys, seq_lengths)
     return carry, ys
@@ -251,9 +264,10 @@ def unroll(
 
 # Measured on XLA:CPU (docs/benchmarks.md): projecting the whole sequence before the loop made
 # the forward pass slower than projecting inside it (the [time, batch, gates * hidden] array
-# goes through memory), and one matmul of [x, h] with the stacked weights beat two. A
-# hand-written backward pass that formed the weight gradients after the loop was no faster
-# than JAX's autodiff of this loop and held 45% more memory, so gradients are JAX's own.
+# goes through memory), and one matmul of [x, h] with the stacked weights beat two. Forming
+# the weight gradients once after the whole backward loop was no faster than autodiff (the
+# [time, batch, gates * hidden] gradient goes through memory); once per chunk of 16 steps,
+# while the chunk is in cache, it is (`_chunked_bptt`).
 
 
 def _elementwise_params(params: Params) -> Params:
@@ -286,10 +300,11 @@ def _masked_combine(cell: Cell, params, carry, xp, recurrent, ok):
     return new_carry, jnp.where(ok[:, None], y, jnp.zeros((), y.dtype))
 
 
-def _recurrence(cell: Cell, unroll: int, params: Params, carry, xs, valid):
+def _recurrence(cell: Cell, unroll: int, params: Params, carry, xs, valid, save=False):
     """Runs the cell over xs [time, batch, in] -> (carry, ys [time, batch, hidden]).
 
-    `valid` is None or bool [time, batch].
+    `valid` is None or bool [time, batch]. With `save`, ys is (ys, residuals): per step the
+    projected input, the recurrent product (None for additive cells) and the carry before it.
     """
     elementwise = _elementwise_params(params)
     step_params = _step_params(cell, params)
@@ -297,9 +312,114 @@ def _recurrence(cell: Cell, unroll: int, params: Params, carry, xs, valid):
     def step(carry, inputs):
         x, ok = inputs
         xp, recurrent = _pre_activations(cell, step_params, carry, x)
-        return _masked_combine(cell, elementwise, carry, xp, recurrent, ok)
+        new_carry, y = _masked_combine(cell, elementwise, carry, xp, recurrent, ok)
+        if not save:
+            return new_carry, y
+        return new_carry, (y, (xp, None if cell.additive else recurrent, carry))
 
     return jax.lax.scan(step, carry, (xs, valid), unroll=unroll)
+
+
+# Backpropagation through time with the weight gradients formed per chunk of steps.
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _chunked_bptt(cell: Cell, unroll: int, chunk: int, params: Params, carry, xs, valid):
+    """`_recurrence`, differentiated by `_bptt_backward`."""
+    return _recurrence(cell, unroll, params, carry, xs, valid)
+
+
+def _bptt_forward(cell, unroll, chunk, params, carry, xs, valid):
+    carry, (ys, residuals) = _recurrence(cell, unroll, params, carry, xs, valid, save=True)
+    return (carry, ys), (params, xs, valid, residuals)
+
+
+def _bptt_backward(cell, unroll, chunk, saved, cotangents):
+    """The reversed loop over chunks of `chunk` steps (the first T mod chunk steps last)."""
+    params, xs, valid, residuals = saved
+    dcarry, dys = cotangents
+    sequences = (dys, *residuals, valid, xs)  # each [time, ...] (or None)
+    time = xs.shape[0]
+    n_chunks, head = divmod(time, min(chunk, time))
+    step_back = _bptt_step(cell, params)
+
+    def chunk_back(state, inputs):
+        dcarry, d_elementwise, d_params = state
+        dy, xp, recurrent, carries, ok, x = inputs
+        (dcarry, d_elementwise), (dxp, drec) = jax.lax.scan(
+            step_back,
+            (dcarry, d_elementwise),
+            (dy, xp, recurrent, carries, ok),
+            reverse=True,
+            unroll=unroll,
+        )
+        h_prev = cell.state_of(carries)
+        d_chunk, dx = _chunk_matmul_grads(cell, params, x, h_prev, dxp, drec)
+        return (dcarry, d_elementwise, _tree_add(d_params, d_chunk)), dx
+
+    zeros = functools.partial(jax.tree.map, jnp.zeros_like)
+    state = (dcarry, zeros(_elementwise_params(params)), zeros(params))
+    body = jax.tree.map(lambda a: a[head:].reshape(n_chunks, -1, *a.shape[1:]), sequences)
+    state, dxs = jax.lax.scan(chunk_back, state, body, reverse=True)
+    dxs = dxs.reshape(-1, *xs.shape[1:])
+    if head:
+        state, dx_head = chunk_back(state, jax.tree.map(lambda a: a[:head], sequences))
+        dxs = jnp.concatenate([dx_head, dxs])
+    dcarry, d_elementwise, d_params = state
+    d_params = _tree_add(d_params, {**zeros(params), **d_elementwise})
+    return d_params, dcarry, dxs, None
+
+
+_chunked_bptt.defvjp(_bptt_forward, _bptt_backward)
+
+
+def _bptt_step(cell: Cell, params: Params):
+    """One reversed step: (dcarry after it, dy) -> dcarry before it, and the cotangents of
+    its projected input and recurrent product (the same for additive cells)."""
+    elementwise = _elementwise_params(params)
+
+    def step_back(state, inputs):
+        dcarry, d_elementwise = state
+        dy, xp, recurrent, carry, ok = inputs
+        if cell.additive:  # combine sees xp + recurrent: one cotangent serves both
+
+            def combine(e, c, p):
+                return _masked_combine(cell, e, c, p, jnp.zeros((), p.dtype), ok)
+
+            _, vjp = jax.vjp(combine, elementwise, carry, xp)
+            de, dcarry, dxp = vjp((dcarry, dy))
+            drec = dxp
+        else:
+            _, vjp = jax.vjp(
+                functools.partial(_masked_combine, cell, ok=ok), elementwise, carry, xp, recurrent
+            )
+            de, dcarry, dxp, drec = vjp((dcarry, dy))
+        _, state_vjp = jax.vjp(cell.state_of, carry)
+        (dcarry_via_h,) = state_vjp(drec @ params["w_hh"].T)
+        state = (_tree_add(dcarry, dcarry_via_h), _tree_add(d_elementwise, de))
+        return state, (dxp, None if cell.additive else drec)
+
+    return step_back
+
+
+def _chunk_matmul_grads(cell: Cell, params: Params, x, h_prev, dxp, drec):
+    """Gradients of one chunk's matmuls (x [K, B, in], h_prev [K, B, H]) as [K*B]-row matmuls:
+    (d params, dx [K, B, in])."""
+
+    def rows(a):
+        return a.reshape(-1, a.shape[-1])
+
+    def pre_activations(p, x_rows):
+        projected, recurrent = cell.project(p, x_rows), rows(h_prev) @ p["w_hh"]
+        return projected + recurrent if cell.additive else (projected, recurrent)
+
+    _, vjp = jax.vjp(pre_activations, params, rows(x))
+    d_params, dx = vjp(rows(dxp) if cell.additive else (rows(dxp), rows(drec)))
+    return d_params, dx.reshape(x.shape)
+
+
+def _tree_add(a, b):
+    return jax.tree.map(jnp.add, a, b)
 
 
 def _check_carry(cell: Cell, carry, batch: int, hidden: int, dtype) -> None:

@@ -61,6 +61,7 @@ class RecurrentLayer(nn.Module):
     cell: str = "lstm"  # "simple_rnn" | "lstm" | "gru"
     activation: str = "tanh"  # SimpleRNN only: "tanh" | "relu"
     unroll: int = 1
+    grad_chunk: int | None = 16  # see cells.unroll; None: JAX's autodiff (allows jax.jvp)
 
     def make_cell(self) -> cells.Cell:
         if self.cell == "simple_rnn":
@@ -87,6 +88,7 @@ class RecurrentLayer(nn.Module):
             seq_lengths=seq_lengths,
             reverse=reverse,
             unroll=self.unroll,
+            grad_chunk=self.grad_chunk,
         )
         ys = _time_major(ys)
         return (carry, ys) if return_carry else ys

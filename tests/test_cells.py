@@ -344,9 +344,11 @@ def test_matches_pytorch(kind):
             close(got, want[0], tol=1e-5)
 
 
+@pytest.mark.parametrize("grad_chunk", [4, None])
 @pytest.mark.parametrize("kind", KINDS)
-def test_gradients_match_pytorch_autograd(kind):
-    """Gradients through unroll (the stacked-weight step) against torch.autograd."""
+def test_gradients_match_pytorch_autograd(kind, grad_chunk):
+    """Gradients through unroll against torch.autograd: the chunked backward pass (9 steps:
+    two chunks of 4, then 1) and JAX's autodiff of the loop (grad_chunk None)."""
     rng = np.random.default_rng(8)
     module = torch_module(kind)
     params = from_torch(kind, module)
@@ -361,7 +363,9 @@ def test_gradients_match_pytorch_autograd(kind):
     (y_t * torch.from_numpy(y_cot)).sum().backward()
 
     def loss(params, x, carry0):
-        _, ys = cells.unroll(make_cell(kind), params, x.swapaxes(0, 1), carry0)
+        _, ys = cells.unroll(
+            make_cell(kind), params, x.swapaxes(0, 1), carry0, grad_chunk=grad_chunk
+        )
         return jnp.sum(ys.swapaxes(0, 1) * y_cot)
 
     g_params, g_x, g_carry = jax.grad(loss, argnums=(0, 1, 2))(params, x, carry0)
@@ -419,9 +423,11 @@ def test_padding_matches_pytorch_packed_bidirectional(kind):
 # 4. Gradients.
 
 
+@pytest.mark.parametrize("grad_chunk", [3, None])
 @pytest.mark.parametrize("kind", KINDS)
-def test_gradients_match_numpy_finite_differences(kind):
-    """jax.grad through unroll (lengths, reverse, carry) against float64 central differences."""
+def test_gradients_match_numpy_finite_differences(kind, grad_chunk):
+    """jax.grad through unroll (lengths, reverse, carry) against float64 central differences,
+    for the chunked backward pass (4 steps: a chunk of 3, then 1) and autodiff of the loop."""
     rng = np.random.default_rng(6)
     cell = make_cell(kind)
     time, batch, in_dim, hidden = 4, 2, 3, 3
@@ -435,7 +441,15 @@ def test_gradients_match_numpy_finite_differences(kind):
     for reverse in (False, True):
 
         def loss(params, xs, carry0, reverse=reverse):
-            carry, ys = cells.unroll(cell, params, xs, carry0, seq_lengths=lengths, reverse=reverse)
+            carry, ys = cells.unroll(
+                cell,
+                params,
+                xs,
+                carry0,
+                seq_lengths=lengths,
+                reverse=reverse,
+                grad_chunk=grad_chunk,
+            )
             total = jnp.sum(ys * ys_cot)
             for c, w in zip(jax.tree.leaves(carry), c_cot, strict=True):
                 total = total + jnp.sum(c * w)
@@ -533,6 +547,11 @@ def _bad_calls():
         (lambda: cells.simple_rnn("sigmoid"), ValueError, r"activation: expected one of"),
         (lambda: cells.get("transformer"), ValueError, r"cell: expected one of"),
         (lambda: cells.unroll(lstm, params, xs, unroll=0), ValueError, r"unroll: expected"),
+        (
+            lambda: cells.unroll(lstm, params, xs, grad_chunk=0),
+            ValueError,
+            r"grad_chunk: expected a positive int",
+        ),
         (lambda: lstm.init(jax.random.key(0), IN, 0), ValueError, r"hidden: expected"),
     ]
 
