@@ -1,6 +1,7 @@
 """`linear_scan(method="auto")` from a table of measurements (lru_jax.scan_choices)."""
 
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -100,3 +101,18 @@ def test_an_unreadable_file_is_named(tmp_path):
     path.write_text("{not json")
     with pytest.raises(ValueError, match="choices.json"):
         scan_choices.load(str(path))
+
+
+def test_built_in_cpu_rule_agrees_with_the_recorded_cpu_measurements(monkeypatch):
+    """The rule "auto" uses on CPU without a table picks, at every forward+backward shape of
+    docs/bench-cpu (the committed bench run), the method that was fastest there."""
+    path = os.path.join(os.path.dirname(__file__), "..", "docs", "bench-cpu", "scan_choices.json")
+    with open(path) as f:
+        recorded = json.load(f)
+    monkeypatch.delenv(scan_choices.ENV_VAR, raising=False)
+    scan_choices.clear()
+    training = [e for e in recorded["entries"] if e["mode"] == "fwd+bwd"]
+    assert len(training) >= 16
+    for e in training:
+        fastest = min(e["times_ms"], key=e["times_ms"].get)
+        assert choose_method(e["time"], e["state_size"], backend="cpu") == fastest, e
