@@ -2,7 +2,7 @@
 # The prepared GPU run for issue 5 (docs/benchmarks.md, "GPU"): the scan and Pallas tests on
 # the GPU, then the bench's gpu and layers suites. Everything lands under $OUT:
 #   device.txt  jax version, devices, whether the Pallas kernel compiles and runs
-#   tests.txt   pytest output (TF32 off, so the tests' tolerances hold)
+#   tests.txt   pytest of the scan, Pallas, LRU and cell tests (TF32 off, so tolerances hold)
 #   bench.txt   the bench tables; bench/bench.json, bench/scan.png, bench/scan_choices.json
 #
 # On the device machine (see ../shared/GPU.md; carry .whl, the wheels its image lacks):
@@ -32,6 +32,7 @@ PY
 # Tests compare methods at tight tolerances: full float32 matmuls (no TF32) for them only.
 JAX_DEFAULT_MATMUL_PRECISION=highest timeout 240 python3 -m pytest -q \
   tests/test_pallas_scan.py tests/test_scan.py tests/test_scan_choices.py tests/test_lru.py \
+  tests/test_cells.py \
   2>&1 | tee "$OUT/tests.txt"
 
 # shellcheck disable=SC2086  # BENCH_ARGS is a list of flags
