@@ -49,6 +49,8 @@ class SequenceModel(nn.Module):
         outputs) instead of every block's at every step. Outputs and gradients are unchanged;
         dropout masks differ. Recurrent mixers only (every block must be causal with a carry).
       remat_chunk: the chunk length of `remat`.
+      grad_chunk: recurrent-cell mixers' backward pass: steps per weight-gradient matmul (see
+        `cells.unroll`), or None for JAX's autodiff of the loop (needed for `jax.jvp`).
       sequence_axis: a mesh axis to split the LRU scans' time over (sequence parallelism;
         "lru" cells only, applied under `jax.set_mesh`), or None.
     """
@@ -70,6 +72,7 @@ class SequenceModel(nn.Module):
     pooling: str = "none"
     remat: bool = False
     remat_chunk: int = 256
+    grad_chunk: int | None = 16
     num_heads: int = 4
     max_len: int = 2048
     sequence_axis: str | None = None
@@ -118,7 +121,7 @@ class SequenceModel(nn.Module):
             )
         if self.cell == "attention":
             return lnn.CausalSelfAttention(self.d_model, self.num_heads, self.max_len)
-        return lnn.RecurrentLayer(self.d_model, cell=self.cell)
+        return lnn.RecurrentLayer(self.d_model, cell=self.cell, grad_chunk=self.grad_chunk)
 
     def _check_inputs(self, x, name="inputs"):
         if self.vocab_size is None:
@@ -326,6 +329,7 @@ class EncoderDecoder(nn.Module):
       bidirectional: the encoder's blocks read the source both ways.
       hard_temperature: the Gumbel-softmax temperature of hard attention in training.
       norm, prenorm, ffn, dropout_rate: of every `nn.SequenceBlock`.
+      grad_chunk: as `SequenceModel.grad_chunk`.
     """
 
     vocab_size: int
@@ -345,6 +349,7 @@ class EncoderDecoder(nn.Module):
     prenorm: bool = True
     ffn: str = "glu"
     dropout_rate: float = 0.0
+    grad_chunk: int | None = 16
 
     def setup(self):
         _checks.positive_int("vocab_size", self.vocab_size)
@@ -383,7 +388,7 @@ class EncoderDecoder(nn.Module):
     def _mixer(self) -> nn.Module:
         if self.cell == "lru":
             return lnn.LRU(self.d_state, self.r_min, self.r_max, self.max_phase, self.scan_method)
-        return lnn.RecurrentLayer(self.d_model, cell=self.cell)
+        return lnn.RecurrentLayer(self.d_model, cell=self.cell, grad_chunk=self.grad_chunk)
 
     def _encoder_mixer(self) -> nn.Module:
         if self.bidirectional:

@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lru_jax import models
+from lru_jax import models, tasks
+from lru_jax.training import config as config_lib
 
 
 def _lm(cell="lru", remat=False):
@@ -119,3 +120,28 @@ def test_bad_inputs():
         models.SequenceModel(num_outputs=2, cell="transformer").init(
             jax.random.key(0), np.zeros((1, 3, 2), np.float32)
         )
+
+
+def test_config_grad_chunk_zero_selects_autodiff_with_the_same_gradient():
+    task = tasks.get_task("adding", seq_len=6)
+    config = config_lib.default_config()
+    config.model.update(cell="lstm", d_model=8, num_layers=1, pooling="last", dropout_rate=0.0)
+    chunked = config_lib.build_model(config.model, task.spec)
+    config.model.grad_chunk = 0
+    autodiff = config_lib.build_model(config.model, task.spec)
+    assert (chunked.grad_chunk, autodiff.grad_chunk) == (16, None)
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 6, 2)), jnp.float32)
+    variables = chunked.init(jax.random.key(0), x)
+
+    def loss(model):
+        return lambda p: jnp.sum(model.apply({"params": p}, x) ** 2)
+
+    got = jax.grad(loss(chunked))(variables["params"])
+    want = jax.grad(loss(autodiff))(variables["params"])
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+    # Forward mode needs the autodiff loop: a custom VJP has no JVP rule.
+    tangent = jax.tree.map(jnp.ones_like, variables["params"])
+    jax.jvp(loss(autodiff), (variables["params"],), (tangent,))
+    with pytest.raises(TypeError, match="custom_vjp"):
+        jax.jvp(loss(chunked), (variables["params"],), (tangent,))

@@ -150,6 +150,7 @@ def test_truncated_bptt_trains_end_to_end(tmp_path):
         ("model", "d_model", -4, r"config.model.d_model: expected a positive int, got -4"),
         ("model", "cell", "transformer", "config.model.cell: expected one of"),
         ("model", "dropout_rate", 1.0, "config.model.dropout_rate"),
+        ("model", "grad_chunk", -1, "config.model.grad_chunk: expected a non-negative int"),
         ("model", "r_max", 1.5, "config.model.r_min, r_max"),
         ("train", "learning_rate", -1.0, "config.train.learning_rate"),
         ("train", "batch_size", 0, "config.train.batch_size"),

@@ -45,6 +45,9 @@ def default_config() -> ml_collections.ConfigDict:
             "pooling": "none",  # none (per-step outputs) | last | mean | attention
             "remat": False,  # rematerialised BPTT over time chunks (see SequenceModel)
             "remat_chunk": 256,
+            # LSTM/GRU/SimpleRNN backward: steps per weight-gradient matmul (cells.unroll);
+            # 0: JAX's autodiff of the loop instead (slower; needed for forward-mode jax.jvp)
+            "grad_chunk": 16,
             "num_heads": 4,  # attention mixer: heads (d_model / num_heads must be even)
             "max_len": 2048,  # attention mixer: key/value cache size (sequence + generation)
             # Encoder-decoder (seq2seq tasks only):
@@ -131,6 +134,7 @@ def validate(config) -> None:
     m = config.model
     for name in ("d_model", "num_layers", "d_state", "remat_chunk", "num_heads", "max_len"):
         _positive_int(config, "model", name)
+    _positive_int(config, "model", "grad_chunk", allow_zero=True)
     _choice(config, "model", "cell", models.CELLS)
     _choice(config, "model", "pooling", models.POOLINGS)
     _choice(config, "model", "norm", ("layer", "batch"))
@@ -251,6 +255,8 @@ def build_model(
             "scan_method", "norm", "prenorm", "ffn", "dropout_rate",
         )
     }  # fmt: skip
+    # 0 means autodiff; runs saved before the key existed used the default, 16.
+    shared["grad_chunk"] = m.get("grad_chunk", 16) or None
     if spec.kind == "seq2seq":
         return models.EncoderDecoder(
             vocab_size=spec.vocab_size,
