@@ -525,7 +525,10 @@ def scan_summary(rows: list[Row], backend: str | None = None) -> str:
         fastest = min(by_name.values(), key=lambda r: r.median_ms)
         work = fastest.work
         size = work["batch"] * work["state"]
-        pick = scan.choose_method(work["length"], size, backend, dtype=work["dtype"])
+        trained = work["mode"] == "fwd+bwd"
+        pick = scan.choose_method(
+            work["length"], size, backend, dtype=work["dtype"], differentiated=trained
+        )
         ratio = f"{by_name[pick].median_ms / fastest.median_ms:.2f}" if pick in by_name else ""
         seq = by_name.get("sequential")
         share = "" if seq is None or seq.fraction is None else f"{seq.fraction:.0%}"

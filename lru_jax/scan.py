@@ -89,9 +89,36 @@ def linear_scan(
             raise ValueError("method: 'pallas' does not take a sequence_axis yet; use another")
 
     dtype = jnp.result_type(a, b, *(() if h0 is None else (h0,)))
-    time = out_shape[0]
+    kw = dict(out_shape=out_shape, reverse=reverse, chunk_size=chunk_size)
     if method == "auto" and sequence_axis is None:
-        method = choose_method(time, math.prod(out_shape[1:]), dtype=dtype)
+        size = math.prod(out_shape[1:])
+        method = choose_method(out_shape[0], size, dtype=dtype)
+        forward = choose_method(out_shape[0], size, dtype=dtype, differentiated=False)
+        if forward != method:
+            return _forward_or_trained(forward, method, a, b, h0, resets, **kw)
+    return _scan(method, a, b, h0, resets, sequence_axis=sequence_axis, **kw)
+
+
+def _forward_or_trained(forward, trained, a, b, h0, resets, **kw):
+    """Runs method `forward` where nothing differentiates the scan and `trained` where
+    something does (a measured table can rank them differently, see `choose_method`)."""
+
+    def run(method):
+        return lambda a, b, h0, resets: _scan(method, a, b, h0, resets, **kw)
+
+    if trained == "pallas":  # its custom VJP has no JVP rule: reverse mode only
+        scan = jax.custom_vjp(run(forward))
+        scan.defvjp(lambda *args: jax.vjp(run(trained), *args), lambda vjp, g: vjp(g))
+    else:  # forward mode too; reverse mode transposes `trained`'s JVP
+        scan = jax.custom_jvp(run(forward))
+        scan.defjvp(lambda primals, tangents: jax.jvp(run(trained), primals, tangents))
+    return scan(a, b, h0, resets)
+
+
+def _scan(method, a, b, h0, resets, *, out_shape, reverse, chunk_size, sequence_axis=None):
+    """`linear_scan` of validated inputs with one method (not "auto" unless sequence_axis)."""
+    dtype = jnp.result_type(a, b, *(() if h0 is None else (h0,)))
+    time = out_shape[0]
     a = jnp.asarray(a, dtype)
     b = jnp.broadcast_to(jnp.asarray(b, dtype), out_shape)
     h0 = None if h0 is None else jnp.broadcast_to(jnp.asarray(h0, dtype), out_shape[1:])
@@ -139,12 +166,16 @@ def choose_method(
     backend: str | None = None,
     dtype=None,
     allow_pallas: bool = True,
+    differentiated: bool = True,
 ) -> str:
     """The method "auto" runs for a scan of `time` steps over `state_size` elements per step.
 
     With a measured table for `backend` loaded (`lru_jax.scan_choices`, written by
     `python -m lru_jax.bench --suite scan|gpu --out DIR`): the method that was fastest at the
-    nearest measured shape (same real/complex kind, forward+backward).
+    nearest measured shape (same real/complex kind; forward+backward timings if
+    `differentiated`, else forward-only ones, each where the table has them). "auto" asks for
+    both: where they differ, the scan runs the forward-only choice unless it is differentiated
+    (a `jax.custom_jvp`, or a `jax.custom_vjp` when the trained choice is "pallas").
 
     Without one, a built-in rule. On CPU it comes from measurements
     (docs/benchmarks.md): a `lax.scan` step costs well under a microsecond on XLA:CPU and the
@@ -159,7 +190,8 @@ def choose_method(
     table = scan_choices.table_for(backend)
     if table is not None and time > 1:
         is_complex = None if dtype is None else bool(jnp.issubdtype(dtype, jnp.complexfloating))
-        measured = scan_choices.fastest(table, time, state_size, is_complex, allowed)
+        mode = "fwd+bwd" if differentiated else "fwd"
+        measured = scan_choices.fastest(table, time, state_size, is_complex, allowed, mode)
         if measured is not None:
             return measured
     if backend in ("gpu", "cuda", "rocm", "tpu") and time > 1:

@@ -19,9 +19,11 @@ File format (JSON):
                   "times_ms": {"sequential": 59.0, "associative": 101.0, "chunked": 138.0}}]}
 
 `state_size` is the number of elements scanned per step (batch x state). Lookup: entries of
-the query's kind (real or complex) if the table has any, forward+backward entries if it has any
-(training is what a scan's speed matters most for) else forward ones, then the entry nearest in
-(log2 time, log2 state_size); its fastest method among those allowed wins.
+the query's kind (real or complex) if the table has any, then entries of the query's pass if it
+has any (forward+backward for a scan that is differentiated, forward for one that is not; "auto"
+compiles the forward choice and differentiates through the forward+backward one, see
+`scan.choose_method`), then the entry nearest in (log2 time, log2 state_size); its fastest
+method among those allowed wins.
 """
 
 from __future__ import annotations
@@ -73,18 +75,20 @@ def table_for(backend: str) -> dict | None:
 
 
 def fastest(
-    table: dict, time: int, state_size: int, is_complex: bool | None, allowed: tuple[str, ...]
+    table: dict,
+    time: int,
+    state_size: int,
+    is_complex: bool | None,
+    allowed: tuple[str, ...],
+    mode: str = "fwd+bwd",
 ) -> str | None:
-    """The fastest allowed method at the measured shape nearest to (time, state_size)."""
+    """The fastest allowed method at the measured shape nearest to (time, state_size), among
+    the entries of `mode` ("fwd" or "fwd+bwd") if the table has any, else the other mode's."""
     entries = [e for e in table["entries"] if any(m in allowed for m in e["times_ms"])]
     if is_complex is not None:
         same_kind = [e for e in entries if _is_complex(e["dtype"]) == is_complex]
         entries = same_kind or entries
-    for mode in reversed(MODES):
-        in_mode = [e for e in entries if e["mode"] == mode]
-        if in_mode:
-            entries = in_mode
-            break
+    entries = [e for e in entries if e["mode"] == mode] or entries
     if not entries:
         return None
 

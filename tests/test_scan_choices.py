@@ -116,3 +116,57 @@ def test_built_in_cpu_rule_agrees_with_the_recorded_cpu_measurements(monkeypatch
     for e in training:
         fastest = min(e["times_ms"], key=e["times_ms"].get)
         assert choose_method(e["time"], e["state_size"], backend="cpu") == fastest, e
+
+
+def _primitives(jaxpr) -> set[str]:
+    """Every primitive in a jaxpr, nested ones (scan bodies, custom rules) included."""
+    names = set()
+    for eqn in jaxpr.eqns:
+        names.add(eqn.primitive.name)
+        for value in eqn.params.values():
+            inner = getattr(value, "jaxpr", value)
+            if isinstance(inner, jax.extend.core.Jaxpr):
+                names |= _primitives(inner)
+    return names
+
+
+@pytest.mark.parametrize("trained", ["sequential", "pallas"])
+def test_auto_runs_the_forward_choice_and_differentiates_the_trained_one(trained):
+    """A table whose forward-only and forward+backward timings disagree: "auto" compiles the
+    forward-only winner (associative) when nothing differentiates the scan, and the
+    forward+backward winner when something does; values and gradients are the scan's."""
+    times = {"associative": 1.0, trained: 2.0}
+    scan_choices.register(
+        {
+            "backend": jax.default_backend(),
+            "entries": [
+                _entry(8, 6, "fwd", times),
+                _entry(8, 6, "fwd+bwd", {"associative": 2.0, trained: 1.0}),
+            ],
+        }
+    )
+    rng = np.random.default_rng(0)
+    a = jnp.asarray(rng.uniform(0.3, 0.9, (8, 6)) * np.exp(1j * rng.normal(size=(8, 6))))
+    a, b = a.astype(jnp.complex64), jnp.asarray(rng.normal(size=(8, 6)), jnp.complex64)
+    resets = jnp.zeros(8, bool).at[5].set(True)
+
+    def loss(a, b, method):
+        return jnp.sum(jnp.abs(linear_scan(a, b, method=method, resets=resets)) ** 2)
+
+    try:
+        forward = _primitives(jax.make_jaxpr(lambda a, b: loss(a, b, "auto"))(a, b).jaxpr)
+        backward = jax.make_jaxpr(jax.grad(loss), static_argnums=2)(a, b, "auto").jaxpr
+        np.testing.assert_allclose(loss(a, b, "auto"), loss(a, b, "sequential"), rtol=1e-5)
+        got = jax.grad(loss, argnums=(0, 1))(a, b, "auto")
+        if trained != "pallas":  # forward mode: through the trained method's own JVP
+            tangent = (jnp.ones_like(b),)
+            jvp = jax.jvp(lambda b: loss(a, b, "auto"), (b,), tangent)[1]
+            want_jvp = jax.jvp(lambda b: loss(a, b, "sequential"), (b,), tangent)[1]
+            np.testing.assert_allclose(jvp, want_jvp, rtol=1e-5)
+    finally:
+        scan_choices.clear()
+    assert "scan" not in forward and "pallas_call" not in forward  # associative: no loop
+    assert ("pallas_call" if trained == "pallas" else "scan") in _primitives(backward)
+    want = jax.grad(loss, argnums=(0, 1))(a, b, "sequential")
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
