@@ -3,8 +3,9 @@
 Suites (`--suite`, repeatable; `all` runs every CPU-sized one):
   scan    every `linear_scan` method over lengths x (batch, state) sizes, real and complex,
           forward ("fwd") and forward+backward ("fwd+bwd"); baseline: "sequential".
-  layers  our SimpleRNN/LSTM/GRU against flax.linen's nn.RNN cells, and our LRU (each method)
-          against an associative-scan-only LRU written from the paper's pseudocode; fwd+bwd.
+  layers  our SimpleRNN/LSTM/GRU against flax.linen's nn.RNN cells (and PyTorch's nn.RNN/LSTM/
+          GRU on CPU where torch is installed), and our LRU (each method) against an
+          associative-scan-only LRU written from the paper's pseudocode; fwd+bwd.
   train   train-step throughput (tokens/s) and compile time for configs in configs/.
   memory  peak memory and time of BPTT with and without rematerialisation (4-layer models).
   gpu     the scan suite at accelerator sizes (lengths up to 65,536), meant for a GPU.
@@ -71,6 +72,8 @@ def _block(tree):
 
 def _memory_mb(compiled) -> float | None:
     """Peak device memory if the backend reports it, else XLA's planned buffers (CPU)."""
+    if isinstance(compiled, Eager):
+        return None
     stats = jax.devices()[0].memory_stats()
     if stats and "peak_bytes_in_use" in stats:
         return stats["peak_bytes_in_use"] / 2**20
@@ -84,7 +87,17 @@ def _memory_mb(compiled) -> float | None:
     return (total - m.alias_size_in_bytes) / 2**20
 
 
+@dataclasses.dataclass
+class Eager:
+    """A candidate that runs as it is, not jitted: another framework's step (e.g. PyTorch's).
+    It has no compile time, and no memory figure (JAX's would not be its own)."""
+
+    fn: Callable
+
+
 def _compile(fn: Callable, args: Sequence):
+    if isinstance(fn, Eager):
+        return fn, 0.0
     start = time.perf_counter()
     compiled = jax.jit(fn).lower(*args).compile()
     return compiled, time.perf_counter() - start
@@ -112,7 +125,7 @@ def measure_group(candidates: Sequence[tuple[Callable, Sequence]], repeats: int)
     """
     compiled = [_compile(fn, args) for fn, args in candidates]
     for (fn, _), (_, args) in zip(compiled, candidates, strict=True):
-        _block(fn(*args))
+        _block(_call(fn, args))
     wall: list[list[float]] = [[] for _ in candidates]
     cpu: list[list[float]] = [[] for _ in candidates]
     n = len(candidates)
@@ -125,9 +138,13 @@ def measure_group(candidates: Sequence[tuple[Callable, Sequence]], repeats: int)
     ]
 
 
+def _call(fn, args):
+    return fn.fn(*args) if isinstance(fn, Eager) else fn(*args)
+
+
 def _timed_call(fn, args, wall: list[float], cpu: list[float]):
     start, start_cpu = time.perf_counter(), time.process_time()
-    out = _block(fn(*args))
+    out = _block(_call(fn, args))
     wall.append((time.perf_counter() - start) * 1e3)
     cpu.append((time.process_time() - start_cpu) * 1e3)
     return out
@@ -348,6 +365,9 @@ def rnn_layer_rows(batch, length, inputs, hidden, repeats, limits) -> list[Row]:
                 _grad_of_squares(_module_fn(ours)),
                 (our_params, x),
             )
+        torch_step = _torch_rnn_step(cell_name, batch, length, inputs, hidden)
+        if torch_step is not None:
+            candidates[torch_step[0]] = (Eager(torch_step[1]), ())
         timings = measure_group(list(candidates.values()), repeats)
         for name, timing in zip(candidates, timings, strict=True):
             row = _row("layers", group, name, timing)
@@ -356,6 +376,31 @@ def rnn_layer_rows(batch, length, inputs, hidden, repeats, limits) -> list[Row]:
             rows.append(row)
     _set_speedups(rows, lambda r: r.name.startswith("flax"))
     return rows
+
+
+def _torch_rnn_step(cell_name, batch, length, inputs, hidden):
+    """(row name, step) for PyTorch's nn.RNN/LSTM/GRU, fwd+bwd of the same loss as ours
+    (gradients of parameters and input), or None without PyTorch or off CPU (where it would
+    not be running on the device JAX is)."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    if jax.default_backend() != "cpu":
+        return None
+    module = {"simple_rnn": torch.nn.RNN, "lstm": torch.nn.LSTM, "gru": torch.nn.GRU}[cell_name]
+    torch.manual_seed(0)
+    layer = module(inputs, hidden)  # time-major, PyTorch's default and its faster layout
+    x = torch.randn(length, batch, inputs, requires_grad=True)
+
+    def step():
+        layer.zero_grad(set_to_none=True)
+        x.grad = None
+        ys, _ = layer(x)
+        (ys**2).sum().backward()
+
+    name = f"PyTorch nn.{module.__name__} ({torch.get_num_threads()} threads)"
+    return name, step
 
 
 def lru_layer_rows(batch, length, width, repeats, limits) -> list[Row]:

@@ -55,6 +55,10 @@ def test_a_tiny_run_writes_a_table_json_and_plot(tmp_path, capsys):
     names = {r["name"] for r in rows if r["suite"] == "layers"}
     want = {"flax nn.RNN(OptimizedLSTMCell)", "lru_jax lstm", "lru_jax lstm (autodiff)"}
     assert want | {"lru_jax lru (auto)"} <= names
+    if jax.default_backend() == "cpu":  # PyTorch's layers join on CPU (torch is a test extra)
+        torch_rows = [r for r in rows if r["name"].startswith("PyTorch nn.")]
+        assert {r["name"].split(" ")[1] for r in torch_rows} == {"nn.RNN", "nn.LSTM", "nn.GRU"}
+        assert all(r["compile_s"] == 0.0 and r["memory_mb"] is None for r in torch_rows)
     out = capsys.readouterr().out
     assert "| group | name | median ms" in out
     saved = bench.load_rows(os.path.join(tmp_path, "bench.json"))
