@@ -17,7 +17,9 @@ Every method computes the same thing along axis 0 (time) and differs only in how
   table of measurements in which it was fastest.
 - ``"auto"``: picks one of the above from the platform and the shape (see `choose_method`):
   from this machine's own measurements when a table from `python -m lru_jax.bench` is loaded
-  (`lru_jax.scan_choices`), else from a built-in rule.
+  (`lru_jax.scan_choices`), else from a built-in rule. Where the table's forward-only and
+  forward+backward winners differ, the forward pass uses the first and differentiation the
+  second.
 
 Sequence parallelism (`sequence_axis=...`, inside `jax.set_mesh(mesh)`): time is split into
 contiguous blocks over the devices of one mesh axis. Each device scans its block from a zero
@@ -107,12 +109,12 @@ def _forward_or_trained(forward, trained, a, b, h0, resets, **kw):
         return lambda a, b, h0, resets: _scan(method, a, b, h0, resets, **kw)
 
     if trained == "pallas":  # its custom VJP has no JVP rule: reverse mode only
-        scan = jax.custom_vjp(run(forward))
-        scan.defvjp(lambda *args: jax.vjp(run(trained), *args), lambda vjp, g: vjp(g))
+        scan_fn = jax.custom_vjp(run(forward))
+        scan_fn.defvjp(lambda *args: jax.vjp(run(trained), *args), lambda vjp, g: vjp(g))
     else:  # forward mode too; reverse mode transposes `trained`'s JVP
-        scan = jax.custom_jvp(run(forward))
-        scan.defjvp(lambda primals, tangents: jax.jvp(run(trained), primals, tangents))
-    return scan(a, b, h0, resets)
+        scan_fn = jax.custom_jvp(run(forward))
+        scan_fn.defjvp(lambda primals, tangents: jax.jvp(run(trained), primals, tangents))
+    return scan_fn(a, b, h0, resets)
 
 
 def _scan(method, a, b, h0, resets, *, out_shape, reverse, chunk_size, sequence_axis=None):
