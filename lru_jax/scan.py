@@ -90,9 +90,9 @@ def linear_scan(
         if method == "pallas":
             raise ValueError("method: 'pallas' does not take a sequence_axis yet; use another")
 
-    dtype = jnp.result_type(a, b, *(() if h0 is None else (h0,)))
     kw = dict(out_shape=out_shape, reverse=reverse, chunk_size=chunk_size)
     if method == "auto" and sequence_axis is None:
+        dtype = jnp.result_type(a, b, *(() if h0 is None else (h0,)))
         size = math.prod(out_shape[1:])
         method = choose_method(out_shape[0], size, dtype=dtype)
         forward = choose_method(out_shape[0], size, dtype=dtype, differentiated=False)
