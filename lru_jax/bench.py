@@ -192,10 +192,10 @@ def _set_speedups(rows: list[Row], baseline_name: Callable[[Row], bool]) -> None
             r.speedup = by_group[r.group] / r.median_ms
 
 
-def _bandwidth(row: Row, limits: Limits) -> None:
+def _bandwidth(row: Row, limits: Limits | None) -> None:
     gbps = row.work["bytes"] / row.median_ms / 1e6
     row.rate = f"{gbps:.1f} GB/s"
-    row.fraction = gbps / limits.copy_gbps
+    row.fraction = None if limits is None else gbps / limits.copy_gbps
 
 
 def _flop_rate(row: Row, limits: Limits) -> None:
@@ -215,7 +215,8 @@ def scan_methods(backend: str, with_auto: bool = True) -> tuple[str, ...]:
     return (*methods, "auto") if with_auto else tuple(methods)
 
 
-def _scan_inputs(key, time_steps: int, batch: int, state: int, dtype):
+def scan_inputs(key, time_steps: int, batch: int, state: int, dtype):
+    """(a [state], b [time_steps, batch, state]) of `dtype`: |a| in [0.9, 0.999], b normal."""
     ka, kb = jax.random.split(key)
     if jnp.issubdtype(dtype, jnp.complexfloating):
         a = 0.999 * jnp.exp(1j * jax.random.uniform(ka, (state,)))
@@ -253,15 +254,16 @@ def scan_suite(
             for length in lengths:
                 if length * batch * state > max_elements:
                     continue
-                a, b = _scan_inputs(jax.random.key(0), length, batch, state, jnp.dtype(dtype_name))
+                a, b = scan_inputs(jax.random.key(0), length, batch, state, jnp.dtype(dtype_name))
                 for mode in modes:
-                    rows += _scan_group(a, b, mode, repeats, limits)
+                    rows += scan_group(a, b, mode, repeats, limits)
     _set_speedups(rows, lambda r: r.name == "sequential")
     return rows
 
 
-def _scan_group(a, b, mode: str, repeats: int, limits: Limits) -> list[Row]:
-    """Every method on one b [T, B, N], interleaved.
+def scan_group(a, b, mode: str, repeats: int, limits: Limits | None = None) -> list[Row]:
+    """Every method on one b [T, B, N], interleaved (`mode` "fwd" or "fwd+bwd"); the bandwidth
+    as a fraction of `limits` if given.
 
     "auto" is not timed separately: it compiles to exactly the method `choose_method` names
     (`scan_summary` reports it from that row). Timed as a separate candidate, an identical

@@ -187,6 +187,7 @@ def choose_method(
     expected to win where one sequential step leaves most of the chip idle; that default is
     not measured here (no GPU was available): run the bench's gpu suite and load its table.
     """
+    scan_choices.note(time, state_size, dtype)  # for `scan_choices.recording()`
     backend = backend or jax.default_backend()
     allowed = METHODS if allow_pallas else tuple(m for m in METHODS if m != "pallas")
     table = scan_choices.table_for(backend)

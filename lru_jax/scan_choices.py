@@ -9,8 +9,11 @@ scan, the method that was fastest at the nearest measured shape on this backend:
 
 or set the environment variable `LRU_JAX_SCAN_CHOICES=DIR/scan_choices.json` before the first
 scan is traced. Without a table for the current backend, `scan.choose_method` uses its built-in
-rule. The choice is made when a function is traced, so load the table before jitting; with
-several processes, every process must load the same table (or they compile different programs).
+rule. `measure(queries)` times the methods at exactly the shapes a program asks "auto" about
+(collected while tracing it under `recording()`) and registers that table: train.py does this
+with `--config.train.scan_choices=measure`. The choice is made when a function is traced, so
+load the table before jitting; with several processes, every process must load the same table
+(or they compile different programs).
 
 File format (JSON):
 
@@ -28,15 +31,23 @@ method among those allowed wins.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import math
 import os
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
 
 ENV_VAR = "LRU_JAX_SCAN_CHOICES"
 MODES = ("fwd", "fwd+bwd")
 
 _tables: dict[str, dict] = {}  # backend -> table
 _env_loaded = False
+_recorders: list[set] = []  # open `recording()` contexts
 
 
 def load(path: str) -> dict:
@@ -63,6 +74,19 @@ def clear() -> None:
     _env_loaded = False
 
 
+@contextlib.contextmanager
+def restored():
+    """Puts every table back as it was before the block: tables loaded for one run end with it."""
+    global _env_loaded
+    tables, env_loaded = dict(_tables), _env_loaded
+    try:
+        yield
+    finally:
+        _tables.clear()
+        _tables.update(tables)
+        _env_loaded = env_loaded
+
+
 def table_for(backend: str) -> dict | None:
     """The loaded table for `backend`, reading $LRU_JAX_SCAN_CHOICES the first time."""
     global _env_loaded
@@ -72,6 +96,79 @@ def table_for(backend: str) -> dict | None:
         if path:
             load(path)
     return _tables.get(backend)
+
+
+def save(table: dict, path: str) -> None:
+    """Writes `table` as JSON to `path` atomically (a crash leaves the old file or none)."""
+    _check(table, path)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(table, f, indent=1)
+    os.replace(tmp, path)
+
+
+class Query(NamedTuple):
+    """One question "auto" was asked while tracing: a scan of `time` steps over `state_size`
+    elements of `dtype` (a dtype name)."""
+
+    dtype: str
+    time: int
+    state_size: int
+
+
+@contextlib.contextmanager
+def recording():
+    """Collects the `Query`s that `scan.choose_method` gets while the block traces something:
+
+    with scan_choices.recording() as queries:
+        jax.eval_shape(train_step, state, batch)
+    scan_choices.measure(queries)
+    jax.clear_caches()  # else the next call reuses the trace made without the table
+    """
+    queries: set[Query] = set()
+    _recorders.append(queries)
+    try:
+        yield queries
+    finally:
+        _recorders.remove(queries)
+
+
+def note(time: int, state_size: int, dtype) -> None:
+    """Called by `scan.choose_method`: adds its question to every open `recording()`."""
+    if _recorders and dtype is not None and time > 1:
+        query = Query(jnp.dtype(dtype).name, int(time), int(state_size))
+        for queries in _recorders:
+            queries.add(query)
+
+
+def measure(queries, modes=MODES, repeats: int = 5) -> dict:
+    """Times every scan method at each `Query` on this process's default backend, forward and
+    forward+backward, and registers (and returns) the table: "auto" then chooses from it.
+
+    The timing is the bench's scan suite (`lru_jax.bench`): b [time, 1, state_size], methods
+    interleaved, the median of `repeats` runs after a warm-up. With several processes every
+    process measures and all take process 0's times, so every process compiles the same
+    program (call it in all of them).
+    """
+    from lru_jax import bench  # lazily: the bench imports this module
+
+    queries = sorted(set(queries))
+    if not queries:
+        raise ValueError("queries: expected at least one (dtype, time, state_size), got none")
+    rows = []
+    for q in queries:
+        a, b = bench.scan_inputs(jax.random.key(0), q.time, 1, q.state_size, jnp.dtype(q.dtype))
+        for mode in modes:
+            rows += bench.scan_group(a, b, mode, repeats)
+    if jax.process_count() > 1:  # one table for all, or they would compile different programs
+        from jax.experimental import multihost_utils
+
+        times = multihost_utils.broadcast_one_to_all(np.array([r.median_ms for r in rows]))
+        for row, ms in zip(rows, np.asarray(times).tolist(), strict=True):
+            row.median_ms = ms
+    table = from_rows([dataclasses.asdict(r) for r in rows], bench.machine_description(None))
+    register(table, source="measured")
+    return table
 
 
 def fastest(

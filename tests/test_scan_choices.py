@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from lru_jax import scan_choices
+from lru_jax.bench import scan_methods
 from lru_jax.scan import choose_method, linear_scan
 
 
@@ -170,3 +171,65 @@ def test_auto_runs_the_forward_choice_and_differentiates_the_trained_one(trained
     want = jax.grad(loss, argnums=(0, 1))(a, b, "sequential")
     for g, w in zip(got, want, strict=True):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
+
+
+def test_recording_collects_what_auto_is_asked_and_measure_answers_it(monkeypatch):
+    """Tracing a gradient under `recording()` collects the scan's (dtype, time, state size);
+    `measure` times every CPU method there, both passes, and "auto" then picks the fastest."""
+    monkeypatch.delenv(scan_choices.ENV_VAR, raising=False)
+    scan_choices.clear()
+    a = jnp.full((3,), 0.9 + 0.1j, jnp.complex64)
+
+    def loss(b):
+        return jnp.sum(jnp.abs(linear_scan(a, b)) ** 2)
+
+    with scan_choices.recording() as queries:
+        jax.eval_shape(jax.grad(loss), jnp.ones((16, 2, 3), jnp.complex64))
+        linear_scan(a, jnp.ones((1, 3)), method="sequential")  # a named method asks nothing
+    assert queries == {scan_choices.Query("complex64", 16, 6)}
+    try:
+        table = scan_choices.measure(queries, repeats=2)
+        assert scan_choices.table_for(jax.default_backend()) is table
+        entries = {(e["dtype"], e["time"], e["state_size"], e["mode"]) for e in table["entries"]}
+        assert entries == {("complex64", 16, 6, "fwd"), ("complex64", 16, 6, "fwd+bwd")}
+        for e in table["entries"]:
+            assert tuple(e["times_ms"]) == scan_methods(jax.default_backend(), with_auto=False)
+            fastest = min(e["times_ms"], key=e["times_ms"].get)
+            trained = e["mode"] == "fwd+bwd"
+            assert choose_method(16, 6, dtype=jnp.complex64, differentiated=trained) == fastest
+    finally:
+        scan_choices.clear()
+
+
+def test_measure_with_several_processes_takes_process_0s_times(monkeypatch):
+    """Every process measures, then all use what process 0 broadcast (stood in for here):
+    different tables would compile different programs in a multi-process run."""
+    from jax.experimental import multihost_utils
+
+    sent = []
+
+    def broadcast(times):
+        sent.append(np.asarray(times))
+        return np.arange(1.0, len(times) + 1)[::-1]  # process 0's: the last method fastest
+
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(multihost_utils, "broadcast_one_to_all", broadcast)
+    try:
+        table = scan_choices.measure([scan_choices.Query("float32", 4, 2)], ("fwd",), repeats=1)
+    finally:
+        scan_choices.clear()
+    methods = scan_methods(jax.default_backend(), with_auto=False)
+    assert len(sent) == 1 and sent[0].shape == (len(methods),) and np.all(sent[0] > 0)
+    times = table["entries"][0]["times_ms"]
+    assert times == dict(zip(methods, range(len(methods), 0, -1), strict=True))
+
+
+def test_save_writes_a_table_that_loads_back(tmp_path):
+    path = str(tmp_path / "scan_choices.json")
+    scan_choices.save(TABLE, path)
+    try:
+        assert scan_choices.load(path) == TABLE and os.listdir(tmp_path) == ["scan_choices.json"]
+    finally:
+        scan_choices.clear()
+    with pytest.raises(ValueError, match="entries"):
+        scan_choices.save({"backend": "gpu", "entries": []}, path)

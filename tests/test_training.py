@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from tiny_configs import tiny_config
 
-from lru_jax import tasks
+from lru_jax import scan, scan_choices, tasks
 from lru_jax.training import config as config_lib
 from lru_jax.training import loop, steps
 from lru_jax.training.metrics import read_jsonl
@@ -139,6 +139,50 @@ def test_truncated_bptt_carries_state_but_cuts_gradients():
     assert not np.allclose(nu_full, nu_trunc, rtol=1e-3)
 
 
+def test_measured_scan_choices_are_the_runs_shapes_and_a_resumed_run_reuses_them(
+    tmp_path, monkeypatch
+):
+    monkeypatch.delenv(scan_choices.ENV_VAR, raising=False)
+    scan_choices.clear()
+    workdir = str(tmp_path / "run")
+    measure = tiny_config(num_steps=4, eval_every=4, scan_choices="measure")
+    loop.train_and_evaluate(measure, workdir)
+    saved = os.path.join(workdir, "scan_choices.json")
+    with open(saved) as f:
+        table = json.load(f)
+    # the tiny LRU scans 24 steps over batch 4 x d_state 8 complex states, in training and eval
+    shapes = {(e["dtype"], e["time"], e["state_size"], e["mode"]) for e in table["entries"]}
+    assert shapes == {("complex64", 24, 32, "fwd"), ("complex64", 24, 32, "fwd+bwd")}
+    assert scan_choices.table_for(jax.default_backend()) is None  # unloaded after the run
+
+    def measure_again(queries, *args, **kwargs):
+        raise AssertionError("a resumed run measured again")
+
+    loaded, load = [], scan_choices.load
+    monkeypatch.setattr(scan_choices, "measure", measure_again)
+    monkeypatch.setattr(scan_choices, "load", lambda path: loaded.append(path) or load(path))
+    measure.train.num_steps = 8
+    loop.train_and_evaluate(measure, workdir)
+    assert loaded == [saved]
+
+
+def test_a_scan_choices_file_decides_what_auto_runs(tmp_path, monkeypatch):
+    entries = [
+        {"dtype": "complex64", "time": 24, "state_size": 32, "mode": mode,
+         "times_ms": {"sequential": 2.0, "associative": 1.0}}
+        for mode in ("fwd", "fwd+bwd")
+    ]  # fmt: skip
+    path = tmp_path / "choices.json"
+    path.write_text(json.dumps({"backend": jax.default_backend(), "entries": entries}))
+    ran, run = [], scan._scan
+    monkeypatch.setattr(
+        scan, "_scan", lambda method, *a, **k: ran.append(method) or run(method, *a, **k)
+    )
+    config = tiny_config(num_steps=2, eval_every=2, scan_choices=str(path))
+    loop.train_and_evaluate(config, str(tmp_path / "run"))
+    assert ran and set(ran) == {"associative"}  # the built-in CPU rule would run "sequential"
+
+
 def test_truncated_bptt_trains_end_to_end(tmp_path):
     result = loop.train_and_evaluate(tiny_config(tbptt_length=8), str(tmp_path))
     assert np.isfinite(result["valid"]["loss"])
@@ -155,6 +199,7 @@ def test_truncated_bptt_trains_end_to_end(tmp_path):
         ("train", "learning_rate", -1.0, "config.train.learning_rate"),
         ("train", "batch_size", 0, "config.train.batch_size"),
         ("generate", "temperature", -0.5, "config.generate.temperature"),
+        ("train", "scan_choices", "no/such.json", "config.train.scan_choices: expected ''"),
     ],
 )
 def test_bad_config_values_are_named(section, key, value, match):

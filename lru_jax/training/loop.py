@@ -15,13 +15,14 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from lru_jax import models, tasks
+from lru_jax import models, scan_choices, tasks
 from lru_jax.training import config as config_lib
 from lru_jax.training import sharding
 from lru_jax.training.checkpoints import Checkpointer
@@ -29,6 +30,8 @@ from lru_jax.training.metrics import MetricsWriter
 from lru_jax.training.optim import make_optimizer, schedule
 from lru_jax.training.state import TrainState
 from lru_jax.training.steps import make_eval_step, make_train_step, model_inputs, summarise
+
+SCAN_CHOICES = "scan_choices.json"  # a run's measured scan table (config.train.scan_choices)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -128,7 +131,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
     task = build_task(config)
     config_lib.check_against_task(config, task.spec)
     layout = sharding.layout_from_config(config, time_keys(task.spec))
-    with jax.set_mesh(layout.mesh):  # the context mesh of the sequence-parallel scans
+    # the mesh is the context of the sequence-parallel scans; a scan table loaded for this run
+    # (config.train.scan_choices) is unloaded after it
+    with jax.set_mesh(layout.mesh), scan_choices.restored():
         return _train_and_evaluate(config, workdir, task, layout)
 
 
@@ -139,6 +144,7 @@ def _train_and_evaluate(config, workdir: str, task, layout: sharding.Layout) -> 
     batch_size = sharding.global_batch_size(tc, layout.mesh)
     main = jax.process_index() == 0  # the one process that writes logs and files
     os.makedirs(workdir, exist_ok=True)
+    measure_scans = load_scan_choices(tc.get("scan_choices", ""), workdir)
     tx = make_optimizer(tc)
     state, state_shardings = init_state(model, tx, task, config, layout)
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), tc.keep_checkpoints)
@@ -176,6 +182,13 @@ def _train_and_evaluate(config, workdir: str, task, layout: sharding.Layout) -> 
             compiled_eval, state, task, split, batch_size, tc.eval_batches, layout.put_batch
         )
 
+    if measure_scans:
+
+        def trace_steps():  # what the first train step and evaluation will trace
+            jax.eval_shape(train_step, state, next_batch("train", start))
+            jax.eval_shape(compiled_eval, state, next_batch("valid", 0))
+
+        measure_scan_choices(workdir, main, trace_steps)
     lr = schedule(tc)
     tokens_per_batch = batch_size * spec.seq_len
     pending = _PendingMetrics()
@@ -229,6 +242,38 @@ def _train_and_evaluate(config, workdir: str, task, layout: sharding.Layout) -> 
         with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
             json.dump(final, f, indent=2)
     return final
+
+
+def load_scan_choices(setting: str, workdir: str) -> bool:
+    """Loads the table "auto" scans choose from, as `config.train.scan_choices` says, before
+    anything traces one; True if it is still to be measured (`measure_scan_choices`).
+
+    "": none (the built-in rule, or $LRU_JAX_SCAN_CHOICES). A path: the table in that file.
+    "measure": the run's own workdir/scan_choices.json if it has one, so that a resumed run
+    compiles what it compiled before.
+    """
+    if setting == "measure":
+        saved = os.path.join(workdir, SCAN_CHOICES)
+        if not os.path.exists(saved):
+            return True
+        setting = saved
+    if setting:
+        scan_choices.load(setting)  # a missing or malformed file: a ValueError naming it
+    return False
+
+
+def measure_scan_choices(workdir: str, write: bool, trace: Callable[[], None]) -> None:
+    """Times every scan method at the shapes `trace()` asks "auto" about, makes "auto" choose
+    from those times and saves them as workdir/scan_choices.json (if `write`). With several
+    processes all take process 0's times."""
+    with scan_choices.recording() as queries:
+        trace()
+    if not queries:  # nothing runs "auto": another cell, or a method named in the config
+        return
+    table = scan_choices.measure(queries)
+    jax.clear_caches()  # the traces above chose without the table; the steps must retrace
+    if write:
+        scan_choices.save(table, os.path.join(workdir, SCAN_CHOICES))
 
 
 class _NoWriter:
