@@ -16,8 +16,9 @@ Every method computes the same thing along axis 0 (time) and differs only in how
   it runs in Pallas' interpret mode (slow, for tests). "auto" chooses it only from a loaded
   table of measurements in which it was fastest.
 - ``"auto"``: picks one of the above from the platform and the shape (see `choose_method`):
-  from this machine's own measurements when a table from `python -m lru_jax.bench` is loaded
-  (`lru_jax.scan_choices`), else from a built-in rule. Where the table's forward-only and
+  from this machine's own measurements when a table is loaded (`lru_jax.scan_choices`: written
+  by `python -m lru_jax.bench`, or measured at a program's own shapes by
+  `scan_choices.measure`), else from a built-in rule. Where the table's forward-only and
   forward+backward winners differ, the forward pass uses the first and differentiation the
   second.
 
@@ -185,7 +186,8 @@ def choose_method(
     measured (T 256..65536, B*N 64..4096, real and complex, forward and backward; the
     exception a 0.6 ms case). On accelerators the rule is "associative", whose log depth is
     expected to win where one sequential step leaves most of the chip idle; that default is
-    not measured here (no GPU was available): run the bench's gpu suite and load its table.
+    not measured here (no GPU was available): run the bench's gpu suite and load its table, or
+    `scan_choices.measure` the shapes a program uses (train.py: `train.scan_choices=measure`).
     """
     scan_choices.note(time, state_size, dtype)  # for `scan_choices.recording()`
     backend = backend or jax.default_backend()
