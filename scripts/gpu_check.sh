@@ -3,6 +3,8 @@
 # the GPU, then the bench's gpu and layers suites. Everything lands under $OUT:
 #   device.txt  jax version, devices, whether the Pallas kernel compiles and runs
 #   tests.txt   pytest of the scan, Pallas, LRU and cell tests (TF32 off, so tolerances hold)
+#   train.txt   20 steps of the default config with train.scan_choices=measure: what "auto"
+#               picks at its shapes on this GPU (train/scan_choices.json)
 #   bench.txt   the bench tables; bench/bench.json, bench/scan.png, bench/scan_choices.json
 #
 # On the device machine (see ../shared/GPU.md; carry .whl, the wheels its image lacks):
@@ -35,5 +37,10 @@ JAX_DEFAULT_MATMUL_PRECISION=highest timeout 240 python3 -m pytest -q \
   tests/test_cells.py \
   2>&1 | tee "$OUT/tests.txt"
 
+timeout 60 python3 train.py --workdir "$OUT/train" --config.train.scan_choices=measure \
+  --config.train.num_steps=20 --config.train.eval_every=20 --config.train.eval_batches=1 \
+  --config.generate.num_samples=0 2>&1 | tail -n 5 | tee "$OUT/train.txt"
+rm -rf "$OUT/train/checkpoints" "$OUT/train/tensorboard"
+
 # shellcheck disable=SC2086  # BENCH_ARGS is a list of flags
-timeout 330 python3 -m lru_jax.bench $BENCH_ARGS --out "$OUT/bench" 2>&1 | tee "$OUT/bench.txt"
+timeout 300 python3 -m lru_jax.bench $BENCH_ARGS --out "$OUT/bench" 2>&1 | tee "$OUT/bench.txt"
