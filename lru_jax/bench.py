@@ -74,7 +74,7 @@ def _memory_mb(compiled) -> float | None:
     """Peak device memory if the backend reports it, else XLA's planned buffers (CPU)."""
     if isinstance(compiled, Eager):
         return None
-    stats = jax.devices()[0].memory_stats()
+    stats = jax.local_devices()[0].memory_stats()
     if stats and "peak_bytes_in_use" in stats:
         return stats["peak_bytes_in_use"] / 2**20
     try:
@@ -588,7 +588,7 @@ def machine_description(limits: Limits | None) -> dict:
     info = {
         "date": time.strftime("%Y-%m-%d"),
         "backend": jax.default_backend(),
-        "device": str(jax.devices()[0].device_kind),
+        "device": str(jax.local_devices()[0].device_kind),
         "cpu_count": os.cpu_count(),
         "platform": platform.platform(),
         "jax": jax.__version__,

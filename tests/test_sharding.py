@@ -2,8 +2,8 @@
 
 One subprocess (tests/sharding_worker.py) starts JAX with 4 CPU devices and trains, restores
 and scans there, and train.py runs as two processes of 2 CPU devices each (a 2-host run on one
-machine); this process (1 device) checks their results against its own 1-device training, a
-numpy loop and the plain scan's gradients.
+machine, measuring its scan choices in both); this process (1 device) checks their results
+against its own 1-device training, a numpy loop and the plain scan's gradients.
 """
 
 import json
@@ -85,6 +85,7 @@ def launched(tmp_path_factory):
         "def get_config():\n"
         "    c = tiny_config()\n"
         "    c.sharding.update({'params': 'fsdp', 'fsdp_min_size': 64})\n"
+        "    c.train.scan_choices = 'measure'  # both processes measure, take process 0's\n"
         "    return c\n"
     )
     address = f"localhost:{_free_port()}"
@@ -189,8 +190,15 @@ def test_two_processes_train_like_one_device_and_only_process_0_writes(two_proce
         "config.json",
         "final_metrics.json",
         "metrics.jsonl",
+        "scan_choices.json",
         "tensorboard",
     ]
+    with open(workdir / "scan_choices.json") as f:  # the tiny LRU's one scan, both passes:
+        entries = json.load(f)["entries"]  # 24 steps, global batch 8 x d_state 8
+    assert {(e["time"], e["state_size"], e["mode"]) for e in entries} == {
+        (24, 64, "fwd"),
+        (24, 64, "fwd+bwd"),
+    }
 
 
 def test_checkpoint_saved_on_four_devices_restores_on_one_and_two(worker):
