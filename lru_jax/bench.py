@@ -208,10 +208,14 @@ def _flop_rate(row: Row, limits: Limits) -> None:
 
 
 def scan_methods(backend: str, with_auto: bool = True) -> tuple[str, ...]:
-    """Every `linear_scan` method worth timing on `backend` (Pallas only on a GPU)."""
+    """Every `linear_scan` method worth timing on `backend`: Pallas only on a GPU where its
+    kernel compiles and runs (`pallas_available`; else it would fail every row it is in)."""
     methods = [m for m in scan.METHODS if m != "pallas"]
     if "pallas" in scan.METHODS and backend == "gpu":
-        methods.append("pallas")
+        from lru_jax.kernels.pallas_scan import pallas_available  # lazily, as scan does
+
+        if pallas_available():
+            methods.append("pallas")
     return (*methods, "auto") if with_auto else tuple(methods)
 
 
