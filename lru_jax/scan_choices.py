@@ -152,9 +152,11 @@ def measure(queries, modes=MODES, repeats: int = 5) -> dict:
     """
     from lru_jax import bench  # lazily: the bench imports this module
 
-    queries = sorted(set(queries))
-    if not queries:
-        raise ValueError("queries: expected at least one (dtype, time, state_size), got none")
+    queries = _checked_queries(queries)
+    if not set(modes) <= set(MODES) or not modes:
+        raise ValueError(f"modes: expected a non-empty subset of {MODES}, got {modes!r}")
+    if not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats: expected a positive int, got {repeats!r}")
     rows = []
     for q in queries:
         a, b = bench.scan_inputs(jax.random.key(0), q.time, 1, q.state_size, jnp.dtype(q.dtype))
@@ -169,6 +171,26 @@ def measure(queries, modes=MODES, repeats: int = 5) -> dict:
     table = from_rows([dataclasses.asdict(r) for r in rows], bench.machine_description(None))
     register(table, source="measured")
     return table
+
+
+def _checked_queries(queries) -> list[Query]:
+    """`queries` as sorted, distinct `Query`s, or a ValueError naming the bad one."""
+    checked = set()
+    for q in queries:
+        try:
+            dtype, time, state_size = q
+            query = Query(jnp.dtype(dtype).name, time, state_size)
+        except (TypeError, ValueError):
+            query = None
+        sizes_ok = query is not None and all(
+            isinstance(n, int) and n >= 1 for n in (query.time, query.state_size)
+        )
+        if not sizes_ok:
+            raise ValueError(f"queries: expected (dtype, time, state_size) entries, got {q!r}")
+        checked.add(query)
+    if not checked:
+        raise ValueError("queries: expected at least one (dtype, time, state_size), got none")
+    return sorted(checked)
 
 
 def fastest(

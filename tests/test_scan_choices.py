@@ -233,3 +233,19 @@ def test_save_writes_a_table_that_loads_back(tmp_path):
         scan_choices.clear()
     with pytest.raises(ValueError, match="entries"):
         scan_choices.save({"backend": "gpu", "entries": []}, path)
+
+
+@pytest.mark.parametrize(
+    "queries, kwargs, match",
+    [
+        ([("complex64", 0, 3)], {}, r"queries: expected \(dtype, time, state_size\).*0, 3"),
+        ([("no_such_dtype", 4, 3)], {}, "queries: .*no_such_dtype"),
+        ([("float32", 4.0, 2)], {}, r"queries: .*4\.0"),
+        ([], {}, "queries: expected at least one"),
+        ([("float32", 4, 2)], {"modes": ("bwd",)}, "modes: expected a non-empty subset"),
+        ([("float32", 4, 2)], {"repeats": 0}, "repeats: expected a positive int"),
+    ],
+)
+def test_measure_names_bad_arguments_before_timing_anything(queries, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        scan_choices.measure(queries, **kwargs)
