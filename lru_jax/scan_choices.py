@@ -41,6 +41,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 ENV_VAR = "LRU_JAX_SCAN_CHOICES"
 MODES = ("fwd", "fwd+bwd")
@@ -141,13 +143,15 @@ def note(time: int, state_size: int, dtype) -> None:
             queries.add(query)
 
 
-def measure(queries, modes=MODES, repeats: int = 5) -> dict:
+def measure(queries, modes=MODES, repeats: int = 5, mesh=None, axis: str | None = None) -> dict:
     """Times every scan method at each `Query` on this process's default backend, forward and
     forward+backward, and registers (and returns) the table: "auto" then chooses from it.
 
     The timing is the bench's scan suite (`lru_jax.bench`): b [time, 1, state_size], methods
-    interleaved, the median of `repeats` runs after a warm-up. With several processes every
-    process measures and all take process 0's times, so every process compiles the same
+    interleaved, the median of `repeats` runs after a warm-up. With `mesh` and `axis` the state
+    is split over that mesh axis (where it divides), as XLA splits the scans of a program whose
+    batch is sharded over it: each device times the part it would run. With several processes
+    every process measures and all take process 0's times, so every process compiles the same
     program (call it in all of them).
     """
     from lru_jax import bench  # lazily: the bench imports this module
@@ -157,9 +161,14 @@ def measure(queries, modes=MODES, repeats: int = 5) -> dict:
         raise ValueError(f"modes: expected a non-empty subset of {MODES}, got {modes!r}")
     if not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"repeats: expected a positive int, got {repeats!r}")
+    if mesh is not None and axis not in mesh.shape:
+        raise ValueError(f"axis: expected one of the mesh's axes {tuple(mesh.shape)}, got {axis!r}")
     rows = []
     for q in queries:
         a, b = bench.scan_inputs(jax.random.key(0), q.time, 1, q.state_size, jnp.dtype(q.dtype))
+        if mesh is not None and q.state_size % mesh.shape[axis] == 0:
+            a = jax.device_put(a, NamedSharding(mesh, P(axis)))
+            b = jax.device_put(b, NamedSharding(mesh, P(None, None, axis)))
         for mode in modes:
             rows += bench.scan_group(a, b, mode, repeats)
     if jax.process_count() > 1:  # one table for all, or they would compile different programs

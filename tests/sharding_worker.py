@@ -138,6 +138,28 @@ def data_checks(arrays: dict, facts: dict) -> None:
         facts[f"rows{data}x{seq}/spec"] = str(placed["inputs"].sharding.spec)
 
 
+def measure_checks(facts: dict) -> None:
+    """What each device times when `scan_choices.measure` splits the state over "data" (a mesh
+    of 2 data x 2 seq devices): [per-device shape of b, devices] per timed group."""
+    from lru_jax import bench, scan_choices
+
+    timed, scan_group = [], bench.scan_group
+
+    def spy(a, b, mode, repeats, limits=None):
+        timed.append([list(b.addressable_shards[0].data.shape), len(b.sharding.device_set)])
+        return scan_group(a, b, mode, repeats, limits)
+
+    bench.scan_group = spy
+    mesh = sharding.make_mesh(_sharding(2, 2))
+    queries = [("float32", 8, 6), ("float32", 8, 5)]  # 5 elements do not split over 2
+    try:
+        scan_choices.measure(queries, ("fwd",), repeats=1, mesh=mesh, axis=sharding.DATA)
+    finally:
+        bench.scan_group = scan_group
+        scan_choices.clear()
+    facts["measure_timed"] = timed
+
+
 def main(out: str) -> None:
     assert jax.device_count() == 4, jax.devices()
     arrays, facts = {}, {}
@@ -145,6 +167,7 @@ def main(out: str) -> None:
     restore_checks(out, arrays, facts)
     scan_checks(arrays, facts)
     data_checks(arrays, facts)
+    measure_checks(facts)
     np.savez(os.path.join(out, "results.npz"), **arrays)
     with open(os.path.join(out, "facts.json"), "w") as f:
         json.dump(facts, f)

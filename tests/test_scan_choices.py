@@ -249,3 +249,9 @@ def test_save_writes_a_table_that_loads_back(tmp_path):
 def test_measure_names_bad_arguments_before_timing_anything(queries, kwargs, match):
     with pytest.raises(ValueError, match=match):
         scan_choices.measure(queries, **kwargs)
+
+
+def test_measure_names_an_axis_the_mesh_lacks():
+    mesh = jax.make_mesh((1,), ("data",))
+    with pytest.raises(ValueError, match=r"axis: expected one of the mesh's axes \('data',\)"):
+        scan_choices.measure([("float32", 4, 2)], mesh=mesh, axis="batch")

@@ -255,6 +255,14 @@ def _mesh(data, seq=1):
     return AbstractMesh((data, seq), ("data", "seq"))
 
 
+def test_measured_scan_choices_time_each_devices_part_of_the_state(worker):
+    """On 2 data x 2 seq devices, `scan_choices.measure(..., axis="data")` times b [8, 1, 6] as
+    [8, 1, 3] per device on all 4 (replicated over seq), as a data-parallel step splits its
+    scans; a state of 5 elements, which does not split, is timed whole on one device."""
+    _, _, facts = worker
+    assert facts["measure_timed"] == [[[8, 1, 5], 1], [[8, 1, 3], 4]]
+
+
 def test_device_counts_that_do_not_fit_are_named():
     train = tiny_config().train
     with pytest.raises(ValueError, match=r"config\.train\.batch_size: .*multiple of the 3"):

@@ -188,7 +188,7 @@ def _train_and_evaluate(config, workdir: str, task, layout: sharding.Layout) -> 
             jax.eval_shape(train_step, state, next_batch("train", start))
             jax.eval_shape(compiled_eval, state, next_batch("valid", 0))
 
-        measure_scan_choices(workdir, main, trace_steps)
+        measure_scan_choices(workdir, main, trace_steps, layout.mesh)
     lr = schedule(tc)
     tokens_per_batch = batch_size * spec.seq_len
     pending = _PendingMetrics()
@@ -262,15 +262,19 @@ def load_scan_choices(setting: str, workdir: str) -> bool:
     return False
 
 
-def measure_scan_choices(workdir: str, write: bool, trace: Callable[[], None]) -> None:
+def measure_scan_choices(workdir: str, write: bool, trace: Callable[[], None], mesh) -> None:
     """Times every scan method at the shapes `trace()` asks "auto" about, makes "auto" choose
-    from those times and saves them as workdir/scan_choices.json (if `write`). With several
-    processes all take process 0's times."""
+    from those times and saves them as workdir/scan_choices.json (if `write`).
+
+    The state is split over the mesh's data axis while timing, as in training (the batch is
+    split over it; inside a sequence-parallel block too). With several processes all take
+    process 0's times.
+    """
     with scan_choices.recording() as queries:
         trace()
     if not queries:  # nothing runs "auto": another cell, or a method named in the config
         return
-    table = scan_choices.measure(queries)
+    table = scan_choices.measure(queries, mesh=mesh, axis=sharding.DATA)
     jax.clear_caches()  # the traces above chose without the table; the steps must retrace
     if write:
         scan_choices.save(table, os.path.join(workdir, SCAN_CHOICES))
