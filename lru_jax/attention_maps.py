@@ -30,7 +30,11 @@ from lru_jax import models  # noqa: E402
 from lru_jax.tasks.seq2seq import BOS, EOS, NUM_SPECIAL, PAD  # noqa: E402
 from lru_jax.training import config as config_lib  # noqa: E402
 from lru_jax.training.checkpoints import Checkpointer  # noqa: E402
-from lru_jax.training.loop import build_task, one_device_state  # noqa: E402
+from lru_jax.training.loop import (  # noqa: E402
+    build_task,
+    one_device_state,
+    replaying_scan_choices,
+)
 from lru_jax.training.optim import make_optimizer  # noqa: E402
 
 SPEAKER_COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown")
@@ -126,9 +130,10 @@ def attention_maps(
     os.makedirs(out, exist_ok=True)
     batch = task.batch(split, 0, num_examples)
     spec = task.spec
-    tokens, weights = models.greedy_decode(
-        model, variables, batch["inputs"], batch["lengths"], spec.target_len
-    )
+    with replaying_scan_choices(config, workdir):  # the scan methods the run trained with
+        tokens, weights = models.greedy_decode(
+            model, variables, batch["inputs"], batch["lengths"], spec.target_len
+        )
     exact = np.all((tokens == batch["targets"]) | (batch["mask"] == 0), axis=1)
     summary = {"workdir": workdir, "split": split, "examples": num_examples}
     summary["exact_match"] = float(exact.mean())

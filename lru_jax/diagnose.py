@@ -28,7 +28,7 @@ import orbax.checkpoint as ocp
 
 from lru_jax import _checks, diagnostics
 from lru_jax.training import config as config_lib
-from lru_jax.training.loop import build_task, one_device_state
+from lru_jax.training.loop import build_task, one_device_state, replaying_scan_choices
 from lru_jax.training.metrics import read_jsonl
 from lru_jax.training.optim import make_optimizer
 from lru_jax.training.steps import loss_sums
@@ -206,14 +206,15 @@ def main(argv):
     flag = flags.FLAGS
     try:
         model, task, state, step = load(_CONFIG.value, flag.workdir)
-        result = diagnose_state(
-            model,
-            task,
-            state.variables(),
-            batch_size=flag.batch_size,
-            num_examples=flag.num_examples,
-            spectrum_every=flag.spectrum_every,
-        )
+        with replaying_scan_choices(_CONFIG.value, flag.workdir):  # as the run's scans ran
+            result = diagnose_state(
+                model,
+                task,
+                state.variables(),
+                batch_size=flag.batch_size,
+                num_examples=flag.num_examples,
+                spectrum_every=flag.spectrum_every,
+            )
     except (ValueError, TypeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -44,6 +44,10 @@ from jax.sharding import PartitionSpec as P
 from lru_jax import _checks, scan_choices
 
 METHODS = ("sequential", "associative", "chunked", "pallas")
+# backends whose built-in "auto" rule comes from our own measurements (docs/benchmarks.md); on
+# the others it is a default from the literature, and train.py measures instead (see
+# `config.train.scan_choices`)
+MEASURED_RULE_BACKENDS = ("cpu",)
 
 
 def linear_scan(
@@ -187,7 +191,8 @@ def choose_method(
     exception a 0.6 ms case). On accelerators the rule is "associative", whose log depth is
     expected to win where one sequential step leaves most of the chip idle; that default is
     not measured here (no GPU was available): run the bench's gpu suite and load its table, or
-    `scan_choices.measure` the shapes a program uses (train.py: `train.scan_choices=measure`).
+    `scan_choices.measure` the shapes a program uses (train.py does so by default on any backend
+    not in `MEASURED_RULE_BACKENDS`, see `config.train.scan_choices`).
     """
     scan_choices.note(time, state_size, dtype)  # for `scan_choices.recording()`
     backend = backend or jax.default_backend()
@@ -199,7 +204,7 @@ def choose_method(
         measured = scan_choices.fastest(table, time, state_size, is_complex, allowed, mode)
         if measured is not None:
             return measured
-    if backend in ("gpu", "cuda", "rocm", "tpu") and time > 1:
+    if backend not in MEASURED_RULE_BACKENDS and time > 1:
         return "associative"
     return "sequential"
 

@@ -11,9 +11,11 @@ or set the environment variable `LRU_JAX_SCAN_CHOICES=DIR/scan_choices.json` bef
 scan is traced. Without a table for the current backend, `scan.choose_method` uses its built-in
 rule. `measure(queries)` times the methods at exactly the shapes a program asks "auto" about
 (collected while tracing it under `recording()`) and registers that table: train.py does this
-with `--config.train.scan_choices=measure`. The choice is made when a function is traced, so
-load the table before jitting; with several processes, every process must load the same table
-(or they compile different programs).
+by default where the built-in rule is not measured (`config.train.scan_choices`). The choice is
+made when a function is traced; loading, registering or clearing a table that changes what is
+loaded drops JAX's trace caches (`jax.clear_caches()`), so functions jitted before retrace on
+their next call and choose from the new table. With several processes, every process must load
+the same table (or they compile different programs).
 
 File format (JSON):
 
@@ -54,11 +56,7 @@ _recorders: list[set] = []  # open `recording()` contexts
 
 def load(path: str) -> dict:
     """Reads a scan_choices.json and makes it the table for its backend; returns the table."""
-    try:
-        with open(path) as f:
-            table = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"scan choices: cannot read {path!r} as JSON: {e}") from e
+    table = _read(path)
     register(table, source=path)
     return table
 
@@ -66,13 +64,13 @@ def load(path: str) -> dict:
 def register(table: dict, source: str = "table") -> None:
     """Makes `table` (the format above) the measured choices for `table["backend"]`."""
     _check(table, source)
-    _tables[table["backend"]] = table
+    _replace_tables({**_tables, table["backend"]: table})
 
 
 def clear() -> None:
     """Forgets every loaded table (and re-reads the environment variable on next use)."""
     global _env_loaded
-    _tables.clear()
+    _replace_tables({})
     _env_loaded = False
 
 
@@ -84,8 +82,7 @@ def restored():
     try:
         yield
     finally:
-        _tables.clear()
-        _tables.update(tables)
+        _replace_tables(tables)
         _env_loaded = env_loaded
 
 
@@ -95,9 +92,29 @@ def table_for(backend: str) -> dict | None:
     if not _env_loaded:
         _env_loaded = True
         path = os.environ.get(ENV_VAR)
-        if path:
-            load(path)
+        if path:  # read while the first "auto" scan traces: nothing chose without it yet
+            table = _read(path)
+            _check(table, path)
+            _tables[table["backend"]] = table
     return _tables.get(backend)
+
+
+def _replace_tables(tables: dict[str, dict]) -> None:
+    """Makes `tables` the loaded ones. Where that changes them, JAX's caches of traced functions
+    are dropped, so that a function jitted before retraces on its next call and its "auto"
+    scans choose from the new tables (instead of keeping the choices of its first trace)."""
+    if tables != _tables:
+        _tables.clear()
+        _tables.update(tables)
+        jax.clear_caches()
+
+
+def _read(path: str):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"scan choices: cannot read {path!r} as JSON: {e}") from e
 
 
 def save(table: dict, path: str) -> None:
@@ -124,8 +141,7 @@ def recording():
 
     with scan_choices.recording() as queries:
         jax.eval_shape(train_step, state, batch)
-    scan_choices.measure(queries)
-    jax.clear_caches()  # else the next call reuses the trace made without the table
+    scan_choices.measure(queries)  # the next call of train_step retraces with the table
     """
     queries: set[Query] = set()
     _recorders.append(queries)

@@ -82,6 +82,35 @@ def test_auto_compiles_to_the_measured_choice(tmp_path, monkeypatch):
         scan_choices.clear()
 
 
+def test_a_new_table_retraces_functions_jitted_before_it(monkeypatch):
+    """Registering or clearing a table that changes what is loaded makes an already-jitted
+    function retrace with it; registering the same table again keeps the compiled function."""
+    from lru_jax import scan
+
+    monkeypatch.delenv(scan_choices.ENV_VAR, raising=False)
+    traced, trace = [], scan._scan
+    monkeypatch.setattr(scan, "_scan", lambda m, *a, **k: traced.append(m) or trace(m, *a, **k))
+    table = {
+        "backend": jax.default_backend(),
+        "entries": [_entry(16, 3, "fwd", {"sequential": 2.0, "associative": 1.0})],
+    }
+    scan_fn = jax.jit(lambda b: linear_scan(0.5, b))
+    b = jnp.ones((16, 3), jnp.complex64)
+    scan_choices.clear()
+    try:
+        scan_fn(b)
+        scan_choices.register(table)
+        expected = scan_fn(b)
+        scan_choices.register(json.loads(json.dumps(table)))  # an equal table: no retrace
+        np.testing.assert_array_equal(scan_fn(b), expected)
+        assert traced == ["sequential", "associative"]
+        scan_choices.clear()
+        scan_fn(b)
+        assert traced == ["sequential", "associative", "sequential"]
+    finally:
+        scan_choices.clear()
+
+
 @pytest.mark.parametrize(
     "table, match",
     [

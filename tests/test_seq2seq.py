@@ -244,6 +244,31 @@ def test_attention_maps_of_reverse_are_anti_diagonal(trained, tmp_path):
     assert np.mean(hits) >= 0.9
 
 
+def test_attention_maps_decode_with_the_runs_scan_choices(trained, tmp_path, monkeypatch):
+    """A run's saved scan_choices.json decides the encoder's "auto" scans while its attention
+    maps are drawn (here "associative", where the built-in CPU rule runs "sequential"), and is
+    unloaded afterwards."""
+    from lru_jax import scan, scan_choices
+
+    workdir = trained[0]
+    monkeypatch.delenv(scan_choices.ENV_VAR, raising=False)
+    entry = {"dtype": "complex64", "time": 8, "state_size": 256, "mode": "fwd",
+             "times_ms": {"sequential": 2.0, "associative": 1.0}}  # fmt: skip
+    saved = os.path.join(workdir, "scan_choices.json")
+    with open(saved, "w") as f:
+        json.dump({"backend": jax.default_backend(), "entries": [entry]}, f)
+    traced, trace, load_run = [], scan._scan, attention_maps.load_run
+    monkeypatch.setattr(scan, "_scan", lambda m, *a, **k: traced.append(m) or trace(m, *a, **k))
+    # the scans of building the model's template state (before the table) do not count
+    monkeypatch.setattr(attention_maps, "load_run", lambda w: (load_run(w), traced.clear())[0])
+    try:
+        attention_maps.attention_maps(workdir, str(tmp_path), num_examples=8, max_images=1)
+    finally:
+        os.remove(saved)
+    assert traced and set(traced) == {"associative"}
+    assert scan_choices.table_for(jax.default_backend()) is None
+
+
 def test_cued_speaker_attention_and_its_heatmap_on_a_hand_written_case(tmp_path):
     task = CocktailParty(num_sources=2, tokens_per_source=2, max_burst=2)
     b = task.batch("test", 0, 2)

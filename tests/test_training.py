@@ -166,6 +166,44 @@ def test_measured_scan_choices_are_the_runs_shapes_and_a_resumed_run_reuses_them
     assert loaded == [saved]
 
 
+def test_auto_scan_choices_measure_only_where_the_built_in_rule_is_not_measured(
+    tmp_path, monkeypatch
+):
+    """The default `train.scan_choices="auto"`: measure (True) unless the run has its own table,
+    a table for this backend is loaded, or the built-in rule is a measured one (CPU)."""
+    monkeypatch.delenv(scan_choices.ENV_VAR, raising=False)
+    backend = jax.default_backend()
+    entry = {"dtype": "complex64", "time": 24, "state_size": 32, "mode": "fwd",
+             "times_ms": {"sequential": 2.0, "associative": 1.0}}  # fmt: skip
+    table_file = tmp_path / "table.json"
+    table_file.write_text(json.dumps({"backend": backend, "entries": [entry]}))
+    with scan_choices.restored():
+        scan_choices.clear()
+        assert backend in scan.MEASURED_RULE_BACKENDS
+        assert not loop.load_scan_choices("auto", str(tmp_path / "a"))
+        assert not loop.load_scan_choices("", str(tmp_path / "a"))
+        monkeypatch.setattr(scan, "MEASURED_RULE_BACKENDS", ())  # as on a GPU: a guessed rule
+        assert loop.load_scan_choices("auto", str(tmp_path / "a"))
+        assert not loop.load_scan_choices("", str(tmp_path / "a"))  # "": never measures
+        assert scan_choices.table_for(backend) is None
+
+        monkeypatch.setenv(scan_choices.ENV_VAR, str(table_file))  # a table from the environment
+        scan_choices.clear()
+        assert not loop.load_scan_choices("auto", str(tmp_path / "a"))
+        assert scan_choices.table_for(backend)["entries"] == [entry]
+
+        monkeypatch.delenv(scan_choices.ENV_VAR)
+        scan_choices.clear()
+        run = tmp_path / "run"  # a resumed run loads its own table, for "auto" and "measure"
+        run.mkdir()
+        (run / "scan_choices.json").write_text(table_file.read_text())
+        for setting in ("auto", "measure"):
+            scan_choices.clear()
+            assert not loop.load_scan_choices(setting, str(run))
+            assert scan_choices.table_for(backend)["entries"] == [entry]
+    assert scan_choices.table_for(backend) is None
+
+
 def test_a_scan_choices_file_decides_what_auto_runs(tmp_path, monkeypatch):
     entries = [
         {"dtype": "complex64", "time": 24, "state_size": 32, "mode": mode,
@@ -199,7 +237,7 @@ def test_truncated_bptt_trains_end_to_end(tmp_path):
         ("train", "learning_rate", -1.0, "config.train.learning_rate"),
         ("train", "batch_size", 0, "config.train.batch_size"),
         ("generate", "temperature", -0.5, "config.generate.temperature"),
-        ("train", "scan_choices", "no/such.json", "config.train.scan_choices: expected ''"),
+        ("train", "scan_choices", "no/such.json", "config.train.scan_choices: expected 'auto'"),
     ],
 )
 def test_bad_config_values_are_named(section, key, value, match):

@@ -76,10 +76,11 @@ def default_config() -> ml_collections.ConfigDict:
             "eval_batches": 0,  # 0: the whole split once (or one batch if generated)
             "checkpoint_every": 250,
             "keep_checkpoints": 2,
-            # what "auto" scans choose from: "" the built-in rule (or $LRU_JAX_SCAN_CHOICES),
-            # a scan_choices.json path, or "measure": time each method at this run's shapes
-            # first (saved as workdir/scan_choices.json and reused on resume)
-            "scan_choices": "",
+            # what "auto" scans choose from: "measure": time each method at this run's shapes
+            # first (saved as workdir/scan_choices.json and reused on resume); "auto": measure
+            # only where the built-in rule is not itself measured (not on CPU) and no table is
+            # loaded; "" the built-in rule (or $LRU_JAX_SCAN_CHOICES); or a scan_choices.json
+            "scan_choices": "auto",
         }
     )
     c.sharding = ml_collections.ConfigDict(
@@ -184,9 +185,10 @@ def validate(config) -> None:
     _in_range(config, "train", "lru_lr_factor", 0.0, math.inf)
     _in_range(config, "train", "weight_decay", 0.0, math.inf)
     _in_range(config, "train", "grad_clip_norm", 0.0, math.inf)
-    choices = t.get("scan_choices", "")
-    if not isinstance(choices, str) or not (choices in ("", "measure") or os.path.isfile(choices)):
-        _fail("train.scan_choices", "'', 'measure' or a scan_choices.json file", choices)
+    choices = t.get("scan_choices", "auto")
+    settings = ("auto", "measure", "")
+    if not isinstance(choices, str) or not (choices in settings or os.path.isfile(choices)):
+        _fail("train.scan_choices", "'auto', 'measure', '' or a scan_choices.json file", choices)
 
     if config.sharding.data != -1:
         _positive_int(config, "sharding", "data")

@@ -11,6 +11,7 @@ all take part in every step and checkpoint, and only process 0 writes logs and f
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -22,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from lru_jax import models, scan_choices, tasks
+from lru_jax import models, scan, scan_choices, tasks
 from lru_jax.training import config as config_lib
 from lru_jax.training import sharding
 from lru_jax.training.checkpoints import Checkpointer
@@ -144,7 +145,7 @@ def _train_and_evaluate(config, workdir: str, task, layout: sharding.Layout) -> 
     batch_size = sharding.global_batch_size(tc, layout.mesh)
     main = jax.process_index() == 0  # the one process that writes logs and files
     os.makedirs(workdir, exist_ok=True)
-    measure_scans = load_scan_choices(tc.get("scan_choices", ""), workdir)
+    measure_scans = load_scan_choices(tc.get("scan_choices", "auto"), workdir)
     tx = make_optimizer(tc)
     state, state_shardings = init_state(model, tx, task, config, layout)
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), tc.keep_checkpoints)
@@ -248,18 +249,38 @@ def load_scan_choices(setting: str, workdir: str) -> bool:
     """Loads the table "auto" scans choose from, as `config.train.scan_choices` says, before
     anything traces one; True if it is still to be measured (`measure_scan_choices`).
 
-    "": none (the built-in rule, or $LRU_JAX_SCAN_CHOICES). A path: the table in that file.
-    "measure": the run's own workdir/scan_choices.json if it has one, so that a resumed run
-    compiles what it compiled before.
+    "auto" and "measure": the run's own workdir/scan_choices.json if it has one, so that a
+    resumed run compiles what it compiled before. Without one, "measure" measures and "auto"
+    measures only where "auto" would otherwise guess: no table is loaded for this backend
+    ($LRU_JAX_SCAN_CHOICES) and its built-in rule is not a measured one
+    (`scan.MEASURED_RULE_BACKENDS`). "": no table (the built-in rule, or the environment's).
+    A path: the table in that file.
     """
-    if setting == "measure":
+    if setting in ("auto", "measure"):
         saved = os.path.join(workdir, SCAN_CHOICES)
-        if not os.path.exists(saved):
+        if os.path.exists(saved):
+            scan_choices.load(saved)
+            return False
+        if setting == "measure":
             return True
-        setting = saved
+        backend = jax.default_backend()
+        return scan_choices.table_for(backend) is None and (
+            backend not in scan.MEASURED_RULE_BACKENDS
+        )
     if setting:
         scan_choices.load(setting)  # a missing or malformed file: a ValueError naming it
     return False
+
+
+@contextlib.contextmanager
+def replaying_scan_choices(config, workdir: str | None):
+    """Within the block, "auto" scans choose as the run in `workdir` did: its saved
+    scan_choices.json, or the table its `config.train.scan_choices` names. For tools that re-run
+    a trained model (diagnose, attention maps), so that they compile what training compiled."""
+    with scan_choices.restored():
+        if workdir is not None:
+            load_scan_choices(config.train.get("scan_choices", "auto"), workdir)
+        yield
 
 
 def measure_scan_choices(workdir: str, write: bool, trace: Callable[[], None], mesh) -> None:
@@ -274,8 +295,8 @@ def measure_scan_choices(workdir: str, write: bool, trace: Callable[[], None], m
         trace()
     if not queries:  # nothing runs "auto": another cell, or a method named in the config
         return
+    # registering the table drops JAX's caches: the steps retrace, choosing from it
     table = scan_choices.measure(queries, mesh=mesh, axis=sharding.DATA)
-    jax.clear_caches()  # the traces above chose without the table; the steps must retrace
     if write:
         scan_choices.save(table, os.path.join(workdir, SCAN_CHOICES))
 
