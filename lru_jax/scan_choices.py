@@ -23,7 +23,10 @@ File format (JSON):
      "entries": [{"dtype": "complex64", "time": 4096, "state_size": 4096, "mode": "fwd+bwd",
                   "times_ms": {"sequential": 59.0, "associative": 101.0, "chunked": 138.0}}]}
 
-`state_size` is the number of elements scanned per step (batch x state). Lookup: entries of
+`state_size` is the number of elements scanned per step (batch x state), of the whole scan; an
+entry's optional `"devices"` (default 1) is the number of devices the measured program split
+that state over (`measure` on a mesh; where a size does not divide, it was timed whole, as such
+a scan would run). Lookup: entries of
 the query's kind (real or complex) if the table has any, then entries of the query's pass if it
 has any (forward+backward for a scan that is differentiated, forward for one that is not; "auto"
 compiles the forward choice and differentiates through the forward+backward one, see
@@ -54,11 +57,38 @@ _env_loaded = False
 _recorders: list[set] = []  # open `recording()` contexts
 
 
-def load(path: str) -> dict:
-    """Reads a scan_choices.json and makes it the table for its backend; returns the table."""
+def load(path: str, devices: int = 1) -> dict:
+    """Reads a scan_choices.json and makes it the table for its backend; returns the table.
+
+    `devices`: how many devices the program splits its scans' state over (a data-parallel
+    run's data axis). The table's entries are rescaled to that split (`for_devices`), so that
+    "auto", asked about a scan's global shape, compares what each device runs with what each
+    device ran when the entry was timed.
+    """
     table = _read(path)
+    _check(table, path)
+    table = for_devices(table, devices)
     register(table, source=path)
     return table
+
+
+def for_devices(table: dict, devices: int) -> dict:
+    """`table` for a program that splits each scan's state over `devices` devices.
+
+    An entry of `state_size` measured for a split over d devices (its "devices", 1 if absent)
+    timed state_size / d elements per device; under the new split a scan of global size
+    state_size * devices / d gives each device that much, so that becomes its key. A table
+    measured for the same split comes back unchanged (a resumed run chooses as before).
+    """
+    if not isinstance(devices, int) or devices < 1:
+        raise ValueError(f"devices: expected a positive int, got {devices!r}")
+    if all(e.get("devices", 1) == devices for e in table["entries"]):
+        return table
+    entries = []
+    for e in table["entries"]:
+        size = max(1, round(e["state_size"] * devices / e.get("devices", 1)))
+        entries.append({**e, "state_size": size, "devices": devices})
+    return {**table, "entries": entries}
 
 
 def register(table: dict, source: str = "table") -> None:
@@ -194,6 +224,8 @@ def measure(queries, modes=MODES, repeats: int = 5, mesh=None, axis: str | None 
         for row, ms in zip(rows, np.asarray(times).tolist(), strict=True):
             row.median_ms = ms
     table = from_rows([dataclasses.asdict(r) for r in rows], bench.machine_description(None))
+    for e in table["entries"]:  # the split the entries' sizes assume (see `for_devices`)
+        e["devices"] = 1 if mesh is None else mesh.shape[axis]
     register(table, source="measured")
     return table
 
@@ -286,6 +318,8 @@ def _check(table, source: str) -> None:
                 fail(f"entries[{i}].{key}: expected a positive int, got {e.get(key)!r}")
         if e.get("mode") not in MODES:
             fail(f"entries[{i}].mode: expected one of {MODES}, got {e.get('mode')!r}")
+        if not isinstance(e.get("devices", 1), int) or e.get("devices", 1) < 1:
+            fail(f"entries[{i}].devices: expected a positive int, got {e.get('devices')!r}")
         if not isinstance(e.get("dtype"), str):
             fail(f"entries[{i}].dtype: expected a dtype name, got {e.get('dtype')!r}")
         times = e.get("times_ms")

@@ -153,11 +153,12 @@ def measure_checks(facts: dict) -> None:
     mesh = sharding.make_mesh(_sharding(2, 2))
     queries = [("float32", 8, 6), ("float32", 8, 5)]  # 5 elements do not split over 2
     try:
-        scan_choices.measure(queries, ("fwd",), repeats=1, mesh=mesh, axis=sharding.DATA)
+        table = scan_choices.measure(queries, ("fwd",), 1, mesh=mesh, axis=sharding.DATA)
     finally:
         bench.scan_group = scan_group
         scan_choices.clear()
     facts["measure_timed"] = timed
+    facts["measure_devices"] = [e["devices"] for e in table["entries"]]
 
 
 def main(out: str) -> None:

@@ -111,6 +111,35 @@ def test_a_new_table_retraces_functions_jitted_before_it(monkeypatch):
         scan_choices.clear()
 
 
+def test_a_table_is_rescaled_to_the_programs_device_split(tmp_path):
+    """Entries are keyed by a scan's global size; one measured for d devices timed size / d per
+    device, so for a program on n devices its key becomes size * n / d."""
+    table = {
+        "backend": "gpu",
+        "entries": [
+            {**_entry(4096, 64, "fwd", {"sequential": 1.0, "associative": 2.0}), "devices": 2},
+            _entry(4096, 4096, "fwd", {"sequential": 2.0, "associative": 1.0}),
+        ],
+    }
+    four = scan_choices.for_devices(table, 4)
+    assert [(e["state_size"], e["devices"]) for e in four["entries"]] == [(128, 4), (16384, 4)]
+    assert scan_choices.for_devices(four, 4) == four  # the same split: unchanged (resume)
+    one = scan_choices.for_devices(table, 1)
+    assert [e["state_size"] for e in one["entries"]] == [32, 4096]
+    path = tmp_path / "scan_choices.json"
+    path.write_text(json.dumps(table))
+    complex64 = jnp.complex64
+    try:  # per device, the 2-device entry timed 32 elements and the other 4096
+        scan_choices.load(str(path))  # one device runs all 512: nearer 4096 than 32
+        assert choose_method(4096, 512, backend="gpu", dtype=complex64) == "associative"
+        scan_choices.load(str(path), devices=8)  # 512 over 8 devices: 64 each, nearer 32
+        assert choose_method(4096, 512, backend="gpu", dtype=complex64) == "sequential"
+    finally:
+        scan_choices.clear()
+    with pytest.raises(ValueError, match="devices: expected a positive int, got 0"):
+        scan_choices.for_devices(table, 0)
+
+
 @pytest.mark.parametrize(
     "table, match",
     [

@@ -194,10 +194,10 @@ def test_two_processes_train_like_one_device_and_only_process_0_writes(two_proce
         "tensorboard",
     ]
     with open(workdir / "scan_choices.json") as f:  # the tiny LRU's one scan, both passes:
-        entries = json.load(f)["entries"]  # 24 steps, global batch 8 x d_state 8
-    assert {(e["time"], e["state_size"], e["mode"]) for e in entries} == {
-        (24, 64, "fwd"),
-        (24, 64, "fwd+bwd"),
+        entries = json.load(f)["entries"]  # 24 steps, global batch 8 x d_state 8, split 4 ways
+    assert {(e["time"], e["state_size"], e["mode"], e["devices"]) for e in entries} == {
+        (24, 64, "fwd", 4),
+        (24, 64, "fwd+bwd", 4),
     }
 
 
@@ -258,9 +258,11 @@ def _mesh(data, seq=1):
 def test_measured_scan_choices_time_each_devices_part_of_the_state(worker):
     """On 2 data x 2 seq devices, `scan_choices.measure(..., axis="data")` times b [8, 1, 6] as
     [8, 1, 3] per device on all 4 (replicated over seq), as a data-parallel step splits its
-    scans; a state of 5 elements, which does not split, is timed whole on one device."""
+    scans; a state of 5 elements, which does not split, is timed whole on one device. The
+    table's entries record the 2-way split their sizes assume."""
     _, _, facts = worker
     assert facts["measure_timed"] == [[[8, 1, 5], 1], [[8, 1, 3], 4]]
+    assert facts["measure_devices"] == [2, 2]
 
 
 def test_device_counts_that_do_not_fit_are_named():

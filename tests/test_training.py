@@ -160,7 +160,9 @@ def test_measured_scan_choices_are_the_runs_shapes_and_a_resumed_run_reuses_them
 
     loaded, load = [], scan_choices.load
     monkeypatch.setattr(scan_choices, "measure", measure_again)
-    monkeypatch.setattr(scan_choices, "load", lambda path: loaded.append(path) or load(path))
+    monkeypatch.setattr(
+        scan_choices, "load", lambda path, *a: loaded.append(path) or load(path, *a)
+    )
     measure.train.num_steps = 8
     loop.train_and_evaluate(measure, workdir)
     assert loaded == [saved]

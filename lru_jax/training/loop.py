@@ -145,7 +145,8 @@ def _train_and_evaluate(config, workdir: str, task, layout: sharding.Layout) -> 
     batch_size = sharding.global_batch_size(tc, layout.mesh)
     main = jax.process_index() == 0  # the one process that writes logs and files
     os.makedirs(workdir, exist_ok=True)
-    measure_scans = load_scan_choices(tc.get("scan_choices", "auto"), workdir)
+    data_devices = layout.mesh.shape[sharding.DATA]
+    measure_scans = load_scan_choices(tc.get("scan_choices", "auto"), workdir, data_devices)
     tx = make_optimizer(tc)
     state, state_shardings = init_state(model, tx, task, config, layout)
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), tc.keep_checkpoints)
@@ -245,7 +246,7 @@ def _train_and_evaluate(config, workdir: str, task, layout: sharding.Layout) -> 
     return final
 
 
-def load_scan_choices(setting: str, workdir: str) -> bool:
+def load_scan_choices(setting: str, workdir: str, devices: int = 1) -> bool:
     """Loads the table "auto" scans choose from, as `config.train.scan_choices` says, before
     anything traces one; True if it is still to be measured (`measure_scan_choices`).
 
@@ -254,12 +255,13 @@ def load_scan_choices(setting: str, workdir: str) -> bool:
     measures only where "auto" would otherwise guess: no table is loaded for this backend
     ($LRU_JAX_SCAN_CHOICES) and its built-in rule is not a measured one
     (`scan.MEASURED_RULE_BACKENDS`). "": no table (the built-in rule, or the environment's).
-    A path: the table in that file.
+    A path: the table in that file. `devices`: the run's data-parallel size, which a loaded
+    table is rescaled to (`scan_choices.for_devices`).
     """
     if setting in ("auto", "measure"):
         saved = os.path.join(workdir, SCAN_CHOICES)
         if os.path.exists(saved):
-            scan_choices.load(saved)
+            scan_choices.load(saved, devices)
             return False
         if setting == "measure":
             return True
@@ -268,7 +270,7 @@ def load_scan_choices(setting: str, workdir: str) -> bool:
             backend not in scan.MEASURED_RULE_BACKENDS
         )
     if setting:
-        scan_choices.load(setting)  # a missing or malformed file: a ValueError naming it
+        scan_choices.load(setting, devices)  # a missing or malformed file: a ValueError naming it
     return False
 
 
@@ -276,7 +278,8 @@ def load_scan_choices(setting: str, workdir: str) -> bool:
 def replaying_scan_choices(config, workdir: str | None):
     """Within the block, "auto" scans choose as the run in `workdir` did: its saved
     scan_choices.json, or the table its `config.train.scan_choices` names. For tools that re-run
-    a trained model (diagnose, attention maps), so that they compile what training compiled."""
+    a trained model on one device (diagnose, attention maps), so that their scans run the
+    methods training ran for the same per-device sizes."""
     with scan_choices.restored():
         if workdir is not None:
             load_scan_choices(config.train.get("scan_choices", "auto"), workdir)
