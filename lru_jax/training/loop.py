@@ -298,10 +298,15 @@ def measure_scan_choices(workdir: str, write: bool, trace: Callable[[], None], m
         trace()
     if not queries:  # nothing runs "auto": another cell, or a method named in the config
         return
+    path = os.path.join(workdir, SCAN_CHOICES)
+    if write:
+        shapes = "; ".join(f"{q.dtype}, {q.time} steps x {q.state_size}" for q in sorted(queries))
+        print(f'Timing the scan methods "auto" chooses from at the run\'s shapes ({shapes})')
     # registering the table drops JAX's caches: the steps retrace, choosing from it
     table = scan_choices.measure(queries, mesh=mesh, axis=sharding.DATA)
     if write:
-        scan_choices.save(table, os.path.join(workdir, SCAN_CHOICES))
+        scan_choices.save(table, path)
+        print(f"Saved those timings as {path}")
 
 
 class _NoWriter:
