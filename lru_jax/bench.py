@@ -29,6 +29,7 @@ import dataclasses
 import json
 import os
 import platform
+import sys
 import time
 from collections.abc import Callable, Sequence
 
@@ -115,26 +116,39 @@ def _summary(times_ms: list[float], cpu_ms: list[float], compile_s: float, compi
     }
 
 
-def measure_group(candidates: Sequence[tuple[Callable, Sequence]], repeats: int) -> list[dict]:
+def measure_group(
+    candidates: Sequence[tuple[Callable, Sequence]], repeats: int, skip_failures: bool = False
+) -> list[dict]:
     """Times each `fn(*args)` of `candidates` under jit, interleaved.
 
     Every candidate is compiled and run once (warm-up); then `repeats` rounds run each candidate
     once in turn, so slow drifts of a shared machine hit all of them alike and ratios stay fair.
     Each round starts one candidate later, so none is always first (or always after another).
     Returns one {"median_ms", "p25_ms", "p75_ms", "cpu_ms", "compile_s", "memory_mb"} each.
+    With `skip_failures`, a candidate whose compilation or warm-up raises gets {"error": why}
+    instead and the others are timed as usual; without it, the error propagates.
     """
-    compiled = [_compile(fn, args) for fn, args in candidates]
-    for (fn, _), (_, args) in zip(compiled, candidates, strict=True):
-        _block(_call(fn, args))
-    wall: list[list[float]] = [[] for _ in candidates]
-    cpu: list[list[float]] = [[] for _ in candidates]
-    n = len(candidates)
+    ready, failed = {}, {}  # candidate index -> (compiled, compile_s) or the error's text
+    for i, (fn, args) in enumerate(candidates):
+        try:
+            compiled, compile_s = _compile(fn, args)
+            _block(_call(compiled, args))
+        except Exception as err:  # any failure: this candidate cannot run at these shapes
+            if not skip_failures:
+                raise
+            failed[i] = f"{type(err).__name__}: {err}"
+        else:
+            ready[i] = (compiled, compile_s)
+    wall = {i: [] for i in ready}
+    cpu = {i: [] for i in ready}
+    order = list(ready)
     for r in range(repeats):
-        for i in [(r + j) % n for j in range(n)]:  # rotated: none always runs first
-            _timed_call(compiled[i][0], candidates[i][1], wall[i], cpu[i])
+        for j in range(len(order)):  # rotated: none always runs first
+            i = order[(r + j) % len(order)]
+            _timed_call(ready[i][0], candidates[i][1], wall[i], cpu[i])
     return [
-        _summary(w, c, compile_s, fn)
-        for w, c, (fn, compile_s) in zip(wall, cpu, compiled, strict=True)
+        {"error": failed[i]} if i in failed else _summary(wall[i], cpu[i], ready[i][1], ready[i][0])
+        for i in range(len(candidates))
     ]
 
 
@@ -153,6 +167,24 @@ def _timed_call(fn, args, wall: list[float], cpu: list[float]):
 def measure(fn: Callable, args: Sequence, repeats: int) -> dict:
     """`measure_group` of one candidate."""
     return measure_group([(fn, args)], repeats)[0]
+
+
+def measure_named(
+    group: str, candidates: Sequence[tuple[str, tuple[Callable, Sequence]]], repeats: int
+) -> list[tuple[str, dict]]:
+    """(name, timing) of each named `(fn, args)` candidate that runs (`measure_group`). One that
+    fails at these shapes (a kernel that does not compile, memory that runs out) is named on
+    stderr and left out, so that one failure does not end a whole run of the bench."""
+    timings = measure_group([c for _, c in candidates], repeats, skip_failures=True)
+    kept = []
+    for (name, _), timing in zip(candidates, timings, strict=True):
+        if "error" in timing:
+            print(
+                f"bench: {group}: {name} failed and is left out: {timing['error']}", file=sys.stderr
+            )
+        else:
+            kept.append((name, timing))
+    return kept
 
 
 @dataclasses.dataclass
@@ -277,11 +309,11 @@ def scan_group(a, b, mode: str, repeats: int, limits: Limits | None = None) -> l
     dtype_name = jnp.dtype(b.dtype).name
     group = f"{dtype_name} T={length} B={batch} N={state} {mode}"
     methods = scan_methods(jax.default_backend(), with_auto=False)
-    timings = measure_group([(_scan_fns(m)[mode], (a, b)) for m in methods], repeats)
+    candidates = [(m, (_scan_fns(m)[mode], (a, b))) for m in methods]
     # minimum traffic: read b, write h (and read h, b's cotangent, write two grads in backward)
     passes = 2 if mode == "fwd" else 5
     rows = []
-    for method, timing in zip(methods, timings, strict=True):
+    for method, timing in measure_named(group, candidates, repeats):
         row = _row("scan", group, method, timing)
         row.work = {
             "bytes": passes * b.nbytes,
@@ -374,8 +406,7 @@ def rnn_layer_rows(batch, length, inputs, hidden, repeats, limits) -> list[Row]:
         torch_step = _torch_rnn_step(cell_name, batch, length, inputs, hidden)
         if torch_step is not None:
             candidates[torch_step[0]] = (Eager(torch_step[1]), ())
-        timings = measure_group(list(candidates.values()), repeats)
-        for name, timing in zip(candidates, timings, strict=True):
+        for name, timing in measure_named(group, list(candidates.items()), repeats):
             row = _row("layers", group, name, timing)
             row.work = {"flops": rnn_flops(cell_name, batch, length, inputs, hidden)}
             _flop_rate(row, limits)
@@ -420,8 +451,8 @@ def lru_layer_rows(batch, length, width, repeats, limits) -> list[Row]:
         module = lnn.LRU(width, scan_method=method)
         candidates.append((f"lru_jax lru ({method})", _module_fn(module)))
     state_bytes = batch * length * width * 8  # complex64 states
-    timings = measure_group([(_grad_of_squares(f), (params, u)) for _, f in candidates], repeats)
-    for (name, _), timing in zip(candidates, timings, strict=True):
+    named = [(name, (_grad_of_squares(f), (params, u))) for name, f in candidates]
+    for name, timing in measure_named(group, named, repeats):
         row = _row("layers", group, name, timing)
         row.work = {"bytes": 5 * state_bytes}
         _bandwidth(row, limits)

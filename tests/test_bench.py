@@ -92,3 +92,15 @@ def test_bad_arguments_are_named():
         bench.parse_args(["--suite=nonsense"])
     with pytest.raises(SystemExit):
         bench.parse_args(["--modes=bwd"])
+
+
+def test_a_failing_candidate_is_reported_only_when_failures_may_be_skipped():
+    def broken(x):
+        raise ValueError("no kernel for this shape")
+
+    x = jnp.ones(3)
+    results = bench.measure_group([(jnp.sin, (x,)), (broken, (x,))], 2, skip_failures=True)
+    assert results[1] == {"error": "ValueError: no kernel for this shape"}
+    assert results[0]["median_ms"] > 0
+    with pytest.raises(ValueError, match="no kernel"):
+        bench.measure_group([(jnp.sin, (x,)), (broken, (x,))], 1)

@@ -282,6 +282,19 @@ def test_measure_with_several_processes_takes_process_0s_times(monkeypatch):
     assert times == dict(zip(methods, range(len(methods), 0, -1), strict=True))
 
 
+def test_measure_leaves_out_a_method_that_fails_and_says_which(monkeypatch, capsys):
+    """A method that cannot run at a shape (here one `linear_scan` refuses) is no candidate
+    there: the others are timed, and stderr names it, instead of the measurement failing."""
+    from lru_jax import bench
+
+    methods = ("sequential", "no_such_method")
+    monkeypatch.setattr(bench, "scan_methods", lambda backend, with_auto=True: methods)
+    with scan_choices.restored():
+        table = scan_choices.measure([("float32", 8, 3)], ("fwd",), repeats=1)
+    assert [sorted(e["times_ms"]) for e in table["entries"]] == [["sequential"]]
+    assert "no_such_method failed and is left out: ValueError" in capsys.readouterr().err
+
+
 def test_save_writes_a_table_that_loads_back(tmp_path):
     path = str(tmp_path / "scan_choices.json")
     scan_choices.save(TABLE, path)
