@@ -117,7 +117,10 @@ def _summary(times_ms: list[float], cpu_ms: list[float], compile_s: float, compi
 
 
 def measure_group(
-    candidates: Sequence[tuple[Callable, Sequence]], repeats: int, skip_failures: bool = False
+    candidates: Sequence[tuple[Callable, Sequence]],
+    repeats: int,
+    skip_failures: bool = False,
+    check: Callable[[int, object], None] | None = None,
 ) -> list[dict]:
     """Times each `fn(*args)` of `candidates` under jit, interleaved.
 
@@ -125,14 +128,18 @@ def measure_group(
     once in turn, so slow drifts of a shared machine hit all of them alike and ratios stay fair.
     Each round starts one candidate later, so none is always first (or always after another).
     Returns one {"median_ms", "p25_ms", "p75_ms", "cpu_ms", "compile_s", "memory_mb"} each.
-    With `skip_failures`, a candidate whose compilation or warm-up raises gets {"error": why}
-    instead and the others are timed as usual; without it, the error propagates.
+    `check(index, output)`, if given, sees each candidate's warm-up output (in order) and
+    raises if it is wrong. With `skip_failures`, a candidate whose compilation, warm-up or check
+    raises gets {"error": why} instead and the others are timed as usual; without it, the error
+    propagates.
     """
     ready, failed = {}, {}  # candidate index -> (compiled, compile_s) or the error's text
     for i, (fn, args) in enumerate(candidates):
         try:
             compiled, compile_s = _compile(fn, args)
-            _block(_call(compiled, args))
+            output = _block(_call(compiled, args))
+            if check is not None:
+                check(i, output)
         except Exception as err:  # any failure: this candidate cannot run at these shapes
             if not skip_failures:
                 raise
@@ -170,12 +177,15 @@ def measure(fn: Callable, args: Sequence, repeats: int) -> dict:
 
 
 def measure_named(
-    group: str, candidates: Sequence[tuple[str, tuple[Callable, Sequence]]], repeats: int
+    group: str,
+    candidates: Sequence[tuple[str, tuple[Callable, Sequence]]],
+    repeats: int,
+    check: Callable[[int, object], None] | None = None,
 ) -> list[tuple[str, dict]]:
     """(name, timing) of each named `(fn, args)` candidate that runs (`measure_group`). One that
-    fails at these shapes (a kernel that does not compile, memory that runs out) is named on
-    stderr and left out, so that one failure does not end a whole run of the bench."""
-    timings = measure_group([c for _, c in candidates], repeats, skip_failures=True)
+    fails at these shapes (a kernel that does not compile, memory that runs out, a wrong result
+    by `check`) is named on stderr and left out, so one failure does not end a run of the bench."""
+    timings = measure_group([c for _, c in candidates], repeats, True, check)
     kept = []
     for (name, _), timing in zip(candidates, timings, strict=True):
         if "error" in timing:
@@ -313,7 +323,7 @@ def scan_group(a, b, mode: str, repeats: int, limits: Limits | None = None) -> l
     # minimum traffic: read b, write h (and read h, b's cotangent, write two grads in backward)
     passes = 2 if mode == "fwd" else 5
     rows = []
-    for method, timing in measure_named(group, candidates, repeats):
+    for method, timing in measure_named(group, candidates, repeats, _agrees_with_first(b.dtype)):
         row = _row("scan", group, method, timing)
         row.work = {
             "bytes": passes * b.nbytes,
@@ -326,6 +336,29 @@ def scan_group(a, b, mode: str, repeats: int, limits: Limits | None = None) -> l
         _bandwidth(row, limits)
         rows.append(row)
     return rows
+
+
+def _agrees_with_first(dtype) -> Callable[[int, object], None]:
+    """A `measure_group` check: every candidate's output (a pytree) equals that of the first one
+    that ran (the sequential scan) to within 1e-3 of its largest magnitude (5e-2 for 16-bit
+    types), so that a method giving wrong results (an untried kernel) is never timed, or chosen
+    by "auto"."""
+    tolerance = 1e-3 if jnp.finfo(dtype).bits >= 32 else 5e-2
+    reference = []
+
+    def check(index, output):
+        leaves = jax.tree.leaves(output)
+        if not reference:
+            reference[:] = leaves
+            return
+        for got, want in zip(leaves, reference, strict=True):
+            scale = float(jnp.max(jnp.abs(want)))
+            error = float(jnp.max(jnp.abs(got - want)))
+            if not error <= tolerance * scale:
+                message = f"its result differs from the first method's by {error:.3g}"
+                raise ValueError(f"{message} (largest magnitude {scale:.3g})")
+
+    return check
 
 
 # The layers suite

@@ -104,3 +104,14 @@ def test_a_failing_candidate_is_reported_only_when_failures_may_be_skipped():
     assert results[0]["median_ms"] > 0
     with pytest.raises(ValueError, match="no kernel"):
         bench.measure_group([(jnp.sin, (x,)), (broken, (x,))], 1)
+
+
+def test_a_candidate_failing_its_check_is_left_out():
+    def exact(index, output):
+        if not np.allclose(output, np.sin(np.arange(3.0))):
+            raise ValueError(f"candidate {index} is off")
+
+    x = jnp.arange(3.0)
+    candidates = [(jnp.sin, (x,)), (lambda v: jnp.sin(v) + 1e-3, (x,))]
+    results = bench.measure_group(candidates, 1, skip_failures=True, check=exact)
+    assert "median_ms" in results[0] and results[1] == {"error": "ValueError: candidate 1 is off"}

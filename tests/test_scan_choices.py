@@ -295,6 +295,30 @@ def test_measure_leaves_out_a_method_that_fails_and_says_which(monkeypatch, caps
     assert "no_such_method failed and is left out: ValueError" in capsys.readouterr().err
 
 
+def test_measure_leaves_out_a_method_whose_result_is_wrong(monkeypatch, capsys):
+    """A method that runs but disagrees with the sequential scan (as an untried kernel might)
+    is not timed, so "auto" can never choose it."""
+    from lru_jax import bench
+
+    real_fns = bench._scan_fns
+
+    def scan_fns(method):  # "associative", 1% off in both passes
+        fns = real_fns(method)
+        if method != "associative":
+            return fns
+        off = lambda f: lambda a, b: jax.tree.map(lambda v: 1.01 * v, f(a, b))  # noqa: E731
+        return {mode: off(f) for mode, f in fns.items()}
+
+    monkeypatch.setattr(bench, "_scan_fns", scan_fns)
+    methods = ("sequential", "associative", "chunked")
+    monkeypatch.setattr(bench, "scan_methods", lambda backend, with_auto=True: methods)
+    with scan_choices.restored():
+        table = scan_choices.measure([("complex64", 64, 3)], repeats=1)
+    assert [sorted(e["times_ms"]) for e in table["entries"]] == [["chunked", "sequential"]] * 2
+    err = capsys.readouterr().err
+    assert err.count("associative failed and is left out: ValueError: its result differs") == 2
+
+
 def test_save_writes_a_table_that_loads_back(tmp_path):
     path = str(tmp_path / "scan_choices.json")
     scan_choices.save(TABLE, path)
