@@ -3,15 +3,15 @@
 # the GPU, then the bench's gpu and layers suites. Everything lands under $OUT:
 #   device.txt  jax version, devices, whether the Pallas kernel compiles and runs
 #   tests.txt   pytest of the scan, Pallas, LRU and cell tests (TF32 off, so tolerances hold)
-#   train.txt   20 steps of the default config with train.scan_choices=measure: what "auto"
-#               picks at its shapes on this GPU (train/scan_choices.json)
+#   train.txt   20 steps of the default config, whose train.scan_choices=auto measures the
+#               scan methods at its shapes on a GPU: what "auto" picks (train/scan_choices.json)
 #   bench.txt   the bench tables; bench/bench.json, bench/scan.png, bench/scan_choices.json
 #
 # On the device machine (see ../shared/GPU.md; carry .whl, the wheels its image lacks):
 #   bash scripts/gpu_check.sh
-# Dry run on a CPU, tiny shapes:
+# Dry run on a CPU, tiny shapes (measuring there too):
 #   OUT=/tmp/gpu-check BENCH_ARGS="--suite scan --lengths 64 --sizes 2x8 --repeats 2" \
-#     bash scripts/gpu_check.sh
+#     TRAIN_ARGS=--config.train.scan_choices=measure bash scripts/gpu_check.sh
 set -uo pipefail
 OUT=${OUT:-runs/gpu-check}
 BENCH_ARGS=${BENCH_ARGS:---suite gpu --suite layers --repeats 5}
@@ -37,7 +37,8 @@ JAX_DEFAULT_MATMUL_PRECISION=highest timeout 240 python3 -m pytest -q \
   tests/test_cells.py \
   2>&1 | tee "$OUT/tests.txt"
 
-timeout 60 python3 train.py --workdir "$OUT/train" --config.train.scan_choices=measure \
+# shellcheck disable=SC2086  # TRAIN_ARGS: extra flags, none by default
+timeout 60 python3 train.py --workdir "$OUT/train" ${TRAIN_ARGS:-} \
   --config.train.num_steps=20 --config.train.eval_every=20 --config.train.eval_batches=1 \
   --config.generate.num_samples=0 2>&1 | tail -n 5 | tee "$OUT/train.txt"
 rm -rf "$OUT/train/checkpoints" "$OUT/train/tensorboard"
