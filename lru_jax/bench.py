@@ -120,7 +120,7 @@ def measure_group(
     candidates: Sequence[tuple[Callable, Sequence]],
     repeats: int,
     skip_failures: bool = False,
-    check: Callable[[int, object], None] | None = None,
+    check: Callable[[object], None] | None = None,
 ) -> list[dict]:
     """Times each `fn(*args)` of `candidates` under jit, interleaved.
 
@@ -128,8 +128,8 @@ def measure_group(
     once in turn, so slow drifts of a shared machine hit all of them alike and ratios stay fair.
     Each round starts one candidate later, so none is always first (or always after another).
     Returns one {"median_ms", "p25_ms", "p75_ms", "cpu_ms", "compile_s", "memory_mb"} each.
-    `check(index, output)`, if given, sees each candidate's warm-up output (in order) and
-    raises if it is wrong. With `skip_failures`, a candidate whose compilation, warm-up or check
+    `check(output)`, if given, sees each candidate's warm-up output (in order) and raises if it
+    is wrong. With `skip_failures`, a candidate whose compilation, warm-up or check
     raises gets {"error": why} instead and the others are timed as usual; without it, the error
     propagates.
     """
@@ -139,7 +139,7 @@ def measure_group(
             compiled, compile_s = _compile(fn, args)
             output = _block(_call(compiled, args))
             if check is not None:
-                check(i, output)
+                check(output)
         except Exception as err:  # any failure: this candidate cannot run at these shapes
             if not skip_failures:
                 raise
@@ -180,7 +180,7 @@ def measure_named(
     group: str,
     candidates: Sequence[tuple[str, tuple[Callable, Sequence]]],
     repeats: int,
-    check: Callable[[int, object], None] | None = None,
+    check: Callable[[object], None] | None = None,
 ) -> list[tuple[str, dict]]:
     """(name, timing) of each named `(fn, args)` candidate that runs (`measure_group`). One that
     fails at these shapes (a kernel that does not compile, memory that runs out, a wrong result
@@ -338,7 +338,7 @@ def scan_group(a, b, mode: str, repeats: int, limits: Limits | None = None) -> l
     return rows
 
 
-def _agrees_with_first(dtype) -> Callable[[int, object], None]:
+def _agrees_with_first(dtype) -> Callable[[object], None]:
     """A `measure_group` check: every candidate's output (a pytree) equals that of the first one
     that ran (the sequential scan) to within 1e-3 of its largest magnitude (5e-2 for 16-bit
     types), so that a method giving wrong results (an untried kernel) is never timed, or chosen
@@ -346,7 +346,7 @@ def _agrees_with_first(dtype) -> Callable[[int, object], None]:
     tolerance = 1e-3 if jnp.finfo(dtype).bits >= 32 else 5e-2
     reference = []
 
-    def check(index, output):
+    def check(output):
         leaves = jax.tree.leaves(output)
         if not reference:
             reference[:] = leaves
