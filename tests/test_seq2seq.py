@@ -246,14 +246,15 @@ def test_attention_maps_of_reverse_are_anti_diagonal(trained, tmp_path):
 
 def test_attention_maps_decode_with_the_runs_scan_choices(trained, tmp_path, monkeypatch):
     """A run's saved scan_choices.json decides the encoder's "auto" scans while its attention
-    maps are drawn (here "associative", where the built-in CPU rule runs "sequential"), and is
-    unloaded afterwards."""
+    maps are drawn (the method the built-in rule would not run), and is unloaded afterwards."""
     from lru_jax import scan, scan_choices
 
     workdir = trained[0]
     monkeypatch.delenv(scan_choices.ENV_VAR, raising=False)
+    built_in = scan.choose_method(8, 256, dtype=jnp.complex64)  # no table is loaded
+    preferred = "sequential" if built_in == "associative" else "associative"
     entry = {"dtype": "complex64", "time": 8, "state_size": 256, "mode": "fwd",
-             "times_ms": {"sequential": 2.0, "associative": 1.0}}  # fmt: skip
+             "times_ms": {built_in: 2.0, preferred: 1.0}}  # fmt: skip
     saved = os.path.join(workdir, "scan_choices.json")
     with open(saved, "w") as f:
         json.dump({"backend": jax.default_backend(), "entries": [entry]}, f)
@@ -265,7 +266,7 @@ def test_attention_maps_decode_with_the_runs_scan_choices(trained, tmp_path, mon
         attention_maps.attention_maps(workdir, str(tmp_path), num_examples=8, max_images=1)
     finally:
         os.remove(saved)
-    assert traced and set(traced) == {"associative"}
+    assert traced and set(traced) == {preferred}
     assert scan_choices.table_for(jax.default_backend()) is None
 
 
