@@ -65,9 +65,7 @@ def load(path: str, devices: int = 1) -> dict:
     "auto", asked about a scan's global shape, compares what each device runs with what each
     device ran when the entry was timed.
     """
-    table = _read(path)
-    _check(table, path)
-    table = for_devices(table, devices)
+    table = for_devices(_read(path), devices)
     register(table, source=path)
     return table
 
@@ -124,7 +122,6 @@ def table_for(backend: str) -> dict | None:
         path = os.environ.get(ENV_VAR)
         if path:  # read while the first "auto" scan traces: nothing chose without it yet
             table = _read(path)
-            _check(table, path)
             _tables[table["backend"]] = table
     return _tables.get(backend)
 
@@ -139,12 +136,15 @@ def _replace_tables(tables: dict[str, dict]) -> None:
         jax.clear_caches()
 
 
-def _read(path: str):
+def _read(path: str) -> dict:
+    """The table in the JSON file `path`, checked (a ValueError naming the file if it is not)."""
     try:
         with open(path) as f:
-            return json.load(f)
+            table = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"scan choices: cannot read {path!r} as JSON: {e}") from e
+    _check(table, path)
+    return table
 
 
 def save(table: dict, path: str) -> None:
