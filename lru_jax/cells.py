@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from lru_jax import _checks
-from lru_jax.scan import reverse_within_lengths, step_mask
+from lru_jax.padding import reverse_within_lengths, step_mask
 
 Params = dict[str, jax.Array]
 Carry = Any

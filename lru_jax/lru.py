@@ -22,7 +22,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from lru_jax import _checks, scan
+from lru_jax import _checks, padding, scan
 
 Params = dict[str, jax.Array]
 
@@ -172,8 +172,8 @@ def forward(
         _checks.rank("u", u, 3, "[time, batch, H] when seq_lengths is given")
         seq_lengths = _checks.seq_lengths(seq_lengths, u.shape[1], u.shape[0])
         if reverse:
-            u = scan.reverse_within_lengths(u, seq_lengths)
-            resets = None if resets is None else scan.reverse_within_lengths(resets, seq_lengths)
+            u = padding.reverse_within_lengths(u, seq_lengths)
+            resets = None if resets is None else padding.reverse_within_lengths(resets, seq_lengths)
         run_reversed = False
     else:
         run_reversed = reverse
@@ -192,10 +192,10 @@ def forward(
     y = readout(params, hs, u)
     if seq_lengths is None:
         return y, hs[0] if reverse else hs[-1]
-    h_last = scan.last_valid(hs, seq_lengths, jnp.broadcast_to(h0, hs.shape[1:]))
-    y = jnp.where(scan.step_mask(seq_lengths, u.shape[0])[..., None], y, 0.0)
+    h_last = padding.last_valid(hs, seq_lengths, jnp.broadcast_to(h0, hs.shape[1:]))
+    y = jnp.where(padding.step_mask(seq_lengths, u.shape[0])[..., None], y, 0.0)
     if reverse:
-        y = scan.reverse_within_lengths(y, seq_lengths)
+        y = padding.reverse_within_lengths(y, seq_lengths)
     return y, h_last
 
 

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lru_jax import _checks, scan
+from lru_jax import _checks, padding
 from lru_jax import nn as lnn
 
 CELLS = ("lru", "lstm", "gru", "simple_rnn", "attention")
@@ -183,8 +183,8 @@ class SequenceModel(nn.Module):
         if self.pooling == "attention":
             return self.attention_pool(h, lengths)[0]
         if self.pooling == "last":
-            return scan.last_valid(jnp.swapaxes(h, 0, 1), lengths, jnp.zeros_like(h[:, 0]))
-        mask = jnp.swapaxes(scan.step_mask(lengths, time), 0, 1)[..., None]
+            return padding.last_valid(jnp.swapaxes(h, 0, 1), lengths, jnp.zeros_like(h[:, 0]))
+        mask = jnp.swapaxes(padding.step_mask(lengths, time), 0, 1)[..., None]
         return jnp.sum(h * mask, axis=1) / jnp.maximum(lengths[:, None], 1)
 
     def initial_carry(self, batch_size: int):
@@ -412,11 +412,11 @@ class EncoderDecoder(nn.Module):
         memory = self.encoder_norm(h)
         if lengths is not None:
             memory = jnp.where(
-                jnp.swapaxes(scan.step_mask(lengths, inputs.shape[1]), 0, 1)[..., None],
+                jnp.swapaxes(padding.step_mask(lengths, inputs.shape[1]), 0, 1)[..., None],
                 memory,
                 0.0,
             )
-            last = scan.last_valid(jnp.swapaxes(memory, 0, 1), lengths, memory[:, 0])
+            last = padding.last_valid(jnp.swapaxes(memory, 0, 1), lengths, memory[:, 0])
         else:
             last = memory[:, -1]
         return memory, self.summarise(jnp.concatenate([memory[:, 0], last], axis=-1))

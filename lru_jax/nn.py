@@ -26,7 +26,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lru_jax import _checks, cells, lru, scan
+from lru_jax import _checks, cells, lru, padding, scan
 from lru_jax.attention_nn import (  # noqa: F401  (re-exported)
     AdditiveAttention,
     AttentionPooling,
@@ -340,7 +340,7 @@ class SequenceBlock(nn.Module):
         _checks.feature_size("x", x.shape[-1], self.d_model, "features (d_model)")
         mask = None
         if seq_lengths is not None:
-            mask = _time_major(scan.step_mask(seq_lengths, x.shape[1]))[..., None]  # [B, T, 1]
+            mask = _time_major(padding.step_mask(seq_lengths, x.shape[1]))[..., None]  # [B, T, 1]
         z = self._normalise(x, deterministic, mask) if self.prenorm else x
         carry, z = self.mixer(z, seq_lengths, initial_carry=initial_carry, return_carry=True)
         x = x + self._feed_forward(z, deterministic)

@@ -367,38 +367,3 @@ def _sequence_parallel(a, b, h0, time_varying, method, chunk_size, axis):
         check_vma=False,
     )
     return sharded(a, b, h0)
-
-
-# Padding: sequences of different lengths in one [time, batch, ...] array.
-
-
-def reverse_within_lengths(xs: jax.Array, seq_lengths: jax.Array | None) -> jax.Array:
-    """Reverses each sequence of `xs: [time, batch, ...]` within its own length.
-
-    Steps past a sequence's length stay where they are. The map is its own inverse.
-    """
-    if seq_lengths is None:
-        return jnp.flip(xs, 0)
-    time = xs.shape[0]
-    t = jnp.arange(time)[:, None]
-    index = jnp.where(t < seq_lengths[None, :], seq_lengths[None, :] - 1 - t, t)  # [time, batch]
-    index = index.reshape(index.shape + (1,) * (xs.ndim - 2))
-    return jnp.take_along_axis(xs, index, axis=0)
-
-
-def step_mask(seq_lengths: jax.Array | None, time: int) -> jax.Array | None:
-    """bool [time, batch]: whether step t is inside sequence b."""
-    if seq_lengths is None:
-        return None
-    return jnp.arange(time)[:, None] < seq_lengths[None, :]
-
-
-def last_valid(hs: jax.Array, seq_lengths: jax.Array, h0: jax.Array) -> jax.Array:
-    """The state after each sequence's last valid step: hs [time, batch, ...] -> [batch, ...].
-
-    `h0` [batch, ...] is returned for sequences of length 0.
-    """
-    index = jnp.maximum(seq_lengths - 1, 0).reshape((1, -1) + (1,) * (hs.ndim - 2))
-    last = jnp.take_along_axis(hs, index, axis=0)[0]
-    empty = (seq_lengths == 0).reshape((-1,) + (1,) * (hs.ndim - 2))
-    return jnp.where(empty, h0, last)
