@@ -63,6 +63,11 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)  # orbax reports every file it writes at INFO
+    if os.environ.get("LRU_JAX_SCAN_CHOICES"):  # the variable earlier versions read
+        raise app.UsageError(
+            "LRU_JAX_SCAN_CHOICES: no longer read; pass the table as "
+            "--config.train.scan_choices=PATH instead"
+        )
     workdir = _WORKDIR.value
     if initialize_distributed() and workdir is None:
         raise app.UsageError("--workdir: required with several processes (one shared directory)")

@@ -28,12 +28,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from lru_jax import models  # noqa: E402
 from lru_jax.tasks.seq2seq import BOS, EOS, NUM_SPECIAL, PAD  # noqa: E402
+from lru_jax.training import autotune  # noqa: E402
 from lru_jax.training import config as config_lib  # noqa: E402
 from lru_jax.training.checkpoints import Checkpointer  # noqa: E402
 from lru_jax.training.loop import (  # noqa: E402
     build_task,
     one_device_state,
-    replaying_scan_choices,
 )
 from lru_jax.training.optim import make_optimizer  # noqa: E402
 
@@ -53,7 +53,9 @@ def load_run(workdir: str):
             f"workdir: expected a run of a seq2seq task (an encoder-decoder), got the "
             f"{task.spec.kind} task {task.spec.name!r}"
         )
-    model = config_lib.build_model(config.model, task.spec)
+    # the run's scan table: the encoder's "auto" scans run the methods training ran
+    scan_table = autotune.replayed_table(config, workdir)
+    model = config_lib.build_model(config.model, task.spec, scan_table=scan_table)
     template = one_device_state(model, make_optimizer(config.train), task, config)
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), 0)
     if checkpointer.latest_step() is None:
@@ -130,10 +132,9 @@ def attention_maps(
     os.makedirs(out, exist_ok=True)
     batch = task.batch(split, 0, num_examples)
     spec = task.spec
-    with replaying_scan_choices(config, workdir):  # the scan methods the run trained with
-        tokens, weights = models.greedy_decode(
-            model, variables, batch["inputs"], batch["lengths"], spec.target_len
-        )
+    tokens, weights = models.greedy_decode(
+        model, variables, batch["inputs"], batch["lengths"], spec.target_len
+    )
     exact = np.all((tokens == batch["targets"]) | (batch["mask"] == 0), axis=1)
     summary = {"workdir": workdir, "split": split, "examples": num_examples}
     summary["exact_match"] = float(exact.mean())

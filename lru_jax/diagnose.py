@@ -27,8 +27,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from lru_jax import _checks, diagnostics
+from lru_jax.training import autotune
 from lru_jax.training import config as config_lib
-from lru_jax.training.loop import build_task, one_device_state, replaying_scan_choices
+from lru_jax.training.loop import build_task, one_device_state
 from lru_jax.training.metrics import read_jsonl
 from lru_jax.training.optim import make_optimizer
 from lru_jax.training.steps import loss_sums
@@ -38,11 +39,12 @@ def load(config, workdir: str | None = None):
     """(model, task, state, step): the config's model with the parameters (and BatchNorm
     statistics) of the latest checkpoint in `workdir` (step > 0), or freshly initialised
     (step 0). Only parameters are restored, so the optimiser settings need not match the
-    run's."""
+    run's. The model's "auto" scans choose from the run's scan table, as its training did."""
     config_lib.validate(config)
     task = build_task(config)
     config_lib.check_against_task(config, task.spec)
-    model = config_lib.build_model(config.model, task.spec)
+    scan_table = autotune.replayed_table(config, workdir)
+    model = config_lib.build_model(config.model, task.spec, scan_table=scan_table)
     state = one_device_state(model, make_optimizer(config.train), task, config)
     directory = None if workdir is None else os.path.abspath(os.path.join(workdir, "checkpoints"))
     if directory is None or not os.path.isdir(directory):
@@ -206,15 +208,14 @@ def main(argv):
     flag = flags.FLAGS
     try:
         model, task, state, step = load(_CONFIG.value, flag.workdir)
-        with replaying_scan_choices(_CONFIG.value, flag.workdir):  # as the run's scans ran
-            result = diagnose_state(
-                model,
-                task,
-                state.variables(),
-                batch_size=flag.batch_size,
-                num_examples=flag.num_examples,
-                spectrum_every=flag.spectrum_every,
-            )
+        result = diagnose_state(
+            model,
+            task,
+            state.variables(),
+            batch_size=flag.batch_size,
+            num_examples=flag.num_examples,
+            spectrum_every=flag.spectrum_every,
+        )
     except (ValueError, TypeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

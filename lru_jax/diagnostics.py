@@ -240,7 +240,13 @@ def _probed_layer(module, params, x, initial_carry, reverse: bool, probes):
             if initial_carry is not None
             else lru.zero_state(b.shape[1:-1], b.shape[-1])
         )
-        hs = scan.linear_scan(lru.eigenvalues(params), b, h0, method=module.scan_method)
+        hs = scan.linear_scan(
+            lru.eigenvalues(params),
+            b,
+            h0,
+            method=module.scan_method,
+            scan_table=module.scan_table,
+        )
         carry, ys = hs[-1], lru.readout(params, hs, xs)
     else:
         cell = module.make_cell()

@@ -147,6 +147,7 @@ def forward(
     resets: jax.Array | None = None,
     method: str = "auto",
     sequence_axis: str | None = None,
+    scan_table=None,
 ) -> tuple[jax.Array, jax.Array]:
     """The LRU over a whole sequence, in parallel where `method` allows.
 
@@ -161,6 +162,7 @@ def forward(
       method: a `linear_scan` method.
       sequence_axis: optional mesh axis to split time over (`linear_scan`'s sequence
         parallelism; needs `jax.set_mesh`).
+      scan_table: optional `lru_jax.scan_table.ScanTable` that an "auto" `method` chooses from.
 
     Returns:
       (y [time, ..., H], h_last [..., N]): outputs and the final state.
@@ -188,6 +190,7 @@ def forward(
         reverse=run_reversed,
         sequence_axis=sequence_axis,
         resets=resets,
+        scan_table=scan_table,
     )
     y = readout(params, hs, u)
     if seq_lengths is None:

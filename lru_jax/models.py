@@ -23,6 +23,7 @@ import numpy as np
 
 from lru_jax import _checks, padding
 from lru_jax import nn as lnn
+from lru_jax.scan_table import ScanTable
 
 CELLS = ("lru", "lstm", "gru", "simple_rnn", "attention")
 POOLINGS = ("none", "last", "mean", "attention")
@@ -53,6 +54,8 @@ class SequenceModel(nn.Module):
         `cells.unroll`), or None for JAX's autodiff of the loop (needed for `jax.jvp`).
       sequence_axis: a mesh axis to split the LRU scans' time over (sequence parallelism;
         "lru" cells only, applied under `jax.set_mesh`), or None.
+      scan_table: the `lru_jax.scan_table.ScanTable` the LRU's "auto" scans choose from, or
+        None for the built-in rule.
     """
 
     num_outputs: int
@@ -76,6 +79,7 @@ class SequenceModel(nn.Module):
     num_heads: int = 4
     max_len: int = 2048
     sequence_axis: str | None = None
+    scan_table: ScanTable | None = None
 
     def setup(self):
         _checks.one_of("cell", self.cell, CELLS)
@@ -118,6 +122,7 @@ class SequenceModel(nn.Module):
                 self.max_phase,
                 self.scan_method,
                 self.sequence_axis,
+                scan_table=self.scan_table,
             )
         if self.cell == "attention":
             return lnn.CausalSelfAttention(self.d_model, self.num_heads, self.max_len)
@@ -330,6 +335,7 @@ class EncoderDecoder(nn.Module):
       hard_temperature: the Gumbel-softmax temperature of hard attention in training.
       norm, prenorm, ffn, dropout_rate: of every `nn.SequenceBlock`.
       grad_chunk: as `SequenceModel.grad_chunk`.
+      scan_table: as `SequenceModel.scan_table`.
     """
 
     vocab_size: int
@@ -350,6 +356,7 @@ class EncoderDecoder(nn.Module):
     ffn: str = "glu"
     dropout_rate: float = 0.0
     grad_chunk: int | None = 16
+    scan_table: ScanTable | None = None
 
     def setup(self):
         _checks.positive_int("vocab_size", self.vocab_size)
@@ -387,7 +394,8 @@ class EncoderDecoder(nn.Module):
 
     def _mixer(self) -> nn.Module:
         if self.cell == "lru":
-            return lnn.LRU(self.d_state, self.r_min, self.r_max, self.max_phase, self.scan_method)
+            settings = (self.d_state, self.r_min, self.r_max, self.max_phase, self.scan_method)
+            return lnn.LRU(*settings, scan_table=self.scan_table)
         return lnn.RecurrentLayer(self.d_model, cell=self.cell, grad_chunk=self.grad_chunk)
 
     def _encoder_mixer(self) -> nn.Module:

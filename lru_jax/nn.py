@@ -37,6 +37,7 @@ from lru_jax.attention_nn import (  # noqa: F401  (re-exported)
     KVCache,
     MultiHeadAttention,
 )
+from lru_jax.scan_table import ScanTable
 
 
 def check_sequence(x, seq_lengths, name: str = "x"):
@@ -130,6 +131,8 @@ class LRU(nn.Module):
     C_im [H,N], D [H]. The carry is the complex64 state [batch, N].
     `sequence_axis`, a mesh axis name, splits time over that axis' devices (sequence
     parallelism, see `lru_jax.scan.linear_scan`); apply the module under `jax.set_mesh`.
+    `scan_table`, a `lru_jax.scan_table.ScanTable`, is what an "auto" `scan_method` chooses from
+    (`lru_jax.scan_choices.measure` or `.load`); None: the built-in rule.
     """
 
     d_state: int
@@ -138,6 +141,7 @@ class LRU(nn.Module):
     max_phase: float = 2 * math.pi
     scan_method: str = "auto"
     sequence_axis: str | None = None
+    scan_table: ScanTable | None = None
 
     @nn.compact
     def __call__(
@@ -157,6 +161,7 @@ class LRU(nn.Module):
         _checks.positive_int("d_state", self.d_state)
         lru.check_ring(self.r_min, self.r_max, self.max_phase)
         _checks.one_of("scan_method", self.scan_method, (*scan.METHODS, "auto"))
+        scan.check_scan_table(self.scan_table)
         seq_lengths = check_sequence(x, seq_lengths)
         if self.has_variable("params", "D"):
             _checks.feature_size("x", x.shape[-1], self.get_variable("params", "D").shape[0])
@@ -173,6 +178,7 @@ class LRU(nn.Module):
             resets=resets,
             method=self.scan_method,
             sequence_axis=self.sequence_axis,
+            scan_table=self.scan_table,
         )
         y = _time_major(y)
         return (h_last, y) if return_carry else y

@@ -13,14 +13,16 @@ Every method computes the same thing along axis 0 (time) and differs only in how
   dependent steps instead of T, and a time-invariant `a` is never materialised.
 - ``"pallas"``: a Pallas kernel (`lru_jax.kernels.pallas_scan`): on a GPU each program walks
   time over a block of lanes (Triton lowering), with its own scan-shaped custom VJP; elsewhere
-  it runs in Pallas' interpret mode (slow, for tests). "auto" chooses it only from a loaded
+  it runs in Pallas' interpret mode (slow, for tests). "auto" chooses it only from a passed
   table of measurements in which it was fastest.
 - ``"auto"``: picks one of the above from the platform and the shape (see `choose_method`):
-  from this machine's own measurements when a table is loaded (`lru_jax.scan_choices`: written
-  by `python -m lru_jax.bench`, or measured at a program's own shapes by
-  `scan_choices.measure`), else from a built-in rule. Where the table's forward-only and
-  forward+backward winners differ, the forward pass uses the first and differentiation the
-  second.
+  from measurements when a `scan_table` is passed (a `lru_jax.scan_table.ScanTable`: measured
+  at a program's own shapes by `lru_jax.scan_choices.measure`, or read from the bench's
+  scan_choices.json by `scan_choices.load`), else from a built-in rule. Where the table's
+  forward-only and forward+backward winners differ, the forward pass uses the first and
+  differentiation the second. The choice is a function of the arguments and the platform
+  alone; each "auto" scan is marked in the traced program (`AUTO_SCOPE`) so that
+  `scan_choices.queries` can read off which shapes a program asks "auto" about.
 
 Sequence parallelism (`sequence_axis=...`, inside `jax.set_mesh(mesh)`): time is split into
 contiguous blocks over the devices of one mesh axis. Each device scans its block from a zero
@@ -41,13 +43,16 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from lru_jax import _checks, scan_choices
+from lru_jax import _checks
+from lru_jax.scan_table import ScanTable
 
 METHODS = ("sequential", "associative", "chunked", "pallas")
 # backends whose built-in "auto" rule comes from our own measurements (docs/benchmarks.md); on
 # the others it is a default from the literature, and train.py measures instead (see
 # `config.train.scan_choices`)
 MEASURED_RULE_BACKENDS = ("cpu",)
+# the name scope around every "auto" scan: dtype name, time steps, state elements per step
+AUTO_SCOPE = "lru_jax.linear_scan[auto {dtype} {time}x{state_size}]"
 
 
 def linear_scan(
@@ -60,6 +65,7 @@ def linear_scan(
     resets=None,
     chunk_size=None,
     sequence_axis=None,
+    scan_table=None,
 ):
     """Runs h_t = a_t * h_{t-1} + b_t along axis 0 and returns every h_t.
 
@@ -80,6 +86,8 @@ def linear_scan(
       sequence_axis: optional name of an axis of the current mesh (`jax.set_mesh`) to split
         time over (sequence parallelism, see the module docstring); `method` then runs within
         each device's block. Time must be divisible by that axis' size. Call it under `jax.jit`.
+      scan_table: optional `ScanTable` of measured times that "auto" chooses from (see
+        `choose_method`); None: the built-in rule.
 
     Returns:
       h: [time, ...] with shape broadcast(a, b) and dtype result_type(a, b, h0).
@@ -90,6 +98,7 @@ def linear_scan(
     _checks.one_of("method", method, (*METHODS, "auto"))
     if not isinstance(reverse, bool):
         raise TypeError(f"reverse: expected a bool, got {reverse!r}")
+    check_scan_table(scan_table)
     if sequence_axis is not None:
         check_sequence_axis(sequence_axis, out_shape[0])
         if method == "pallas":
@@ -98,12 +107,32 @@ def linear_scan(
     kw = dict(out_shape=out_shape, reverse=reverse, chunk_size=chunk_size)
     if method == "auto" and sequence_axis is None:
         dtype = jnp.result_type(a, b, *(() if h0 is None else (h0,)))
-        size = math.prod(out_shape[1:])
-        method = choose_method(out_shape[0], size, dtype=dtype)
-        forward = choose_method(out_shape[0], size, dtype=dtype, differentiated=False)
-        if forward != method:
-            return _forward_or_trained(forward, method, a, b, h0, resets, **kw)
-    return _scan(method, a, b, h0, resets, sequence_axis=sequence_axis, **kw)
+        time, size = out_shape[0], math.prod(out_shape[1:])
+        with _auto_scope(time, size, dtype):
+            method = choose_method(time, size, dtype=dtype, scan_table=scan_table)
+            forward = choose_method(
+                time, size, dtype=dtype, differentiated=False, scan_table=scan_table
+            )
+            if forward != method:
+                return _forward_or_trained(forward, method, a, b, h0, resets, **kw)
+            return _scan(method, a, b, h0, resets, **kw)
+    kw.update(sequence_axis=sequence_axis, scan_table=scan_table)
+    return _scan(method, a, b, h0, resets, **kw)
+
+
+def check_scan_table(scan_table) -> None:
+    """A TypeError unless `scan_table` is None or a `ScanTable`."""
+    if scan_table is not None and not isinstance(scan_table, ScanTable):
+        raise TypeError(
+            "scan_table: expected a lru_jax.scan_table.ScanTable or None (read a "
+            f"scan_choices.json with scan_choices.load), got {type(scan_table).__name__}"
+        )
+
+
+def _auto_scope(time: int, state_size: int, dtype):
+    """The name scope marking an "auto" scan in the traced program (see `AUTO_SCOPE`)."""
+    name = AUTO_SCOPE.format(dtype=jnp.dtype(dtype).name, time=time, state_size=state_size)
+    return jax.named_scope(name)
 
 
 def _forward_or_trained(forward, trained, a, b, h0, resets, **kw):
@@ -122,7 +151,19 @@ def _forward_or_trained(forward, trained, a, b, h0, resets, **kw):
     return scan_fn(a, b, h0, resets)
 
 
-def _scan(method, a, b, h0, resets, *, out_shape, reverse, chunk_size, sequence_axis=None):
+def _scan(
+    method,
+    a,
+    b,
+    h0,
+    resets,
+    *,
+    out_shape,
+    reverse,
+    chunk_size,
+    sequence_axis=None,
+    scan_table=None,
+):
     """`linear_scan` of validated inputs with one method (not "auto" unless sequence_axis)."""
     dtype = jnp.result_type(a, b, *(() if h0 is None else (h0,)))
     time = out_shape[0]
@@ -149,17 +190,24 @@ def _scan(method, a, b, h0, resets, *, out_shape, reverse, chunk_size, sequence_
         b = jnp.flip(b, 0)
         a = jnp.flip(a, 0) if time_varying else a
     if sequence_axis is not None:
-        h = _sequence_parallel(a, b, h0, time_varying, method, chunk_size, sequence_axis)
+        h = _sequence_parallel(
+            a, b, h0, time_varying, method, chunk_size, sequence_axis, scan_table
+        )
     else:
         h = _run(a, b, h0, time_varying, method, chunk_size)
     return jnp.flip(h, 0) if reverse else h
 
 
-def _run(a, b, h0, time_varying, method, chunk_size):
+def _run(a, b, h0, time_varying, method, chunk_size, scan_table=None):
     """The forward scan of prepared inputs (see `linear_scan`) with one method."""
     time = b.shape[0]
     if method == "auto":  # within a sequence-parallel block; the kernel takes no sequence_axis
-        method = choose_method(time, math.prod(b.shape[1:]), dtype=b.dtype, allow_pallas=False)
+        size = math.prod(b.shape[1:])
+        with _auto_scope(time, size, b.dtype):
+            method = choose_method(
+                time, size, dtype=b.dtype, allow_pallas=False, scan_table=scan_table
+            )
+            return _run(a, b, h0, time_varying, method, chunk_size)
     if method == "sequential":
         return _sequential(a, b, h0, time_varying)
     if method == "associative":
@@ -174,15 +222,18 @@ def choose_method(
     dtype=None,
     allow_pallas: bool = True,
     differentiated: bool = True,
+    scan_table: ScanTable | None = None,
 ) -> str:
     """The method "auto" runs for a scan of `time` steps over `state_size` elements per step.
 
-    With a measured table for `backend` loaded (`lru_jax.scan_choices`, written by
-    `python -m lru_jax.bench --suite scan|gpu --out DIR`): the method that was fastest at the
+    A function of its arguments and the platform (`backend`, default JAX's) alone.
+    With a `scan_table` measured on `backend` (`lru_jax.scan_choices.measure`, or the bench's
+    scan_choices.json read by `scan_choices.load`): the method that was fastest at the
     nearest measured shape (same real/complex kind; forward+backward timings if
     `differentiated`, else forward-only ones, each where the table has them). "auto" asks for
     both: where they differ, the scan runs the forward-only choice unless it is differentiated
-    (a `jax.custom_jvp`, or a `jax.custom_vjp` when the trained choice is "pallas").
+    (a `jax.custom_jvp`, or a `jax.custom_vjp` when the trained choice is "pallas"). A table
+    measured on another backend is not used.
 
     Without one, a built-in rule. On CPU it comes from measurements
     (docs/benchmarks.md): a `lax.scan` step costs well under a microsecond on XLA:CPU and the
@@ -194,14 +245,13 @@ def choose_method(
     `scan_choices.measure` the shapes a program uses (train.py does so by default on any backend
     not in `MEASURED_RULE_BACKENDS`, see `config.train.scan_choices`).
     """
-    scan_choices.note(time, state_size, dtype)  # for `scan_choices.recording()`
+    check_scan_table(scan_table)
     backend = backend or jax.default_backend()
     allowed = METHODS if allow_pallas else tuple(m for m in METHODS if m != "pallas")
-    table = scan_choices.table_for(backend)
-    if table is not None and time > 1:
+    if scan_table is not None and scan_table.backend == backend and time > 1:
         is_complex = None if dtype is None else bool(jnp.issubdtype(dtype, jnp.complexfloating))
         mode = "fwd+bwd" if differentiated else "fwd"
-        measured = scan_choices.fastest(table, time, state_size, is_complex, allowed, mode)
+        measured = scan_table.fastest(time, state_size, is_complex, allowed, mode)
         if measured is not None:
             return measured
     if backend not in MEASURED_RULE_BACKENDS and time > 1:
@@ -337,14 +387,14 @@ def check_sequence_axis(sequence_axis, time: int) -> int:
     return size
 
 
-def _sequence_parallel(a, b, h0, time_varying, method, chunk_size, axis):
+def _sequence_parallel(a, b, h0, time_varying, method, chunk_size, axis, scan_table):
     """`_run` with time split into contiguous blocks over mesh axis `axis`."""
     state_shape = b.shape[1:]
     h0 = jnp.zeros(state_shape, b.dtype) if h0 is None else h0
 
     def block(a, b, h0):
         # b (and a time-varying a): this device's block [time / devices, ...]; h0 whole.
-        h = _run(a, b, None, time_varying, method, chunk_size)
+        h = _run(a, b, None, time_varying, method, chunk_size, scan_table)
         if time_varying:
             decay = jnp.cumprod(a, axis=0)  # product of the a's since the block start
         else:  # a [*state tail] -> a^(t+1), [block, 1.., *state tail]

@@ -141,24 +141,23 @@ def data_checks(arrays: dict, facts: dict) -> None:
 def measure_checks(facts: dict) -> None:
     """What each device times when `scan_choices.measure` splits the state over "data" (a mesh
     of 2 data x 2 seq devices): [per-device shape of b, devices] per timed group."""
-    from lru_jax import bench, scan_choices
+    from lru_jax import scan_choices
 
-    timed, scan_group = [], bench.scan_group
+    timed, time_methods = [], scan_choices.time_methods
 
-    def spy(a, b, mode, repeats, limits=None):
+    def spy(a, b, mode, repeats):
         timed.append([list(b.addressable_shards[0].data.shape), len(b.sharding.device_set)])
-        return scan_group(a, b, mode, repeats, limits)
+        return time_methods(a, b, mode, repeats)
 
-    bench.scan_group = spy
+    scan_choices.time_methods = spy
     mesh = sharding.make_mesh(_sharding(2, 2))
     queries = [("float32", 8, 6), ("float32", 8, 5)]  # 5 elements do not split over 2
     try:
         table = scan_choices.measure(queries, ("fwd",), 1, mesh=mesh, axis=sharding.DATA)
     finally:
-        bench.scan_group = scan_group
-        scan_choices.clear()
+        scan_choices.time_methods = time_methods
     facts["measure_timed"] = timed
-    facts["measure_devices"] = [e["devices"] for e in table["entries"]]
+    facts["measure_devices"] = [e.devices for e in table.entries]
 
 
 def main(out: str) -> None:

@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -9,21 +11,23 @@ import numpy as np
 import pytest
 from references import numpy_lru
 
-from lru_jax import bench, lru, scan, scan_choices
+from lru_jax import lru, scan, scan_choices
+from lru_jax.bench import __main__ as cli
+from lru_jax.bench import layer_suite, report
 
 
 def test_paper_style_reference_lru_matches_a_numpy_loop():
     """The associative-only LRU the layers suite times against computes the LRU."""
     params = lru.init(jax.random.key(0), 3, 5, r_min=0.5, r_max=0.9)  # H=3, N=5
     u = np.random.default_rng(0).normal(size=(2, 7, 3)).astype(np.float32)
-    got = bench.paper_lru_forward(params, jnp.asarray(u))
+    got = layer_suite.paper_lru_forward(params, jnp.asarray(u))
     np_params = jax.tree.map(np.asarray, params)
     want, _ = numpy_lru(np_params, u.swapaxes(0, 1))  # numpy_lru is time-major
     np.testing.assert_allclose(np.asarray(got), want.swapaxes(0, 1), atol=1e-5)
 
 
 def test_a_tiny_run_writes_a_table_json_and_plot(tmp_path, capsys):
-    args = bench.parse_args(
+    args = cli.parse_args(
         [
             "--suite=scan",
             "--suite=layers",
@@ -38,13 +42,13 @@ def test_a_tiny_run_writes_a_table_json_and_plot(tmp_path, capsys):
             f"--out={tmp_path}",
         ]
     )
-    result = bench.run(args)
+    result = cli.run(args)
     with open(os.path.join(tmp_path, "bench.json")) as f:
         assert json.load(f) == json.loads(json.dumps(result))
     assert os.path.getsize(os.path.join(tmp_path, "scan.png")) > 0
     rows = result["rows"]
     scan_rows = [r for r in rows if r["suite"] == "scan"]
-    methods = bench.scan_methods(jax.default_backend(), with_auto=False)
+    methods = scan_choices.methods_to_time(jax.default_backend())
     assert len(scan_rows) == len(methods)  # one length, every method
     for r in rows:
         assert 0 < r["p25_ms"] <= r["median_ms"] <= r["p75_ms"]
@@ -61,57 +65,43 @@ def test_a_tiny_run_writes_a_table_json_and_plot(tmp_path, capsys):
         assert all(r["compile_s"] == 0.0 and r["memory_mb"] is None for r in torch_rows)
     out = capsys.readouterr().out
     assert "| group | name | median ms" in out
-    saved = bench.load_rows(os.path.join(tmp_path, "bench.json"))
-    summary = bench.scan_summary([r for r in saved if r.suite == "scan"])
+    saved = report.load_rows(os.path.join(tmp_path, "bench.json"))
+    summary = report.scan_summary([r for r in saved if r.suite == "scan"])
     assert summary in out and "auto / fastest" in summary
     assert len(summary.splitlines()) == 3  # header, rule, one group
 
-    # The measured choices: loaded, "auto" runs the method that was fastest in this run.
+    # The measured choices: passed the table, "auto" runs the method that was fastest here.
     fastest = min(scan_rows, key=lambda r: r["median_ms"])["name"]
-    try:
-        table = scan_choices.load(os.path.join(tmp_path, "scan_choices.json"))
-        assert table["backend"] == jax.default_backend()
-        assert table["entries"] == [
-            {
-                "dtype": "complex64",
-                "time": 8,
-                "state_size": 8,
-                "mode": "fwd",
-                "times_ms": {r["name"]: r["median_ms"] for r in scan_rows},
-            }
-        ]
-        assert scan.choose_method(8, 8, dtype=jnp.complex64) == fastest
-    finally:
-        scan_choices.clear()
+    table = scan_choices.load(os.path.join(tmp_path, "scan_choices.json"))
+    assert table.backend == jax.default_backend()
+    assert table.to_json()["entries"] == [
+        {
+            "dtype": "complex64",
+            "time": 8,
+            "state_size": 8,
+            "mode": "fwd",
+            "times_ms": {r["name"]: r["median_ms"] for r in scan_rows},
+            "devices": 1,
+        }
+    ]
+    chosen = scan.choose_method(8, 8, dtype=jnp.complex64, differentiated=False, scan_table=table)
+    assert chosen == fastest
 
 
 def test_bad_arguments_are_named():
     with pytest.raises(SystemExit):
-        bench.parse_args(["--repeats=0"])
+        cli.parse_args(["--repeats=0"])
     with pytest.raises(SystemExit):
-        bench.parse_args(["--suite=nonsense"])
+        cli.parse_args(["--suite=nonsense"])
     with pytest.raises(SystemExit):
-        bench.parse_args(["--modes=bwd"])
+        cli.parse_args(["--modes=bwd"])
 
 
-def test_a_failing_candidate_is_reported_only_when_failures_may_be_skipped():
-    def broken(x):
-        raise ValueError("no kernel for this shape")
-
-    x = jnp.ones(3)
-    results = bench.measure_group([(jnp.sin, (x,)), (broken, (x,))], 2, skip_failures=True)
-    assert results[1] == {"error": "ValueError: no kernel for this shape"}
-    assert results[0]["median_ms"] > 0
-    with pytest.raises(ValueError, match="no kernel"):
-        bench.measure_group([(jnp.sin, (x,)), (broken, (x,))], 1)
-
-
-def test_a_candidate_failing_its_check_is_left_out():
-    def exact(output):
-        if not np.allclose(output, np.sin(np.arange(3.0))):
-            raise ValueError("off by 1e-3")
-
-    x = jnp.arange(3.0)
-    candidates = [(jnp.sin, (x,)), (lambda v: jnp.sin(v) + 1e-3, (x,))]
-    results = bench.measure_group(candidates, 1, skip_failures=True, check=exact)
-    assert "median_ms" in results[0] and results[1] == {"error": "ValueError: off by 1e-3"}
+def test_the_command_line_runs_as_a_module():
+    """`python -m lru_jax.bench` is the package's __main__: the flags as documented."""
+    done = subprocess.run(
+        [sys.executable, "-m", "lru_jax.bench", "--help"], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    for flag in ("--suite", "--lengths", "--sizes", "--modes", "--out", "--trace"):
+        assert flag in done.stdout

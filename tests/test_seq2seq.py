@@ -246,12 +246,11 @@ def test_attention_maps_of_reverse_are_anti_diagonal(trained, tmp_path):
 
 def test_attention_maps_decode_with_the_runs_scan_choices(trained, tmp_path, monkeypatch):
     """A run's saved scan_choices.json decides the encoder's "auto" scans while its attention
-    maps are drawn (the method the built-in rule would not run), and is unloaded afterwards."""
-    from lru_jax import scan, scan_choices
+    maps are drawn (the method the built-in rule would not run): the model is built with it."""
+    from lru_jax import scan
 
     workdir = trained[0]
-    monkeypatch.delenv(scan_choices.ENV_VAR, raising=False)
-    built_in = scan.choose_method(8, 256, dtype=jnp.complex64)  # no table is loaded
+    built_in = scan.choose_method(8, 256, dtype=jnp.complex64)  # the rule without a table
     preferred = "sequential" if built_in == "associative" else "associative"
     entry = {"dtype": "complex64", "time": 8, "state_size": 256, "mode": "fwd",
              "times_ms": {built_in: 2.0, preferred: 1.0}}  # fmt: skip
@@ -267,7 +266,6 @@ def test_attention_maps_decode_with_the_runs_scan_choices(trained, tmp_path, mon
     finally:
         os.remove(saved)
     assert traced and set(traced) == {preferred}
-    assert scan_choices.table_for(jax.default_backend()) is None
 
 
 def test_cued_speaker_attention_and_its_heatmap_on_a_hand_written_case(tmp_path):

@@ -13,8 +13,8 @@ import pytest
 from tiny_configs import tiny_config
 
 from lru_jax import scan, scan_choices, tasks
+from lru_jax.training import autotune, loop, steps
 from lru_jax.training import config as config_lib
-from lru_jax.training import loop, steps
 from lru_jax.training.metrics import read_jsonl
 from lru_jax.training.optim import make_optimizer, param_groups
 from lru_jax.training.state import TrainState
@@ -142,8 +142,10 @@ def test_truncated_bptt_carries_state_but_cuts_gradients():
 def test_measured_scan_choices_are_the_runs_shapes_and_a_resumed_run_reuses_them(
     tmp_path, monkeypatch
 ):
-    monkeypatch.delenv(scan_choices.ENV_VAR, raising=False)
-    scan_choices.clear()
+    def no_clear_caches():
+        raise AssertionError("jax.clear_caches was called")
+
+    monkeypatch.setattr(jax, "clear_caches", no_clear_caches)
     workdir = str(tmp_path / "run")
     measure = tiny_config(num_steps=4, eval_every=4, scan_choices="measure")
     loop.train_and_evaluate(measure, workdir)
@@ -153,7 +155,6 @@ def test_measured_scan_choices_are_the_runs_shapes_and_a_resumed_run_reuses_them
     # the tiny LRU scans 24 steps over batch 4 x d_state 8 complex states, in training and eval
     shapes = {(e["dtype"], e["time"], e["state_size"], e["mode"]) for e in table["entries"]}
     assert shapes == {("complex64", 24, 32, "fwd"), ("complex64", 24, 32, "fwd+bwd")}
-    assert scan_choices.table_for(jax.default_backend()) is None  # unloaded after the run
 
     def measure_again(queries, *args, **kwargs):
         raise AssertionError("a resumed run measured again")
@@ -171,46 +172,36 @@ def test_measured_scan_choices_are_the_runs_shapes_and_a_resumed_run_reuses_them
 def test_auto_scan_choices_measure_only_where_the_built_in_rule_is_not_measured(
     tmp_path, monkeypatch
 ):
-    """The default `train.scan_choices="auto"`: measure (True) unless the run has its own table,
-    a table for this backend is loaded, or the built-in rule is a measured one (CPU)."""
-    monkeypatch.delenv(scan_choices.ENV_VAR, raising=False)
+    """The default `train.scan_choices="auto"`: measure unless the run has its own table or the
+    built-in rule is a measured one (CPU); a path or the run's own file is the table."""
     backend = jax.default_backend()
     entry = {"dtype": "complex64", "time": 24, "state_size": 32, "mode": "fwd",
              "times_ms": {"sequential": 2.0, "associative": 1.0}}  # fmt: skip
     table_file = tmp_path / "table.json"
     table_file.write_text(json.dumps({"backend": backend, "entries": [entry]}))
-    with scan_choices.restored():
-        scan_choices.clear()
-        monkeypatch.setattr(scan, "MEASURED_RULE_BACKENDS", (backend,))  # as on CPU
-        assert not loop.load_scan_choices("auto", str(tmp_path / "a"))
-        assert not loop.load_scan_choices("", str(tmp_path / "a"))
-        monkeypatch.setattr(scan, "MEASURED_RULE_BACKENDS", ())  # as on a GPU: a guessed rule
-        assert loop.load_scan_choices("auto", str(tmp_path / "a"))
-        assert not loop.load_scan_choices("", str(tmp_path / "a"))  # "": never measures
-        assert scan_choices.table_for(backend) is None
+    fresh = str(tmp_path / "a")
+    monkeypatch.setattr(scan, "MEASURED_RULE_BACKENDS", (backend,))  # as on CPU
+    assert autotune.run_table("auto", fresh) == (None, False)
+    assert autotune.run_table("", fresh) == (None, False)
+    assert autotune.run_table("measure", fresh) == (None, True)
+    monkeypatch.setattr(scan, "MEASURED_RULE_BACKENDS", ())  # as on a GPU: a guessed rule
+    assert autotune.run_table("auto", fresh) == (None, True)
+    assert autotune.run_table("", fresh) == (None, False)  # "": never measures
+    from_file, measure = autotune.run_table(str(table_file), fresh)
+    assert not measure and from_file.to_json()["entries"] == [{**entry, "devices": 1}]
 
-        monkeypatch.setenv(scan_choices.ENV_VAR, str(table_file))  # a table from the environment
-        scan_choices.clear()
-        assert not loop.load_scan_choices("auto", str(tmp_path / "a"))
-        assert scan_choices.table_for(backend)["entries"] == [entry]
-
-        monkeypatch.delenv(scan_choices.ENV_VAR)
-        scan_choices.clear()
-        run = tmp_path / "run"  # a resumed run loads its own table, for "auto" and "measure"
-        run.mkdir()
-        (run / "scan_choices.json").write_text(table_file.read_text())
-        for setting in ("auto", "measure"):
-            scan_choices.clear()
-            assert not loop.load_scan_choices(setting, str(run))
-            assert scan_choices.table_for(backend)["entries"] == [entry]
-    assert scan_choices.table_for(backend) is None
+    run = tmp_path / "run"  # a resumed run reads its own table, for "auto" and "measure"
+    run.mkdir()
+    (run / "scan_choices.json").write_text(table_file.read_text())
+    for setting in ("auto", "measure"):
+        assert autotune.run_table(setting, str(run)) == (from_file, False)
+    config = tiny_config()
+    assert autotune.replayed_table(config, str(run)) == from_file
+    assert autotune.replayed_table(config, None) is None
 
 
 def test_a_scan_choices_file_decides_what_auto_runs(tmp_path, monkeypatch):
-    monkeypatch.delenv(scan_choices.ENV_VAR, raising=False)
-    with scan_choices.restored():
-        scan_choices.clear()
-        built_in = scan.choose_method(24, 32, dtype=jnp.complex64)  # the rule without a table
+    built_in = scan.choose_method(24, 32, dtype=jnp.complex64)  # the rule without a table
     preferred = "sequential" if built_in == "associative" else "associative"
     entries = [
         {"dtype": "complex64", "time": 24, "state_size": 32, "mode": mode,
@@ -311,6 +302,22 @@ def test_train_py_rejects_bad_overrides_before_compiling(tmp_path):
     assert not os.path.exists(tmp_path / "a" / "checkpoints")
     typo = _train_py("--config.model.dmodel=4", f"--workdir={tmp_path}/b", cwd=tmp_path)
     assert typo.returncode != 0 and "dmodel" in typo.stderr
+
+
+def test_train_py_refuses_the_scan_table_variable_it_no_longer_reads(tmp_path):
+    """LRU_JAX_SCAN_CHOICES chose the scan methods of earlier versions; set, it would now be
+    ignored, so train.py stops and names the flag that replaced it."""
+    env = {**os.environ, "LRU_JAX_SCAN_CHOICES": str(tmp_path / "scan_choices.json")}
+    run = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "train.py"), f"--workdir={tmp_path}/a"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode != 0 and not os.path.exists(tmp_path / "a")
+    assert "--config.train.scan_choices=PATH" in run.stderr
 
 
 def test_train_py_runs_a_config_file_with_overrides(tmp_path):

@@ -76,10 +76,10 @@ def default_config() -> ml_collections.ConfigDict:
             "eval_batches": 0,  # 0: the whole split once (or one batch if generated)
             "checkpoint_every": 250,
             "keep_checkpoints": 2,
-            # what "auto" scans choose from: "measure": time each method at this run's shapes
-            # first (saved as workdir/scan_choices.json and reused on resume); "auto": measure
-            # only where the built-in rule is not itself measured (not on CPU) and no table is
-            # loaded; "" the built-in rule (or $LRU_JAX_SCAN_CHOICES); or a scan_choices.json
+            # the scan table the model's "auto" scans choose from: "measure": time each method
+            # at this run's shapes first (saved as workdir/scan_choices.json and reused on
+            # resume); "auto": measure only where the built-in rule is not itself measured (not
+            # on CPU); "": the built-in rule; or a scan_choices.json file
             "scan_choices": "auto",
         }
     )
@@ -252,11 +252,11 @@ def check_against_task(config, spec: TaskSpec) -> None:
 
 
 def build_model(
-    model_config, spec: TaskSpec, sequence_axis: str | None = None
+    model_config, spec: TaskSpec, sequence_axis: str | None = None, scan_table=None
 ) -> models.SequenceModel | models.EncoderDecoder:
     """The model for `spec`: an EncoderDecoder for seq2seq tasks, else a SequenceModel.
     `sequence_axis` splits the SequenceModel's scans' time over a mesh axis (sequence
-    parallelism)."""
+    parallelism); `scan_table` (a `ScanTable`) is what the model's "auto" scans choose from."""
     m = model_config
     shared = {  # the blocks' settings, the same for both kinds of model
         name: m[name]
@@ -267,6 +267,7 @@ def build_model(
     }  # fmt: skip
     # 0 means autodiff; runs saved before the key existed used the default, 16.
     shared["grad_chunk"] = m.get("grad_chunk", 16) or None
+    shared["scan_table"] = scan_table
     if spec.kind == "seq2seq":
         return models.EncoderDecoder(
             vocab_size=spec.vocab_size,

@@ -11,28 +11,24 @@ all take part in every step and checkpoint, and only process 0 writes logs and f
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
 import time
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from lru_jax import models, scan, scan_choices, tasks
+from lru_jax import models, scan_choices, tasks
+from lru_jax.training import autotune, sharding
 from lru_jax.training import config as config_lib
-from lru_jax.training import sharding
 from lru_jax.training.checkpoints import Checkpointer
 from lru_jax.training.metrics import MetricsWriter
 from lru_jax.training.optim import make_optimizer, schedule
 from lru_jax.training.state import TrainState
 from lru_jax.training.steps import make_eval_step, make_train_step, model_inputs, summarise
-
-SCAN_CHOICES = "scan_choices.json"  # a run's measured scan table (config.train.scan_choices)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -132,21 +128,19 @@ def train_and_evaluate(config, workdir: str) -> dict:
     task = build_task(config)
     config_lib.check_against_task(config, task.spec)
     layout = sharding.layout_from_config(config, time_keys(task.spec))
-    # the mesh is the context of the sequence-parallel scans; a scan table loaded for this run
-    # (config.train.scan_choices) is unloaded after it
-    with jax.set_mesh(layout.mesh), scan_choices.restored():
+    with jax.set_mesh(layout.mesh):  # the context of the sequence-parallel scans
         return _train_and_evaluate(config, workdir, task, layout)
 
 
 def _train_and_evaluate(config, workdir: str, task, layout: sharding.Layout) -> dict:
     spec = task.spec
-    model = config_lib.build_model(config.model, spec, layout.sequence_axis)
     tc = config.train
+    data_devices = layout.mesh.shape[sharding.DATA]
+    table, measure_scans = autotune.run_table(tc.get("scan_choices", "auto"), workdir, data_devices)
+    model = config_lib.build_model(config.model, spec, layout.sequence_axis, table)
     batch_size = sharding.global_batch_size(tc, layout.mesh)
     main = jax.process_index() == 0  # the one process that writes logs and files
     os.makedirs(workdir, exist_ok=True)
-    data_devices = layout.mesh.shape[sharding.DATA]
-    measure_scans = load_scan_choices(tc.get("scan_choices", "auto"), workdir, data_devices)
     tx = make_optimizer(tc)
     state, state_shardings = init_state(model, tx, task, config, layout)
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), tc.keep_checkpoints)
@@ -168,29 +162,34 @@ def _train_and_evaluate(config, workdir: str, task, layout: sharding.Layout) -> 
     def next_batch(split, index):
         return layout.put_batch(task.batch(split, index, batch_size))
 
-    train_step = make_train_step(
-        model,
-        tx,
-        spec,
-        seed=config.seed + 1,
-        tbptt_length=tc.tbptt_length,
-        in_shardings=(state_shardings, layout.batch_shardings(task.batch("train", 0, batch_size))),
-        out_shardings=(state_shardings, layout.replicated),
-    )
-    compiled_eval = make_eval_step(model, spec)
+    batch_shardings = layout.batch_shardings(task.batch("train", 0, batch_size))
+
+    def steps(model):  # (train step, eval step) of `model`
+        train_step = make_train_step(
+            model,
+            tx,
+            spec,
+            seed=config.seed + 1,
+            tbptt_length=tc.tbptt_length,
+            in_shardings=(state_shardings, batch_shardings),
+            out_shardings=(state_shardings, layout.replicated),
+        )
+        return train_step, make_eval_step(model, spec)
+
+    train_step, compiled_eval = steps(model)
+    if measure_scans:  # at the shapes the first train step and evaluation scan
+        asked = scan_choices.queries(train_step, state, next_batch("train", start))
+        asked |= scan_choices.queries(compiled_eval, state, next_batch("valid", 0))
+        table = autotune.measure_run(asked, workdir, main, layout.mesh)
+        if table is not None:
+            model = model.clone(scan_table=table)
+            train_step, compiled_eval = steps(model)
 
     def run_eval(state, split):
         return evaluate(
             compiled_eval, state, task, split, batch_size, tc.eval_batches, layout.put_batch
         )
 
-    if measure_scans:
-
-        def trace_steps():  # what the first train step and evaluation will trace
-            jax.eval_shape(train_step, state, next_batch("train", start))
-            jax.eval_shape(compiled_eval, state, next_batch("valid", 0))
-
-        measure_scan_choices(workdir, main, trace_steps, layout.mesh)
     lr = schedule(tc)
     tokens_per_batch = batch_size * spec.seq_len
     pending = _PendingMetrics()
@@ -244,69 +243,6 @@ def _train_and_evaluate(config, workdir: str, task, layout: sharding.Layout) -> 
         with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
             json.dump(final, f, indent=2)
     return final
-
-
-def load_scan_choices(setting: str, workdir: str, devices: int = 1) -> bool:
-    """Loads the table "auto" scans choose from, as `config.train.scan_choices` says, before
-    anything traces one; True if it is still to be measured (`measure_scan_choices`).
-
-    "auto" and "measure": the run's own workdir/scan_choices.json if it has one, so that a
-    resumed run compiles what it compiled before. Without one, "measure" measures and "auto"
-    measures only where "auto" would otherwise guess: no table is loaded for this backend
-    ($LRU_JAX_SCAN_CHOICES) and its built-in rule is not a measured one
-    (`scan.MEASURED_RULE_BACKENDS`). "": no table (the built-in rule, or the environment's).
-    A path: the table in that file. `devices`: the run's data-parallel size, which a loaded
-    table is rescaled to (`scan_choices.for_devices`).
-    """
-    if setting in ("auto", "measure"):
-        saved = os.path.join(workdir, SCAN_CHOICES)
-        if os.path.exists(saved):
-            scan_choices.load(saved, devices)
-            return False
-        if setting == "measure":
-            return True
-        backend = jax.default_backend()
-        return scan_choices.table_for(backend) is None and (
-            backend not in scan.MEASURED_RULE_BACKENDS
-        )
-    if setting:
-        scan_choices.load(setting, devices)  # a missing or malformed file: a ValueError naming it
-    return False
-
-
-@contextlib.contextmanager
-def replaying_scan_choices(config, workdir: str | None):
-    """Within the block, "auto" scans choose as the run in `workdir` did: its saved
-    scan_choices.json, or the table its `config.train.scan_choices` names. For tools that re-run
-    a trained model on one device (diagnose, attention maps), so that their scans run the
-    methods training ran for the same per-device sizes."""
-    with scan_choices.restored():
-        if workdir is not None:
-            load_scan_choices(config.train.get("scan_choices", "auto"), workdir)
-        yield
-
-
-def measure_scan_choices(workdir: str, write: bool, trace: Callable[[], None], mesh) -> None:
-    """Times every scan method at the shapes `trace()` asks "auto" about, makes "auto" choose
-    from those times and saves them as workdir/scan_choices.json (if `write`).
-
-    The state is split over the mesh's data axis while timing, as in training (the batch is
-    split over it; inside a sequence-parallel block too). With several processes all take
-    process 0's times.
-    """
-    with scan_choices.recording() as queries:
-        trace()
-    if not queries:  # nothing runs "auto": another cell, or a method named in the config
-        return
-    path = os.path.join(workdir, SCAN_CHOICES)
-    if write:
-        shapes = "; ".join(f"{q.dtype}, {q.time} steps x {q.state_size}" for q in sorted(queries))
-        print(f'Timing the scan methods "auto" chooses from at the run\'s shapes ({shapes})')
-    # registering the table drops JAX's caches: the steps retrace, choosing from it
-    table = scan_choices.measure(queries, mesh=mesh, axis=sharding.DATA)
-    if write:
-        scan_choices.save(table, path)
-        print(f"Saved those timings as {path}")
 
 
 class _NoWriter:

@@ -1,0 +1,142 @@
+"""The layers suite: our recurrent layers and LRU against Flax's, PyTorch's and a paper-style
+LRU, forward+backward."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from lru_jax import nn as lnn
+from lru_jax import scan_choices, timing
+from lru_jax.bench import report
+from lru_jax.bench.report import Row
+
+
+def paper_lru_forward(params, u):
+    """The LRU as the paper's pseudocode runs it: materialise λ at every step, associative scan.
+
+    An independent reference for timing (written the way minimal-LRU and S5 run it):
+    u [batch, time, H] -> y [batch, time, H], vmapped over the batch.
+    """
+    lam = jnp.exp(-jnp.exp(params["nu_log"]) + 1j * jnp.exp(params["theta_log"]))
+    b_norm = (params["B_re"] + 1j * params["B_im"]) * jnp.exp(params["gamma_log"])[:, None]
+    c = params["C_re"] + 1j * params["C_im"]
+
+    def one_sequence(x):
+        lam_elements = jnp.repeat(lam[None], x.shape[0], axis=0)
+        bu = jax.vmap(lambda v: b_norm @ v)(x)
+
+        def binary(q, r):
+            return q[0] * r[0], r[0] * q[1] + r[1]
+
+        _, hs = jax.lax.associative_scan(binary, (lam_elements, bu))
+        return jax.vmap(lambda h, v: (c @ h).real + params["D"] * v)(hs, x)
+
+    return jax.vmap(one_sequence)(u)
+
+
+def _grad_of_squares(apply):
+    """fwd+bwd of sum(apply(params, x)^2) with respect to params and x."""
+    return jax.grad(lambda p, x: jnp.sum(apply(p, x) ** 2), argnums=(0, 1))
+
+
+def _module_fn(module):
+    """(params, x) -> module output, for a Flax module whose variables are only params."""
+    return lambda params, x: module.apply({"params": params}, x)
+
+
+def _flax_rnn(cell_name: str, hidden: int):
+    import flax.linen as fnn
+
+    flax_cell = {
+        "simple_rnn": fnn.SimpleCell,
+        "lstm": fnn.OptimizedLSTMCell,
+        "gru": fnn.GRUCell,
+    }[cell_name](features=hidden)
+    return fnn.RNN(flax_cell)
+
+
+def rnn_flops(cell_name: str, batch: int, length: int, inputs: int, hidden: int) -> float:
+    """Matmul FLOPs of fwd+bwd (3x the forward's two matmuls per step)."""
+    gates = {"simple_rnn": 1, "lstm": 4, "gru": 3}[cell_name]
+    return 3 * 2 * batch * length * (inputs + hidden) * gates * hidden
+
+
+def rnn_layer_rows(batch, length, inputs, hidden, repeats, limits) -> list[Row]:
+    """Our recurrent layers (chunked backward pass, and JAX's autodiff of the loop) against
+    flax.linen nn.RNN, fwd+bwd, float32."""
+    rows = []
+    x = jax.random.normal(jax.random.key(1), (batch, length, inputs))
+    for cell_name in ("simple_rnn", "lstm", "gru"):
+        group = f"{cell_name} B={batch} T={length} in={inputs} H={hidden} fwd+bwd"
+        flax_rnn = _flax_rnn(cell_name, hidden)
+        flax_params = flax_rnn.init(jax.random.key(0), x)
+        candidates = {
+            f"flax nn.RNN({type(flax_rnn.cell).__name__})": (
+                _grad_of_squares(lambda p, v, m=flax_rnn: m.apply(p, v)),
+                (flax_params, x),
+            )
+        }
+        for suffix, grad_chunk in (("", 16), (" (autodiff)", None)):
+            ours = lnn.RecurrentLayer(hidden, cell=cell_name, grad_chunk=grad_chunk)
+            our_params = ours.init(jax.random.key(0), x)["params"]
+            candidates[f"lru_jax {cell_name}{suffix}"] = (
+                _grad_of_squares(_module_fn(ours)),
+                (our_params, x),
+            )
+        torch_step = _torch_rnn_step(cell_name, batch, length, inputs, hidden)
+        if torch_step is not None:
+            candidates[torch_step[0]] = (timing.Eager(torch_step[1]), ())
+        for name, measured in timing.measure_named(group, list(candidates.items()), repeats):
+            row = report.row("layers", group, name, measured)
+            row.work = {"flops": rnn_flops(cell_name, batch, length, inputs, hidden)}
+            report.flop_rate(row, limits)
+            rows.append(row)
+    report.set_speedups(rows, lambda r: r.name.startswith("flax"))
+    return rows
+
+
+def _torch_rnn_step(cell_name, batch, length, inputs, hidden):
+    """(row name, step) for PyTorch's nn.RNN/LSTM/GRU, fwd+bwd of the same loss as ours
+    (gradients of parameters and input), or None without PyTorch or off CPU (where it would
+    not be running on the device JAX is)."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    if jax.default_backend() != "cpu":
+        return None
+    module = {"simple_rnn": torch.nn.RNN, "lstm": torch.nn.LSTM, "gru": torch.nn.GRU}[cell_name]
+    torch.manual_seed(0)
+    layer = module(inputs, hidden)  # time-major, PyTorch's default and its faster layout
+    x = torch.randn(length, batch, inputs, requires_grad=True)
+
+    def step():
+        layer.zero_grad(set_to_none=True)
+        x.grad = None
+        ys, _ = layer(x)
+        (ys**2).sum().backward()
+
+    name = f"PyTorch nn.{module.__name__} ({torch.get_num_threads()} threads)"
+    return name, step
+
+
+def lru_layer_rows(batch, length, width, repeats, limits) -> list[Row]:
+    """Our nn.LRU (each scan method) against the paper-style associative-only LRU, fwd+bwd."""
+    rows = []
+    u = jax.random.normal(jax.random.key(1), (batch, length, width))
+    params = lnn.LRU(width).init(jax.random.key(0), u)["params"]  # the functional params
+    group = f"lru B={batch} T={length} N=H={width} fwd+bwd"
+    candidates = [("paper-style associative LRU", paper_lru_forward)]
+    for method in (*scan_choices.methods_to_time(jax.default_backend()), "auto"):
+        module = lnn.LRU(width, scan_method=method)
+        candidates.append((f"lru_jax lru ({method})", _module_fn(module)))
+    state_bytes = batch * length * width * 8  # complex64 states
+    named = [(name, (_grad_of_squares(f), (params, u))) for name, f in candidates]
+    for name, measured in timing.measure_named(group, named, repeats):
+        row = report.row("layers", group, name, measured)
+        row.work = {"bytes": 5 * state_bytes}
+        report.bandwidth(row, limits)
+        rows.append(row)
+    report.set_speedups(rows, lambda r: r.name.startswith("paper"))
+    return rows
