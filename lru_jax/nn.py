@@ -50,11 +50,26 @@ def _time_major(x):
     return jnp.swapaxes(x, 0, 1)
 
 
+def _declare_params(module: nn.Module, names, init):
+    """The module's parameters `names` as a dict, created together by `init(key)`.
+
+    `init` is the functional form's initialiser (`lru.init`, `Cell.init`), called once with
+    the module's first "params" key, so the Flax module and the functional form give the same
+    parameters from the same key, under the same names. (When the parameters exist, Flax
+    still traces each initialiser abstractly to check their shapes.)
+    """
+    fresh = {}
+    if module.is_initializing() and not module.has_variable("params", names[0]):
+        fresh = init(module.make_rng("params"))
+    return {name: module.param(name, lambda key, n=name: (fresh or init(key))[n]) for name in names}
+
+
 class RecurrentLayer(nn.Module):
     """A layer running a functional cell (`lru_jax.cells`): SimpleRNN, LSTM and GRU fix `cell`.
 
     Its parameters are exactly the cell's: `variables["params"]` can be passed to
-    `cells.unroll` and `Cell.step` unchanged.
+    `cells.unroll` and `Cell.step` unchanged, and are `Cell.init` of the module's first
+    "params" key.
     """
 
     hidden_size: int
@@ -78,8 +93,10 @@ class RecurrentLayer(nn.Module):
         if self.has_variable("params", "w_ih"):
             _checks.feature_size("x", x.shape[-1], self.get_variable("params", "w_ih").shape[0])
         cell = self.make_cell()
-        inits = cell.param_inits(x.shape[-1], self.hidden_size)
-        params = {name: self.param(name, init) for name, init in inits.items()}
+        names = list(cell.param_inits(x.shape[-1], self.hidden_size))
+        params = _declare_params(
+            self, names, lambda key: cell.init(key, x.shape[-1], self.hidden_size)
+        )
         carry, ys = cells.unroll(
             cell,
             params,
@@ -127,7 +144,8 @@ class LRU(nn.Module):
     """Linear Recurrent Unit layer (Orvieto et al. 2023); width H is x's last axis.
 
     Parameters: nu_log [N], theta_log [N], gamma_log [N], B_re [N,H], B_im [N,H], C_re [H,N],
-    C_im [H,N], D [H]. The carry is the complex64 state [batch, N].
+    C_im [H,N], D [H], made by `lru.init` from the module's first "params" key. The carry is
+    the complex64 state [batch, N].
     `sequence_axis`, a mesh axis name, splits time over that axis' devices (sequence
     parallelism, see `lru_jax.scan.linear_scan`); apply the module under `jax.set_mesh`.
     """
@@ -160,7 +178,13 @@ class LRU(nn.Module):
         seq_lengths = check_sequence(x, seq_lengths)
         if self.has_variable("params", "D"):
             _checks.feature_size("x", x.shape[-1], self.get_variable("params", "D").shape[0])
-        params = self._params(x.shape[-1])
+        params = _declare_params(
+            self,
+            list(lru.PARAM_SHAPES),
+            lambda key: lru.init(
+                key, x.shape[-1], self.d_state, self.r_min, self.r_max, self.max_phase
+            ),
+        )
         if resets is not None:
             _checks.rank("resets", resets, 2, "[batch, time]")
             resets = _time_major(resets)
@@ -176,21 +200,6 @@ class LRU(nn.Module):
         )
         y = _time_major(y)
         return (h_last, y) if return_carry else y
-
-    def _params(self, width: int):
-        n = self.d_state
-        normal = lru.init_matrix
-        nu_log = self.param("nu_log", lru.init_nu_log, n, self.r_min, self.r_max)
-        return {
-            "nu_log": nu_log,
-            "theta_log": self.param("theta_log", lru.init_theta_log, n, self.max_phase),
-            "gamma_log": self.param("gamma_log", lambda _: lru.gamma_log_for(nu_log)),
-            "B_re": self.param("B_re", normal, (n, width), width, 2),
-            "B_im": self.param("B_im", normal, (n, width), width, 2),
-            "C_re": self.param("C_re", normal, (width, n), n, 1),
-            "C_im": self.param("C_im", normal, (width, n), n, 1),
-            "D": self.param("D", jax.random.normal, (width,)),
-        }
 
     def initial_carry(self, batch_size: int):
         return lru.zero_state((batch_size,), self.d_state)
