@@ -143,11 +143,13 @@ class SequenceModel(nn.Module):
         if self.remat and not self.is_initializing():
             carries, h = self._chunked_blocks(h, lengths, initial_carry, deterministic)
         else:
-            carries, h = _run_blocks(self, h, lengths, initial_carry, deterministic)
+            carries, h = lnn.stack_forward(
+                self.blocks, h, lengths, initial_carry, deterministic=deterministic
+            )
         h = self.final_norm(h)
         h = self._pool(h, lengths)
         out = self.head(h)
-        return (tuple(carries), out) if return_carry else out
+        return (carries, out) if return_carry else out
 
     def _chunked_blocks(self, h, lengths, initial_carry, deterministic):
         """The blocks over time chunks in a rematerialised scan: h [batch, time, d_model]."""
@@ -163,7 +165,9 @@ class SequenceModel(nn.Module):
         def one_chunk(model, carry, inputs, lengths):
             x, start = inputs
             chunk_lengths = None if lengths is None else jnp.clip(lengths - start, 0, k)
-            return _run_blocks(model, x, chunk_lengths, carry, deterministic)
+            return lnn.stack_forward(
+                model.blocks, x, chunk_lengths, carry, deterministic=deterministic
+            )
 
         run = nn.scan(
             nn.remat(one_chunk, prevent_cse=False),  # the scan already keeps XLA from merging
@@ -188,7 +192,7 @@ class SequenceModel(nn.Module):
         return jnp.sum(h * mask, axis=1) / jnp.maximum(lengths[:, None], 1)
 
     def initial_carry(self, batch_size: int):
-        return tuple(block.initial_carry(batch_size) for block in self.blocks)
+        return lnn.stack_initial_carry(self.blocks, batch_size)
 
     def step(self, carry, x):
         """One step for generation: x int [batch] tokens (or float [batch, features]).
@@ -197,22 +201,8 @@ class SequenceModel(nn.Module):
         """
         if self.pooling != "none":
             raise ValueError(f"step: needs pooling 'none' (a per-step model), got {self.pooling}")
-        h = self.encoder(x)
-        new = []
-        for block, c in zip(self.blocks, carry, strict=True):
-            c, h = block.step(c, h)
-            new.append(c)
-        return tuple(new), self.head(self.final_norm(h))
-
-
-def _run_blocks(model, h, lengths, initial_carry, deterministic):
-    """Every block of `model` in turn: h [batch, time, d_model] -> (carries, h)."""
-    carries = []
-    for i, block in enumerate(model.blocks):
-        carry = None if initial_carry is None else initial_carry[i]
-        carry, h = block(h, lengths, carry, True, deterministic)
-        carries.append(carry)
-    return tuple(carries), h
+        carry, h = lnn.stack_step(self.blocks, carry, self.encoder(x))
+        return carry, self.head(self.final_norm(h))
 
 
 def sample_logits(key, logits, temperature: float = 1.0, top_k: int = 0):
@@ -406,9 +396,9 @@ class EncoderDecoder(nn.Module):
         Memory past each length is zero; `lengths` int [batch] (None: all S steps valid)."""
         self._check_tokens("inputs", inputs)
         lengths = _checks.seq_lengths(lengths, inputs.shape[0], inputs.shape[1])
-        h = self.embed(inputs)
-        for block in self.encoder_blocks:
-            h = block(h, lengths, None, False, deterministic)
+        _, h = lnn.stack_forward(
+            self.encoder_blocks, self.embed(inputs), lengths, deterministic=deterministic
+        )
         memory = self.encoder_norm(h)
         if lengths is not None:
             memory = jnp.where(
@@ -468,30 +458,24 @@ class EncoderDecoder(nn.Module):
             )
         memory, summary = self.encode(inputs, lengths, deterministic)
         h = self._decoder_input(decoder_inputs, summary)
-        carries = []
-        for i, block in enumerate(self.decoder_blocks):
-            carry = None if initial_carry is None else initial_carry[i]
-            carry, h = block(h, None, carry, True, deterministic)
-            carries.append(carry)
+        carries, h = lnn.stack_forward(
+            self.decoder_blocks, h, None, initial_carry, deterministic=deterministic
+        )
         logits, weights = self._read(self.decoder_norm(h), memory, lengths, deterministic)
-        out = (tuple(carries), logits) if return_carry else (logits,)
+        out = (carries, logits) if return_carry else (logits,)
         out = (*out, weights) if return_weights else out
         return out if len(out) > 1 else out[0]
 
     def initial_carry(self, batch_size: int):
         """The decoder's zero carries."""
-        return tuple(block.initial_carry(batch_size) for block in self.decoder_blocks)
+        return lnn.stack_initial_carry(self.decoder_blocks, batch_size)
 
     def decode_step(self, carry, token, memory, summary, lengths=None):
         """One decoder step: token int [batch] -> (carry, logits [batch, vocab], weights
         [batch, S] or None). memory and summary come from `encode`."""
-        h = self._decoder_input(token, summary)
-        new = []
-        for block, c in zip(self.decoder_blocks, carry, strict=True):
-            c, h = block.step(c, h)
-            new.append(c)
+        carry, h = lnn.stack_step(self.decoder_blocks, carry, self._decoder_input(token, summary))
         logits, weights = self._read(self.decoder_norm(h)[:, None], memory, lengths, True)
-        return tuple(new), logits[:, 0], None if weights is None else weights[:, 0]
+        return carry, logits[:, 0], None if weights is None else weights[:, 0]
 
 
 def greedy_decode(

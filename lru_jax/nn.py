@@ -241,6 +241,49 @@ class Bidirectional(nn.Module):
         return ((fwd_carry, bwd_carry), y) if return_carry else y
 
 
+def stack_forward(layers, x, seq_lengths=None, initial_carry=None, *, between=None, **kwargs):
+    """Sequence layers in order over whole sequences, with one carry per layer.
+
+    Each layer runs as `layer(x, seq_lengths, initial_carry=c, return_carry=True, **kwargs)` on
+    the previous layer's output; `between(x)`, if given, transforms the input of every layer
+    after the first (e.g. dropout). initial_carry: None (zeros) or one carry per layer.
+
+    x [batch, time, in] -> (carries: a tuple with one carry per layer, y [batch, time, out]).
+    """
+    _check_carries("initial_carry", initial_carry, len(layers))
+    carries = []
+    for i, layer in enumerate(layers):
+        if i > 0 and between is not None:
+            x = between(x)
+        carry = None if initial_carry is None else initial_carry[i]
+        carry, x = layer(x, seq_lengths, initial_carry=carry, return_carry=True, **kwargs)
+        carries.append(carry)
+    return tuple(carries), x
+
+
+def stack_step(layers, carry, x):
+    """One step through causal layers in order (their `step`), the one-step form of
+    `stack_forward`: carry (one per layer), x [batch, in] -> (carries, y [batch, out])."""
+    if carry is None:
+        raise ValueError(f"carry: expected a tuple of {len(layers)} per-layer carries, got None")
+    _check_carries("carry", carry, len(layers))
+    new = []
+    for layer, c in zip(layers, carry, strict=True):
+        c, x = layer.step(c, x)
+        new.append(c)
+    return tuple(new), x
+
+
+def stack_initial_carry(layers, batch_size: int) -> tuple:
+    """The zero carries of `layers` (their `initial_carry`), one per layer."""
+    return tuple(layer.initial_carry(batch_size) for layer in layers)
+
+
+def _check_carries(name: str, carry, n_layers: int) -> None:
+    if carry is not None and (not isinstance(carry, (tuple, list)) or len(carry) != n_layers):
+        raise ValueError(f"{name}: expected a tuple of {n_layers} per-layer carries")
+
+
 class Stack(nn.Module):
     """Sequence layers applied in order, with dropout between them (not after the last).
 
@@ -264,33 +307,26 @@ class Stack(nn.Module):
     ):
         if not 0.0 <= self.dropout_rate < 1.0:
             raise ValueError(f"dropout_rate: expected a value in [0, 1), got {self.dropout_rate}")
-        _check_carries(initial_carry, len(self.layers))
-        carries = []
-        for i, layer in enumerate(self.layers):
-            if i > 0 and self.dropout_rate > 0.0:
-                x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
-            carry = None if initial_carry is None else initial_carry[i]
-            kwargs = {"reverse": True} if reverse else {}
-            carry, x = layer(x, seq_lengths, initial_carry=carry, return_carry=True, **kwargs)
-            carries.append(carry)
-        return (tuple(carries), x) if return_carry else x
+
+        def dropout(x):
+            return nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
+
+        carries, x = stack_forward(
+            self.layers,
+            x,
+            seq_lengths,
+            initial_carry,
+            between=dropout if self.dropout_rate > 0.0 else None,
+            **({"reverse": True} if reverse else {}),
+        )
+        return (carries, x) if return_carry else x
 
     def initial_carry(self, batch_size: int):
-        return tuple(layer.initial_carry(batch_size) for layer in self.layers)
+        return stack_initial_carry(self.layers, batch_size)
 
     def step(self, carry, x):
         """One step through every layer: x [batch, in] -> (carries, y [batch, out])."""
-        _check_carries(carry, len(self.layers))
-        new = []
-        for layer, c in zip(self.layers, carry, strict=True):
-            c, x = layer.step(c, x)
-            new.append(c)
-        return tuple(new), x
-
-
-def _check_carries(carry, n_layers: int) -> None:
-    if carry is not None and (not isinstance(carry, (tuple, list)) or len(carry) != n_layers):
-        raise ValueError(f"initial_carry: expected a tuple of {n_layers} per-layer carries")
+        return stack_step(self.layers, carry, x)
 
 
 class SequenceBlock(nn.Module):
