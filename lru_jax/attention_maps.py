@@ -20,7 +20,6 @@ import os
 
 import jax
 import matplotlib
-import ml_collections
 import numpy as np
 
 matplotlib.use("Agg")
@@ -46,7 +45,7 @@ def load_run(workdir: str):
     if not os.path.exists(path):
         raise ValueError(f"workdir: expected a training run with config.json, got {workdir!r}")
     with open(path) as f:
-        config = ml_collections.ConfigDict(json.load(f))
+        config = config_lib.upgrade(json.load(f))  # runs saved before today's layout too
     task = build_task(config)
     if task.spec.kind != "seq2seq":
         raise ValueError(
@@ -124,8 +123,8 @@ def attention_maps(
     and, for the cocktail party, the mean attention weight on the cued speaker's steps.
     """
     config, task, model, variables = load_run(workdir)
-    if config.model.attention == "none":
-        raise ValueError("workdir: the model has no attention (model.attention 'none')")
+    if config.model.seq2seq.attention == "none":
+        raise ValueError("workdir: the model has no attention (model.seq2seq.attention 'none')")
     out = out or os.path.join(workdir, "attention")
     os.makedirs(out, exist_ok=True)
     batch = task.batch(split, 0, num_examples)
@@ -156,7 +155,7 @@ def attention_maps(
             None if speakers is None else speakers[i],
             None if speakers is None else int(batch["cued_source"][i]),
             getattr(task, "num_sources", 0),
-            title=f"{spec.name} {config.model.attention} attention, example {i}"
+            title=f"{spec.name} {config.model.seq2seq.attention} attention, example {i}"
             + ("" if exact[i] else " (decoded wrongly)"),
         )
         paths.append(path)

@@ -24,7 +24,7 @@ import numpy as np
 from lru_jax import _checks, scan
 from lru_jax import nn as lnn
 
-CELLS = ("lru", "lstm", "gru", "simple_rnn", "attention")
+MIXERS = ("lru", "lstm", "gru", "simple_rnn", "attention")
 POOLINGS = ("none", "last", "mean", "attention")
 
 
@@ -35,7 +35,7 @@ class SequenceModel(nn.Module):
       num_outputs: classes, regression dimensions or vocabulary size of the head.
       vocab_size: token vocabulary of the inputs (Embed encoder), or None for float inputs
         (Dense encoder).
-      cell: the mixer of every block: "lru" | "lstm" | "gru" | "simple_rnn" | "attention".
+      mixer: the mixer of every block: "lru" | "lstm" | "gru" | "simple_rnn" | "attention".
       d_model: the residual width; recurrent mixers use it as their hidden size.
       d_state: the LRU's state size N.
       pooling: "none" (an output per step), "last" (at each sequence's last valid step),
@@ -52,12 +52,12 @@ class SequenceModel(nn.Module):
       grad_chunk: recurrent-cell mixers' backward pass: steps per weight-gradient matmul (see
         `cells.unroll`), or None for JAX's autodiff of the loop (needed for `jax.jvp`).
       sequence_axis: a mesh axis to split the LRU scans' time over (sequence parallelism;
-        "lru" cells only, applied under `jax.set_mesh`), or None.
+        mixer "lru" only, applied under `jax.set_mesh`), or None.
     """
 
     num_outputs: int
     vocab_size: int | None = None
-    cell: str = "lru"
+    mixer: str = "lru"
     d_model: int = 128
     num_layers: int = 2
     d_state: int = 128
@@ -78,10 +78,10 @@ class SequenceModel(nn.Module):
     sequence_axis: str | None = None
 
     def setup(self):
-        _checks.one_of("cell", self.cell, CELLS)
-        if self.sequence_axis is not None and self.cell != "lru":
+        _checks.one_of("mixer", self.mixer, MIXERS)
+        if self.sequence_axis is not None and self.mixer != "lru":
             raise ValueError(
-                f"sequence_axis: sequence parallelism needs cell 'lru', got cell {self.cell!r}"
+                f"sequence_axis: sequence parallelism needs mixer 'lru', got mixer {self.mixer!r}"
             )
         _checks.one_of("pooling", self.pooling, POOLINGS)
         if self.vocab_size is None:
@@ -91,12 +91,12 @@ class SequenceModel(nn.Module):
         _checks.positive_int("remat_chunk", self.remat_chunk)
         if self.remat and self.norm == "batch":
             raise ValueError("remat: needs norm 'layer'; batch statistics would differ per chunk")
-        if self.remat and self.cell == "attention":
-            raise ValueError("remat: for recurrent mixers; got cell 'attention'")
+        if self.remat and self.mixer == "attention":
+            raise ValueError("remat: for recurrent mixers; got mixer 'attention'")
         self.blocks = [
             lnn.SequenceBlock(
                 self.d_model,
-                self._mixer(),
+                self._make_mixer(),
                 norm=self.norm,
                 prenorm=self.prenorm,
                 ffn=self.ffn,
@@ -109,8 +109,8 @@ class SequenceModel(nn.Module):
             self.attention_pool = lnn.AttentionPooling()
         self.head = nn.Dense(self.num_outputs)
 
-    def _mixer(self) -> nn.Module:
-        if self.cell == "lru":
+    def _make_mixer(self) -> nn.Module:
+        if self.mixer == "lru":
             return lnn.LRU(
                 self.d_state,
                 self.r_min,
@@ -119,9 +119,9 @@ class SequenceModel(nn.Module):
                 self.scan_method,
                 self.sequence_axis,
             )
-        if self.cell == "attention":
+        if self.mixer == "attention":
             return lnn.CausalSelfAttention(self.d_model, self.num_heads, self.max_len)
-        return lnn.RecurrentLayer(self.d_model, cell=self.cell, grad_chunk=self.grad_chunk)
+        return lnn.RecurrentLayer(self.d_model, cell=self.mixer, grad_chunk=self.grad_chunk)
 
     def _check_inputs(self, x, name="inputs"):
         if self.vocab_size is None:
@@ -247,11 +247,9 @@ def generate(
             f"prompt: expected int tokens [batch, >=1], got {prompt.dtype} {prompt.shape}"
         )
     _checks.positive_int("length", length)
-    if temperature < 0:
-        raise ValueError(f"temperature: expected >= 0, got {temperature}")
-    if not 0 <= top_k <= model.num_outputs:
-        raise ValueError(f"top_k: expected 0..{model.num_outputs}, got {top_k}")
-    if model.cell == "attention" and prompt.shape[1] + length > model.max_len:
+    _checks.number("temperature", temperature, 0)
+    _checks.integer("top_k", top_k, 0, model.num_outputs)
+    if model.mixer == "attention" and prompt.shape[1] + length > model.max_len:
         raise ValueError(
             f"length: prompt ({prompt.shape[1]}) + length ({length}) exceeds the attention "
             f"cache, max_len={model.max_len}"
@@ -282,7 +280,7 @@ def _generate(model, variables, prompt, length, temperature, top_k, seed):
 
 # ---------------------------------------------------------------- encoder-decoder
 
-RECURRENT_CELLS = ("lru", "lstm", "gru", "simple_rnn")
+RECURRENT_MIXERS = ("lru", "lstm", "gru", "simple_rnn")
 ATTENTIONS = ("none", "soft", "hard")
 SCORES = ("additive", "dot")
 
@@ -313,7 +311,7 @@ class EncoderDecoder(nn.Module):
 
     Attributes:
       vocab_size: tokens of sources and targets (PAD 0, BOS 1, EOS 2; see tasks.seq2seq).
-      cell: the mixer of every block: "lru" | "lstm" | "gru" | "simple_rnn".
+      mixer: the mixer of every block: "lru" | "lstm" | "gru" | "simple_rnn".
       attention: "none" | "soft" | "hard".
       score: soft attention's score: "additive" (Bahdanau) | "dot" (Luong's "general").
       bidirectional: the encoder's blocks read the source both ways.
@@ -323,7 +321,7 @@ class EncoderDecoder(nn.Module):
     """
 
     vocab_size: int
-    cell: str = "lru"
+    mixer: str = "lru"
     d_model: int = 64
     num_layers: int = 1
     d_state: int = 64
@@ -343,17 +341,16 @@ class EncoderDecoder(nn.Module):
 
     def setup(self):
         _checks.positive_int("vocab_size", self.vocab_size)
-        _checks.one_of("cell", self.cell, RECURRENT_CELLS)
+        _checks.one_of("mixer", self.mixer, RECURRENT_MIXERS)
         _checks.one_of("attention", self.attention, ATTENTIONS)
         _checks.one_of("score", self.score, SCORES)
-        if not self.hard_temperature > 0:
-            raise ValueError(f"hard_temperature: expected > 0, got {self.hard_temperature}")
+        _checks.positive_number("hard_temperature", self.hard_temperature)
         self.embed = nn.Embed(self.vocab_size, self.d_model)
         self.encoder_blocks = [self._block(self._encoder_mixer()) for _ in range(self.num_layers)]
         self.encoder_norm = nn.LayerNorm()
         self.summarise = nn.Dense(self.d_model)
         self.bridge = nn.Dense(self.d_model)
-        self.decoder_blocks = [self._block(self._mixer()) for _ in range(self.num_layers)]
+        self.decoder_blocks = [self._block(self._make_mixer()) for _ in range(self.num_layers)]
         self.decoder_norm = nn.LayerNorm()
         if self.attention == "hard":
             self.read = lnn.HardAttention(estimator="gumbel", temperature=self.hard_temperature)
@@ -375,15 +372,15 @@ class EncoderDecoder(nn.Module):
             dropout_rate=self.dropout_rate,
         )
 
-    def _mixer(self) -> nn.Module:
-        if self.cell == "lru":
+    def _make_mixer(self) -> nn.Module:
+        if self.mixer == "lru":
             return lnn.LRU(self.d_state, self.r_min, self.r_max, self.max_phase, self.scan_method)
-        return lnn.RecurrentLayer(self.d_model, cell=self.cell, grad_chunk=self.grad_chunk)
+        return lnn.RecurrentLayer(self.d_model, cell=self.mixer, grad_chunk=self.grad_chunk)
 
     def _encoder_mixer(self) -> nn.Module:
         if self.bidirectional:
-            return lnn.Bidirectional(self._mixer(), self._mixer())
-        return self._mixer()
+            return lnn.Bidirectional(self._make_mixer(), self._make_mixer())
+        return self._make_mixer()
 
     def _check_tokens(self, name, x):
         _checks.rank(name, x, 2, "[batch, time]")

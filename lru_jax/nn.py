@@ -305,8 +305,7 @@ class Stack(nn.Module):
         reverse=False,
         deterministic=True,
     ):
-        if not 0.0 <= self.dropout_rate < 1.0:
-            raise ValueError(f"dropout_rate: expected a value in [0, 1), got {self.dropout_rate}")
+        _checks.rate("dropout_rate", self.dropout_rate)
 
         def dropout(x):
             return nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
@@ -353,8 +352,7 @@ class SequenceBlock(nn.Module):
         _checks.positive_int("d_model", self.d_model)
         _checks.one_of("norm", self.norm, ("layer", "batch"))
         _checks.one_of("ffn", self.ffn, ("glu", "gelu"))
-        if not 0.0 <= self.dropout_rate < 1.0:
-            raise ValueError(f"dropout_rate: expected a value in [0, 1), got {self.dropout_rate}")
+        _checks.rate("dropout_rate", self.dropout_rate)
         self.norm_layer = nn.LayerNorm() if self.norm == "layer" else nn.BatchNorm(momentum=0.9)
         width = 2 * self.d_model if self.ffn == "glu" else self.d_model
         self.out = nn.Dense(width)

@@ -47,9 +47,9 @@ START, END = "<!-- gradients:start -->", "<!-- gradients:end -->"
 def experiment_config(cell: str, seq_len: int, steps: int, extra: dict | None = None):
     overrides = {
         "task.seq_len": seq_len,
-        "model.cell": cell,
+        "model.mixer": cell,
         "model.d_model": 32,
-        "model.d_state": 32,
+        "model.lru.d_state": 32,
         "model.num_layers": 1,
         "train.num_steps": steps,
         "train.warmup_steps": max(1, steps // 10),

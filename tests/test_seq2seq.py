@@ -4,6 +4,7 @@ a numpy reference, padding, a short training run that learns to reverse, attenti
 import functools
 import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -25,11 +26,11 @@ def batch():
 
 
 @functools.cache
-def _make(cell, attention, extra):
+def _make(mixer, attention, extra):
     kwargs = dict(extra)
     model = models.EncoderDecoder(
         vocab_size=TASK.spec.vocab_size,
-        cell=cell,
+        mixer=mixer,
         d_model=16,
         d_state=8,
         attention=attention,
@@ -40,9 +41,9 @@ def _make(cell, attention, extra):
     return model, init(jax.random.key(1), b["inputs"], b["lengths"], b["decoder_inputs"])
 
 
-def make(cell="lru", attention="soft", **kwargs):
+def make(mixer="lru", attention="soft", **kwargs):
     """A small model and its initial variables (built once per distinct configuration)."""
-    return _make(cell, attention, tuple(sorted(kwargs.items())))
+    return _make(mixer, attention, tuple(sorted(kwargs.items())))
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -184,7 +185,7 @@ def test_sequence_accuracy_on_a_hand_written_batch():
 def reverse_config():
     c = config_lib.default_config()
     c.task = {"name": "reverse", "num_symbols": 6, "min_length": 2, "max_length": 6}
-    c.model.update({"d_model": 32, "d_state": 32, "num_layers": 1, "dropout_rate": 0.0})
+    c.model.update({"d_model": 32, "lru": {"d_state": 32}, "num_layers": 1, "dropout_rate": 0.0})
     c.train.update(
         {
             "batch_size": 32,
@@ -224,6 +225,24 @@ def test_short_training_run_learns_to_reverse(trained):
     logits = jax.jit(model.apply)(variables, b["inputs"], b["lengths"], b["decoder_inputs"])
     metrics = steps.summarise(task.spec, steps.loss_sums(task.spec, logits, b))
     assert float(metrics["sequence_accuracy"]) == pytest.approx(np.mean(exact))
+
+
+def test_a_run_saved_before_the_model_keys_were_grouped_still_loads(trained, tmp_path):
+    workdir, _, (config, _, model, variables) = trained
+    old = str(tmp_path / "old_run")
+    shutil.copytree(workdir, old)
+    saved = json.loads(config.to_json())
+    m = saved["model"]
+    flat = {k: v for k, v in m.items() if k not in ("mixer", "lru", "rnn", "attention", "seq2seq")}
+    flat.update(cell=m["mixer"], **m["lru"], **m["attention"], **m["seq2seq"])  # no grad_chunk
+    saved["model"] = flat
+    with open(os.path.join(old, "config.json"), "w") as f:
+        json.dump(saved, f)
+    config_old, _, model_old, variables_old = attention_maps.load_run(old)
+    assert model_old == model
+    assert config_old.model.to_dict() == config.model.to_dict()
+    for got, want in zip(jax.tree.leaves(variables_old), jax.tree.leaves(variables), strict=True):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
 def test_attention_maps_of_reverse_are_anti_diagonal(trained, tmp_path):
@@ -299,8 +318,8 @@ def test_bad_inputs_raise_naming_the_argument(batch, tmp_path):
         make(attention="local")
     with pytest.raises(ValueError, match="score"):
         make(score="cosine")
-    with pytest.raises(ValueError, match="cell"):
-        make(cell="attention")
+    with pytest.raises(ValueError, match="mixer"):
+        make(mixer="attention")
     model, v = make()
     with pytest.raises(ValueError, match="decoder_inputs"):
         model.apply(v, batch["inputs"], batch["lengths"])
@@ -315,12 +334,12 @@ def test_bad_inputs_raise_naming_the_argument(batch, tmp_path):
     with pytest.raises(TypeError, match="inputs"):
         models.greedy_decode(model, v, batch["inputs"] * 1.0, batch["lengths"], 3)
     c = reverse_config()
-    c.model.attention = "sparse"
-    with pytest.raises(ValueError, match="config.model.attention"):
+    c.model.seq2seq.attention = "sparse"
+    with pytest.raises(ValueError, match="config.model.seq2seq.attention"):
         config_lib.validate(c)
     c = reverse_config()
-    c.model.cell = "attention"
-    with pytest.raises(ValueError, match="config.model.cell"):
+    c.model.mixer = "attention"
+    with pytest.raises(ValueError, match="config.model.mixer"):
         config_lib.check_against_task(c, TASK.spec)
     c = reverse_config()
     c.model.remat = True

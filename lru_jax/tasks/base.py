@@ -22,6 +22,8 @@ from typing import Protocol
 
 import numpy as np
 
+from lru_jax import _checks
+
 SPLITS = ("train", "valid", "test")
 KINDS = ("classification", "regression", "per_step", "seq2seq")
 
@@ -57,8 +59,7 @@ class TaskSpec:
     target_len: int | None = None
 
     def __post_init__(self):
-        if self.kind not in KINDS:
-            raise ValueError(f"kind: expected one of {list(KINDS)}, got {self.kind!r}")
+        _checks.one_of("kind", self.kind, KINDS)
         if (self.vocab_size is None) == (self.input_dim is None):
             raise ValueError("exactly one of vocab_size (token inputs) and input_dim is set")
         if (self.kind == "seq2seq") != (self.target_len is not None):
@@ -76,8 +77,12 @@ class Task(Protocol):
 
 
 def check_split(split: str) -> None:
-    if split not in SPLITS:
-        raise ValueError(f"split: expected one of {list(SPLITS)}, got {split!r}")
+    _checks.one_of("split", split, SPLITS)
+
+
+def check_batch_args(index, batch_size) -> tuple[int, int]:
+    """Checks the common arguments of `batch`: index >= 0 and batch_size >= 1."""
+    return _checks.non_negative_int("index", index), _checks.positive_int("batch_size", batch_size)
 
 
 def split_rng(seed: int, split: str, index: int) -> np.random.Generator:
@@ -99,3 +104,9 @@ def epoch_batch_indices(n: int, seed: int, index: int, batch_size: int) -> np.nd
         sel = epochs == epoch
         out[sel] = perm[offsets[sel]]
     return out
+
+
+def sequential_indices(n: int, index: int, batch_size: int) -> np.ndarray:
+    """Example indices [batch_size] of batch `index` when a finite split of n examples is read
+    in order, wrapping around (evaluation batches)."""
+    return (index * batch_size + np.arange(batch_size)) % n

@@ -6,8 +6,8 @@ import math
 
 import numpy as np
 
-from lru_jax.tasks._args import check_batch_args, check_int
-from lru_jax.tasks.base import TaskSpec, check_split, split_rng
+from lru_jax import _checks
+from lru_jax.tasks.base import TaskSpec, check_batch_args, check_split, split_rng
 from lru_jax.tasks.seq2seq import NUM_SPECIAL, teacher_forcing
 
 
@@ -49,14 +49,14 @@ class CocktailParty:
         max_burst: int = 4,
         seed: int = 0,
     ):
-        self.num_sources = check_int("num_sources", num_sources, 2)
-        self.tokens_per_source = check_int("tokens_per_source", tokens_per_source, 1)
-        self.num_private = check_int("num_private", num_private, 1)
-        self.num_shared = check_int("num_shared", num_shared, 0)
+        self.num_sources = _checks.integer("num_sources", num_sources, 2)
+        self.tokens_per_source = _checks.integer("tokens_per_source", tokens_per_source, 1)
+        self.num_private = _checks.integer("num_private", num_private, 1)
+        self.num_shared = _checks.integer("num_shared", num_shared, 0)
         self.alphabet_size = self.num_private + self.num_shared
-        self.branching = check_int("branching", branching, 1, self.alphabet_size)
-        self.max_burst = check_int("max_burst", max_burst, 1, self.tokens_per_source)
-        self.seed = check_int("seed", seed, 0)
+        self.branching = _checks.integer("branching", branching, 1, self.alphabet_size)
+        self.max_burst = _checks.integer("max_burst", max_burst, 1, self.tokens_per_source)
+        self.seed = _checks.integer("seed", seed, 0)
         self.alphabets = [self._alphabet(k) for k in range(self.num_sources)]
         self.successors = self._successor_tables()
         m, k = self.tokens_per_source, self.num_sources
