@@ -349,6 +349,9 @@ def test_train_py_rejects_bad_overrides_before_compiling(tmp_path):
     assert not os.path.exists(tmp_path / "a" / "checkpoints")
     typo = _train_py("--config.model.dmodel=4", f"--workdir={tmp_path}/b", cwd=tmp_path)
     assert typo.returncode != 0 and "dmodel" in typo.stderr
+    moved = _train_py("--config.model.cell=lstm", f"--workdir={tmp_path}/c", cwd=tmp_path)
+    assert moved.returncode != 0
+    assert moved.stderr.strip() == "error: --config.model.cell: renamed --config.model.mixer"
 
 
 def test_train_py_runs_a_config_file_with_overrides(tmp_path):
