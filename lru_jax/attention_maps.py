@@ -131,7 +131,12 @@ def attention_maps(
     spec = task.spec
     with replaying_scan_choices(config, workdir):  # the scan methods the run trained with
         tokens, weights = models.greedy_decode(
-            model, variables, batch["inputs"], batch["lengths"], spec.target_len
+            model,
+            variables,
+            batch["inputs"],
+            batch["lengths"],
+            spec.target_len,
+            **spec.special_tokens._asdict(),
         )
     exact = np.all((tokens == batch["targets"]) | (batch["mask"] == 0), axis=1)
     summary = {"workdir": workdir, "split": split, "examples": num_examples}

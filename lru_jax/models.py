@@ -310,7 +310,8 @@ class EncoderDecoder(nn.Module):
     time with the same result. Source and target share one vocabulary and embedding.
 
     Attributes:
-      vocab_size: tokens of sources and targets (PAD 0, BOS 1, EOS 2; see tasks.seq2seq).
+      vocab_size: tokens of sources and targets, special tokens included (their ids are the
+        task's: `TaskSpec.special_tokens`).
       mixer: the mixer of every block: "lru" | "lstm" | "gru" | "simple_rnn".
       attention: "none" | "soft" | "hard".
       score: soft attention's score: "additive" (Bahdanau) | "dot" (Luong's "general").
@@ -482,16 +483,16 @@ def greedy_decode(
     lengths,
     max_length: int,
     *,
-    bos: int = 1,
-    eos: int = 2,
-    pad: int = 0,
+    bos: int,
+    eos: int,
+    pad: int,
 ):
     """Greedy step-by-step decoding: each step feeds back the previous step's argmax.
 
     Args:
       inputs: int [batch, S] source tokens; lengths: int [batch] valid source steps.
       max_length: decoder steps to run.
-      bos, eos, pad: the special tokens (defaults: the layout of `lru_jax.tasks.seq2seq`).
+      bos, eos, pad: the special tokens of the task (`**spec.special_tokens._asdict()`).
 
     Returns:
       (tokens int32 numpy [batch, max_length], PAD after the first EOS; weights float32

@@ -18,6 +18,7 @@ from lru_jax.training import config as config_lib
 from lru_jax.training import loop, steps
 
 TASK = Reverse(num_symbols=6, min_length=2, max_length=6)
+TOKENS = TASK.spec.special_tokens
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +85,9 @@ def test_teacher_forcing_equals_step_by_step_decoding(batch, cell, attention, ex
 def test_greedy_decoding_is_a_fixed_point_of_teacher_forcing(batch):
     """Feeding the greedy output back as teacher-forced input reproduces it step by step."""
     model, v = make("gru", "soft")
-    tokens, weights = models.greedy_decode(model, v, batch["inputs"], batch["lengths"], 7)
+    tokens, weights = models.greedy_decode(
+        model, v, batch["inputs"], batch["lengths"], 7, **TOKENS._asdict()
+    )
     assert tokens.shape == (4, 7) and weights.shape == (4, 7, 6)
     raw, _ = models._greedy_decode(model, v, batch["inputs"], batch["lengths"], 7, 1)
     decoder_inputs = jnp.concatenate([jnp.ones((4, 1), jnp.int32), raw[:, :-1]], axis=1)
@@ -96,6 +99,15 @@ def test_greedy_decoding_is_a_fixed_point_of_teacher_forcing(batch):
         cut = end[0] + 1 if end.size else 7
         np.testing.assert_array_equal(row[:cut], row_raw[:cut])
         assert (row[cut:] == 0).all()
+    # The ids come from the caller (the task's spec): another start and padding id are used.
+    other, _ = models.greedy_decode(
+        model, v, batch["inputs"], batch["lengths"], 7, bos=3, eos=TOKENS.eos, pad=9
+    )
+    raw, _ = models._greedy_decode(model, v, batch["inputs"], batch["lengths"], 7, 3)
+    for row_raw, row in zip(np.asarray(raw), other, strict=True):
+        end = np.flatnonzero(row_raw == TOKENS.eos)
+        cut = end[0] + 1 if end.size else 7
+        assert list(row) == list(row_raw[:cut]) + [9] * (7 - cut)
 
 
 def reference_scores(read, q, memory, attention, score):
@@ -168,7 +180,7 @@ def test_hard_attention_samples_in_training_and_trains_through_straight_through(
 
 
 def test_sequence_accuracy_on_a_hand_written_batch():
-    spec = TaskSpec("reverse", "seq2seq", 3, 5, vocab_size=5, target_len=3)
+    spec = TaskSpec("reverse", "seq2seq", 3, 5, vocab_size=5, target_len=3, special_tokens=TOKENS)
     targets = jnp.array([[3, 4, 2], [4, 2, 0]])
     mask = jnp.array([[1.0, 1, 1], [1, 1, 0]])
     predicted = jnp.array([[3, 4, 2], [4, 3, 1]])  # row 0 right; row 1 wrong at step 1
@@ -214,7 +226,9 @@ def trained(tmp_path_factory):
 def test_short_training_run_learns_to_reverse(trained):
     _, final, (_, task, model, variables) = trained
     b = task.batch("test", 0, 64)
-    tokens, _ = models.greedy_decode(model, variables, b["inputs"], b["lengths"], 7)
+    tokens, _ = models.greedy_decode(
+        model, variables, b["inputs"], b["lengths"], 7, **TOKENS._asdict()
+    )
     exact = [
         list(out[: n + 1]) == list(src[:n][::-1]) + [2]
         for src, n, out in zip(b["inputs"], b["lengths"], tokens, strict=True)
@@ -256,7 +270,9 @@ def test_attention_maps_of_reverse_are_anti_diagonal(trained, tmp_path):
         assert json.load(f)["exact_match"] >= 0.9
     # Recomputed here: output step t reads source step n - 1 - t.
     b = task.batch("test", 0, 64)
-    _, weights = models.greedy_decode(model, variables, b["inputs"], b["lengths"], 7)
+    _, weights = models.greedy_decode(
+        model, variables, b["inputs"], b["lengths"], 7, **TOKENS._asdict()
+    )
     hits = [
         np.argmax(weights[i, t]) == n - 1 - t for i, n in enumerate(b["lengths"]) for t in range(n)
     ]
@@ -330,9 +346,11 @@ def test_bad_inputs_raise_naming_the_argument(batch, tmp_path):
     with pytest.raises(ValueError, match="seq_lengths"):
         model.apply(v, batch["inputs"], batch["lengths"] + 5, batch["decoder_inputs"])
     with pytest.raises(ValueError, match="max_length"):
-        models.greedy_decode(model, v, batch["inputs"], batch["lengths"], 0)
+        models.greedy_decode(model, v, batch["inputs"], batch["lengths"], 0, **TOKENS._asdict())
     with pytest.raises(TypeError, match="inputs"):
-        models.greedy_decode(model, v, batch["inputs"] * 1.0, batch["lengths"], 3)
+        models.greedy_decode(
+            model, v, batch["inputs"] * 1.0, batch["lengths"], 3, **TOKENS._asdict()
+        )
     c = reverse_config()
     c.model.seq2seq.attention = "sparse"
     with pytest.raises(ValueError, match="config.model.seq2seq.attention"):

@@ -18,7 +18,7 @@ give targets and mask [batch, target_len].
 from __future__ import annotations
 
 import dataclasses
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import numpy as np
 
@@ -26,6 +26,14 @@ from lru_jax import _checks
 
 SPLITS = ("train", "valid", "test")
 KINDS = ("classification", "regression", "per_step", "seq2seq")
+
+
+class SpecialTokens(NamedTuple):
+    """The token ids a seq2seq decoder needs: padding, beginning and end of sequence."""
+
+    pad: int
+    bos: int
+    eos: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +53,8 @@ class TaskSpec:
       baseline: the loss (or metric, see baseline_metric) of the trivial, memoryless predictor.
       baseline_metric: the metric `baseline` is measured in, e.g. "mse", "loss", "accuracy".
       is_language_model: per-step next-token prediction over text, with generation.
+      special_tokens: seq2seq only: the PAD, BOS and EOS ids (what decoding starts and stops
+        with, e.g. `models.greedy_decode(..., **spec.special_tokens._asdict())`).
     """
 
     name: str
@@ -57,6 +67,7 @@ class TaskSpec:
     baseline_metric: str = "loss"
     is_language_model: bool = False
     target_len: int | None = None
+    special_tokens: SpecialTokens | None = None
 
     def __post_init__(self):
         _checks.one_of("kind", self.kind, KINDS)
@@ -64,6 +75,8 @@ class TaskSpec:
             raise ValueError("exactly one of vocab_size (token inputs) and input_dim is set")
         if (self.kind == "seq2seq") != (self.target_len is not None):
             raise ValueError("target_len: expected a value for seq2seq tasks only")
+        if (self.kind == "seq2seq") != (self.special_tokens is not None):
+            raise ValueError("special_tokens: expected SpecialTokens for seq2seq tasks only")
 
 
 class Task(Protocol):

@@ -8,7 +8,7 @@ import numpy as np
 
 from lru_jax import _checks
 from lru_jax.tasks.base import TaskSpec, check_batch_args, check_split, split_rng
-from lru_jax.tasks.seq2seq import NUM_SPECIAL, teacher_forcing
+from lru_jax.tasks.seq2seq import NUM_SPECIAL, SPECIAL_TOKENS, teacher_forcing
 
 
 class CocktailParty:
@@ -71,6 +71,7 @@ class CocktailParty:
             vocab_size=vocab,
             baseline=entropy / (m + 1),
             baseline_metric="loss",
+            special_tokens=SPECIAL_TOKENS,
         )
 
     def cue(self, source: int) -> int:

@@ -17,9 +17,10 @@ import math
 import numpy as np
 
 from lru_jax import _checks
-from lru_jax.tasks.base import TaskSpec, check_batch_args, check_split, split_rng
+from lru_jax.tasks.base import SpecialTokens, TaskSpec, check_batch_args, check_split, split_rng
 
 PAD, BOS, EOS = 0, 1, 2
+SPECIAL_TOKENS = SpecialTokens(pad=PAD, bos=BOS, eos=EOS)
 NUM_SPECIAL = 3
 OPERATIONS = ("reverse", "sort")
 
@@ -115,6 +116,7 @@ class SequenceTransduction:
                 self.operation, self.num_symbols, self.min_length, self.max_length
             ),
             baseline_metric="loss",
+            special_tokens=SPECIAL_TOKENS,
         )
 
     def num_examples(self, split: str) -> int | None:
