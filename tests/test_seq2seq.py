@@ -318,10 +318,17 @@ def test_cued_speaker_attention_and_its_heatmap_on_a_hand_written_case(tmp_path)
             weights[i, t, cued[0]] = share
             weights[i, t, other[0]] = 1.0 - share
         weights[i, 2, 0] = 1.0
-    assert attention_maps.cued_speaker_attention(weights, b) == pytest.approx(2.5 / 4)
+    summary = task.attention_summary(weights, b)
+    assert summary["attention_on_cued_speaker"] == pytest.approx(2.5 / 4)
+    assert summary["cued_speaker_share_of_steps"] == 0.5  # two speakers, two words each
+    (colours, caption), _ = task.source_annotations(b)
+    assert colours[0] is None and len(colours) == 5 and "speaker" in caption
+    cued = b["speakers"][0] == b["cued_source"][0]  # example 0's mixture steps 1..4
+    assert len({colours[1 + s] for s in np.flatnonzero(cued)}) == 1
+    assert colours[1 + np.flatnonzero(cued)[0]] != colours[1 + np.flatnonzero(~cued)[0]]
     path = tmp_path / "cocktail.png"
     attention_maps.plot_example(
-        path, weights[0], b["inputs"][0], b["targets"][0], b["speakers"][0], 1, num_cues=2
+        path, weights[0], b["inputs"][0], b["targets"][0], colours, num_cues=2, title=caption
     )
     assert path.read_bytes()[:4] == b"\x89PNG"
 

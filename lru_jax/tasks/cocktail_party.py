@@ -8,7 +8,10 @@ import numpy as np
 
 from lru_jax import _checks
 from lru_jax.tasks.base import TaskSpec, check_batch_args, check_split, split_rng
-from lru_jax.tasks.seq2seq import NUM_SPECIAL, SPECIAL_TOKENS, teacher_forcing
+from lru_jax.tasks.seq2seq import EOS, NUM_SPECIAL, SPECIAL_TOKENS, teacher_forcing
+
+# Heatmap tints of the speakers (matplotlib colour names), cycled past six.
+SPEAKER_COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown")
 
 
 class CocktailParty:
@@ -151,3 +154,30 @@ class CocktailParty:
             "speakers": speakers,
             "cued_source": cued,
         }
+
+    # What `lru_jax.attention_maps` shows and reports beside the weights for this task.
+
+    def attention_summary(self, weights, batch) -> dict[str, float]:
+        """How much attention falls on the cued speaker.
+
+        weights [batch, T, S] of a decoder over `batch` (a batch of this task; S = 1 + K M,
+        step 0 is the cue). attention_on_cued_speaker: the mean weight on the cued speaker's
+        mixture steps over the output steps that emit a word (not EOS);
+        cued_speaker_share_of_steps: what attending uniformly would give.
+        """
+        on_cued = batch["speakers"] == batch["cued_source"][:, None]  # [batch, S - 1]
+        steps = (batch["mask"] > 0) & (batch["targets"] != EOS)  # [batch, T]
+        share = np.sum(np.asarray(weights)[:, :, 1:] * on_cued[:, None, :], axis=-1)  # [batch, T]
+        return {
+            "attention_on_cued_speaker": float(share[steps].mean()),
+            "cued_speaker_share_of_steps": float(on_cued.mean()),
+        }
+
+    def source_annotations(self, batch) -> list[tuple[list[str | None], str]]:
+        """Per example: a colour for each source step (its true speaker, which the model never
+        sees; None for the cue) and a caption for its heatmap."""
+        out = []
+        for speakers, cued in zip(batch["speakers"], batch["cued_source"], strict=True):
+            colours = [None] + [SPEAKER_COLOURS[int(s) % len(SPEAKER_COLOURS)] for s in speakers]
+            out.append((colours, f"cue: speaker {int(cued)}, tick colours: true speaker"))
+        return out
