@@ -159,6 +159,12 @@ def _int(c, key: str, minimum: int = 1) -> None:
     _checks.integer(_key(key), _get(c, key), minimum, type_error=ValueError)
 
 
+def _number(c, key: str, low, high=math.inf, closed_high=True) -> None:
+    """config.<key> is a number in [low, high] (or [low, high))."""
+    value = _get(c, key)
+    _checks.number(_key(key), value, low, high, closed_high=closed_high, type_error=ValueError)
+
+
 def _choice(c, key: str, choices) -> None:
     _checks.one_of(_key(key), _get(c, key), choices)
 
@@ -196,9 +202,7 @@ def validate(config) -> None:
     _int(config, "generate.num_samples", 0)
     _int(config, "generate.length")
     _int(config, "generate.top_k", 0)
-    _checks.number(
-        _key("generate.temperature"), config.generate.temperature, 0, type_error=ValueError
-    )
+    _number(config, "generate.temperature", 0)
     _checks.integer(_key("generate.seed"), config.generate.seed, type_error=ValueError)
 
 
@@ -251,10 +255,9 @@ def _validate_train(config) -> None:
     _choice(config, "train.optimizer", OPTIMIZERS)
     if not (isinstance(t.learning_rate, float) and t.learning_rate > 0):
         _fail("train.learning_rate", "a positive float", t.learning_rate)
-    ratio = _key("train.min_lr_ratio")
-    _checks.number(ratio, t.min_lr_ratio, 0, 1, type_error=ValueError)
+    _number(config, "train.min_lr_ratio", 0, 1)
     for name in ("lru_lr_factor", "weight_decay", "grad_clip_norm"):
-        _checks.number(_key(f"train.{name}"), t[name], 0, type_error=ValueError)
+        _number(config, f"train.{name}", 0)
     choices = t.get("scan_choices", "auto")
     settings = ("auto", "measure", "")
     if not isinstance(choices, str) or not (choices in settings or os.path.isfile(choices)):
