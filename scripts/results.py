@@ -61,10 +61,8 @@ def load_config(filename: str, overrides: dict):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     config = module.get_config()
-    for dotted, value in overrides.items():
-        section, key = dotted.split(".")
-        config[section][key] = value
-    config.lock()
+    config.lock()  # a misspelt override is refused, not added
+    config.update_from_flattened_dict(overrides)  # dotted keys, into nested groups too
     return config
 
 
