@@ -43,7 +43,7 @@ def mesh_shape(sharding_config, num_devices: int) -> tuple[int, int]:
             _checks.fail("config.sharding.sequence", f"a divisor of the {num_devices} devices", seq)
         data = num_devices // seq
     if data * seq > num_devices:
-        expected = f"data x sequence devices ({data} x {seq}) at most the {num_devices} available"
+        expected = f"data x sequence devices ({data} x {seq}) at most the {num_devices} devices"
         _checks.fail("config.sharding.data", expected, data)
     return data, seq
 
