@@ -16,7 +16,20 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from lru_jax.training.config import MOVED_MODEL_KEYS
 from lru_jax.training.loop import NonFiniteLossError, train_and_evaluate
+
+
+def refuse_moved_keys(argv) -> None:
+    """Exits with one line for an override of a model key that moved to a group."""
+    for arg in argv[1:]:
+        key = arg.split("=", 1)[0].removeprefix("--config.model.")
+        if arg.startswith("--config.model.") and key in MOVED_MODEL_KEYS:
+            sys.exit(f"error: --config.model.{key}: renamed --config.model.{MOVED_MODEL_KEYS[key]}")
+
+
+if __name__ == "__main__":  # before the config flag, which applies the overrides it is given
+    refuse_moved_keys(sys.argv)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 _CONFIG = config_flags.DEFINE_config_file(

@@ -1,7 +1,7 @@
 """The adding problem (Hochreiter & Schmidhuber 1997) at T = 1000: regress the sum of the two
 marked values. The memoryless baseline (always 1.0) has MSE 1/6 = 0.167.
 
-LSTM instead of the LRU: `--config.model.cell=lstm`.
+LSTM instead of the LRU: `--config.model.mixer=lstm`.
 """
 
 from lru_jax.training.config import default_config
@@ -14,10 +14,7 @@ def get_config():
         {
             "d_model": 64,
             "num_layers": 2,
-            "d_state": 64,
-            "r_min": 0.9,
-            "r_max": 0.999,
-            "max_phase": 0.628,
+            "lru": {"d_state": 64, "r_min": 0.9, "r_max": 0.999, "max_phase": 0.628},
             "dropout_rate": 0.0,
             "pooling": "last",
         }

@@ -4,7 +4,7 @@ then answer 8 queries (keys, at random later steps of the 64) with their values.
 The memoryless baseline, a uniform guess among the 32 values, scores ln(32) = 3.466 nats per
 query. Note a weaker shortcut than recall: remembering only WHICH values occurred (a bag of
 values, no binding to keys) already scores about 1.93 nats. In this CPU budget neither the LRU
-nor an LSTM (`--config.model.cell=lstm`) gets below that level; true recall needs longer
+nor an LSTM (`--config.model.mixer=lstm`) gets below that level; true recall needs longer
 training or a larger model.
 """
 
@@ -25,8 +25,7 @@ def get_config():
         {
             "d_model": 64,
             "num_layers": 2,
-            "d_state": 64,
-            **LONG_RANGE_RING,
+            "lru": {"d_state": 64, **LONG_RANGE_RING},
             "dropout_rate": 0.0,
             "pooling": "none",
         }

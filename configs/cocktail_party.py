@@ -2,7 +2,7 @@
 sequence of 24 tokens; a cue token names one; transcribe its 8 tokens in order, then EOS.
 
 Speakers share two of their six symbols, so who said what must be inferred from context.
-Compare `--config.model.attention=none` (the decoder sees only a summary of the encoder),
+Compare `--config.model.seq2seq.attention=none` (the decoder sees only a summary of the encoder),
 `soft` (Bahdanau attention over the encoder states) and `hard` (one encoder state per step,
 Gumbel-softmax straight-through in training). The baseline is the loss of the best decoder that
 knows the cue and the speakers' chains but does not read the mixture: 0.738 nats per step.
@@ -26,10 +26,9 @@ def get_config():
         {
             "d_model": 64,
             "num_layers": 1,
-            "d_state": 64,
+            "lru": {"d_state": 64},
             "dropout_rate": 0.0,
-            "attention": "soft",
-            "attention_score": "additive",
+            "seq2seq": {"attention": "soft", "attention_score": "additive"},
         }
     )
     c.train.update(

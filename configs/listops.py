@@ -32,8 +32,7 @@ def get_config():
         {
             "d_model": 64,
             "num_layers": 2,
-            "d_state": 64,
-            **LONG_RANGE_RING,
+            "lru": {"d_state": 64, **LONG_RANGE_RING},
             "dropout_rate": 0.1,
             "pooling": "mean",
         }

@@ -5,8 +5,8 @@ attends over the encoder states (`lru_jax.models.EncoderDecoder`).
 The baseline is the best loss of a decoder that never reads the source (the entropy of the
 targets per step: 2.29 nats for reverse, 1.44 for sort). `sequence_accuracy` counts outputs
 right at every step, which is exactly the share greedy step-by-step decoding gets right. Swap
-`--config.task.name=sort` to sort instead, `--config.model.attention=none|soft|hard`,
-`--config.model.cell=gru`.
+`--config.task.name=sort` to sort instead, `--config.model.seq2seq.attention=none|soft|hard`,
+`--config.model.mixer=gru`.
 """
 
 from lru_jax.training.config import default_config
@@ -19,10 +19,9 @@ def get_config():
         {
             "d_model": 64,
             "num_layers": 1,
-            "d_state": 64,
+            "lru": {"d_state": 64},
             "dropout_rate": 0.0,
-            "attention": "soft",
-            "attention_score": "additive",
+            "seq2seq": {"attention": "soft", "attention_score": "additive"},
         }
     )
     c.train.update(

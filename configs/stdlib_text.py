@@ -16,8 +16,7 @@ def get_config():
         {
             "d_model": 128,
             "num_layers": 2,
-            "d_state": 128,
-            **LONG_RANGE_RING,
+            "lru": {"d_state": 128, **LONG_RANGE_RING},
             "dropout_rate": 0.0,
             "pooling": "none",
         }

@@ -1,17 +1,30 @@
-"""Input checks shared by every public entry point.
+"""The argument checks of the whole package: layers, models, tasks and the training config.
 
 They run on shapes and dtypes (static under jit) and, when a value is concrete, on values,
-so that a user's mistake is named before JAX traces anything. Each error names the argument,
-what was expected and what came.
+so that a user's mistake is named before JAX traces anything. Every message has one form,
+"NAME: expected X, got Y"; a config key passes its qualified name ("config.model.d_model").
+A bad type raises TypeError and a bad value ValueError, except where `error` says otherwise
+(the config reports every mistake as a ValueError).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from typing import NoReturn
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+
+def message(name: str, expected: str, got: str) -> str:
+    return f"{name}: expected {expected}, got {got}"
+
+
+def fail(name: str, expected: str, value, error: type[Exception] = ValueError) -> NoReturn:
+    """Raises `error` naming the argument, what was expected and `value` (its repr)."""
+    raise error(message(name, expected, repr(value)))
 
 
 def _shape_dtype(name: str, x):
@@ -51,17 +64,86 @@ def rank(name: str, x, expected: int | Sequence[int], layout: str = ""):
     return shape
 
 
-def positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name}: expected a positive int, got {value!r}")
-    if value <= 0:
-        raise ValueError(f"{name}: expected a positive int, got {value}")
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def integer(name: str, value, minimum=None, maximum=None, *, type_error=TypeError) -> int:
+    """Returns `value` as an int after checking it is one in [minimum, maximum]."""
+    if minimum is not None and maximum is not None:
+        expected = f"an int in [{minimum}, {maximum}]"
+    elif minimum is not None:
+        expected = {0: "a non-negative int", 1: "a positive int"}.get(
+            minimum, f"an int >= {minimum}"
+        )
+    else:
+        expected = "an int"
+    if not _is_int(value):
+        fail(name, expected, value, type_error)
+    if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+        fail(name, expected, value)
     return int(value)
+
+
+def positive_int(name: str, value, *, type_error=TypeError) -> int:
+    return integer(name, value, 1, type_error=type_error)
+
+
+def non_negative_int(name: str, value, *, type_error=TypeError) -> int:
+    return integer(name, value, 0, type_error=type_error)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(
+        value, (bool, np.bool_)
+    )
+
+
+def number(
+    name: str,
+    value,
+    low=-math.inf,
+    high=math.inf,
+    *,
+    closed_high=True,
+    expected=None,
+    type_error=TypeError,
+):
+    """Returns `value` after checking it is a real number in [low, high] (or [low, high))."""
+    if expected is None and low == 0 and high == math.inf:
+        expected = "a non-negative number"
+    elif expected is None:
+        expected = f"a number in [{low}, {high}{']' if closed_high else ')'}"
+    if not _is_real(value):
+        fail(name, expected, value, type_error)
+    if not (low <= value and (value <= high if closed_high else value < high)):
+        fail(name, expected, value)
+    return value
+
+
+def rate(name: str, value, *, type_error=TypeError):
+    """A dropout rate: a number in [0, 1)."""
+    expected = "a rate in [0, 1)"
+    return number(name, value, 0, 1, closed_high=False, expected=expected, type_error=type_error)
+
+
+def positive_number(name: str, value, *, type_error=TypeError):
+    if not _is_real(value):
+        fail(name, "a positive number", value, type_error)
+    if not value > 0:
+        fail(name, "a positive number", value)
+    return value
+
+
+def boolean(name: str, value, *, type_error=TypeError) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        fail(name, "a bool", value, type_error)
+    return bool(value)
 
 
 def one_of(name: str, value, choices: Sequence):
     if value not in choices:
-        raise ValueError(f"{name}: expected one of {list(choices)}, got {value!r}")
+        fail(name, f"one of {list(choices)}", value)
     return value
 
 

@@ -155,8 +155,7 @@ def attend(weights, value, *, dropout_rate: float = 0.0, dropout_rng=None) -> ja
 
 
 def _dropout(weights, rate, rng):
-    if not 0.0 <= rate < 1.0:
-        raise ValueError(f"dropout_rate: expected a value in [0, 1), got {rate}")
+    _checks.rate("dropout_rate", rate)
     if rate == 0.0 or rng is None:
         return weights
     keep = jax.random.bernoulli(rng, 1.0 - rate, weights.shape)
@@ -347,8 +346,7 @@ def baseline_value(state: Baseline, decay: float = 0.9) -> jax.Array:
 
 def update_baseline(state: Baseline, reward, decay: float = 0.9) -> Baseline:
     """Moves the average towards the mean of `reward` (any shape)."""
-    if not 0.0 <= decay < 1.0:
-        raise ValueError(f"decay: expected a value in [0, 1), got {decay}")
+    _checks.number("decay", decay, 0, 1, closed_high=False)
     mean = decay * state.mean + (1.0 - decay) * jnp.mean(reward)
     return Baseline(mean, state.count + 1)
 

@@ -6,10 +6,12 @@ Loads the run's config and latest checkpoint, decodes `num_examples` held-out ex
 greedily step by step and writes a PNG for each of the first `max_images` (rows: output
 steps, columns: source steps, colour: attention weight; for hard attention the distribution
 its positions are drawn from, whose argmax it reads at evaluation) into `out` (default:
-WORKDIR/attention). For the cocktail party each source column is tinted by the speaker who
-really said it (which the model never sees), and `summary.json` reports the share of
-attention that falls on the cued speaker: the segmentation that attention learned without
-being told who spoke when.
+WORKDIR/attention).
+
+A task can add to both (the cocktail party does: each source column tinted by the speaker who
+really said it, and the share of attention on the cued speaker in `summary.json`):
+`task.source_annotations(batch)` gives per example a colour per source step and a caption,
+`task.attention_summary(weights, batch)` extra numbers for the summary.
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ import os
 
 import jax
 import matplotlib
-import ml_collections
 import numpy as np
 
 matplotlib.use("Agg")
@@ -37,8 +38,6 @@ from lru_jax.training.loop import (  # noqa: E402
 )
 from lru_jax.training.optim import make_optimizer  # noqa: E402
 
-SPEAKER_COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown")
-
 
 def load_run(workdir: str):
     """(config, task, model, variables) of the latest checkpoint in `workdir`."""
@@ -46,7 +45,7 @@ def load_run(workdir: str):
     if not os.path.exists(path):
         raise ValueError(f"workdir: expected a training run with config.json, got {workdir!r}")
     with open(path) as f:
-        config = ml_collections.ConfigDict(json.load(f))
+        config = config_lib.upgrade(json.load(f))  # runs saved before today's layout too
     task = build_task(config)
     if task.spec.kind != "seq2seq":
         raise ValueError(
@@ -76,9 +75,9 @@ def token_label(token: int, num_cues: int = 0) -> str:
     return str(token - NUM_SPECIAL - num_cues)
 
 
-def plot_example(path, weights, source, output, speakers=None, cued=None, num_cues=0, title=""):
+def plot_example(path, weights, source, output, colours=None, num_cues=0, title=""):
     """Writes one heatmap: weights [T_out, S]; source int [S]; output int [T_out];
-    speakers int [S - 1] (cocktail party: the speaker of each mixture step) or None;
+    colours: None, or a colour name (or None) per source step to tint its column and tick;
     num_cues: how many cue tokens the vocabulary has (for the tick labels)."""
     fig, ax = plt.subplots(figsize=(0.3 * len(source) + 1.5, 0.3 * len(output) + 1.2))
     ax.imshow(weights, cmap="Greys", vmin=0.0, vmax=1.0, aspect="auto")
@@ -86,30 +85,14 @@ def plot_example(path, weights, source, output, speakers=None, cued=None, num_cu
     ax.set_yticks(range(len(output)), [token_label(int(t), num_cues) for t in output], fontsize=7)
     ax.set_xlabel("source step (input token)")
     ax.set_ylabel("output step (decoded token)")
-    if speakers is not None:  # step 0 is the cue; tint the rest by who really spoke
-        for step, speaker in enumerate(speakers, start=1):
-            colour = SPEAKER_COLOURS[int(speaker) % len(SPEAKER_COLOURS)]
+    for step, colour in enumerate(colours or []):
+        if colour is not None:
             ax.get_xticklabels()[step].set_color(colour)
             ax.axvspan(step - 0.5, step + 0.5, color=colour, alpha=0.12, lw=0)
-        title += f" (cue: speaker {cued}, tick colours: true speaker)"
     ax.set_title(title, fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def cued_speaker_attention(weights, batch) -> float:
-    """The mean attention weight on the cued speaker's mixture steps, over the output steps
-    that emit a word (not EOS).
-
-    weights [batch, T, S] with S = 1 + mixture steps (step 0 is the cue); batch: a
-    cocktail-party batch (speakers [batch, S - 1], cued_source [batch], targets and mask
-    [batch, T]).
-    """
-    on_cued = batch["speakers"] == batch["cued_source"][:, None]  # [batch, S - 1]
-    steps = (batch["mask"] > 0) & (batch["targets"] != EOS)  # [batch, T]
-    share = np.sum(weights[:, :, 1:] * on_cued[:, None, :], axis=-1)  # [batch, T]
-    return float(share[steps].mean())
 
 
 def attention_maps(
@@ -123,42 +106,45 @@ def attention_maps(
     `max_images` into `out`.
 
     Returns the summary written to out/summary.json: the decoded sequences' exact-match rate
-    and, for the cocktail party, the mean attention weight on the cued speaker's steps.
+    and the task's `attention_summary`, if it has one.
     """
     config, task, model, variables = load_run(workdir)
-    if config.model.attention == "none":
-        raise ValueError("workdir: the model has no attention (model.attention 'none')")
+    if config.model.seq2seq.attention == "none":
+        raise ValueError("workdir: the model has no attention (model.seq2seq.attention 'none')")
     out = out or os.path.join(workdir, "attention")
     os.makedirs(out, exist_ok=True)
     batch = task.batch(split, 0, num_examples)
     spec = task.spec
     tokens, weights = models.greedy_decode(
-        model, variables, batch["inputs"], batch["lengths"], spec.target_len
+        model,
+        variables,
+        batch["inputs"],
+        batch["lengths"],
+        spec.target_len,
+        **spec.special_tokens._asdict(),
     )
     exact = np.all((tokens == batch["targets"]) | (batch["mask"] == 0), axis=1)
     summary = {"workdir": workdir, "split": split, "examples": num_examples}
     summary["exact_match"] = float(exact.mean())
-    speakers = batch.get("speakers")
-    if speakers is not None:
-        summary["attention_on_cued_speaker"] = cued_speaker_attention(weights, batch)
-        summary["cued_speaker_share_of_steps"] = float(
-            np.mean(speakers == batch["cued_source"][:, None])
-        )
+    if hasattr(task, "attention_summary"):
+        summary.update(task.attention_summary(weights, batch))
+    annotations = getattr(task, "source_annotations", lambda _: None)(batch)
     paths = []
     for i in range(min(num_examples, max_images)):
         length = int(batch["lengths"][i])
         shown = int(np.argmax(tokens[i] == EOS)) + 1 if (tokens[i] == EOS).any() else None
         path = os.path.join(out, f"{spec.name}_{i}.png")
+        colours, caption = (None, "") if annotations is None else annotations[i]
+        title = f"{spec.name} {config.model.seq2seq.attention} attention, example {i}"
+        title += ("" if exact[i] else " (decoded wrongly)") + (f" ({caption})" if caption else "")
         plot_example(
             path,
             weights[i, :shown, :length],
             batch["inputs"][i, :length],
             tokens[i, :shown],
-            None if speakers is None else speakers[i],
-            None if speakers is None else int(batch["cued_source"][i]),
+            None if colours is None else colours[:length],
             getattr(task, "num_sources", 0),
-            title=f"{spec.name} {config.model.attention} attention, example {i}"
-            + ("" if exact[i] else " (decoded wrongly)"),
+            title=title,
         )
         paths.append(path)
     summary["images"] = paths

@@ -31,11 +31,6 @@ def _check_inputs(name, x):
     _checks.floating(name, x, allow_complex=False)
 
 
-def _check_rate(rate):
-    if not 0.0 <= rate < 1.0:
-        raise ValueError(f"dropout_rate: expected a value in [0, 1), got {rate}")
-
-
 def _length_masks(q, kv, query_lengths, key_lengths):
     """Padding masks [batch, 1, Tq or 1, Tk or 1] from lengths (None where not given)."""
     key_mask = query_mask = None
@@ -98,7 +93,7 @@ class MultiHeadAttention(nn.Module):
         inputs_kv = inputs_q if inputs_kv is None else inputs_kv
         _check_inputs("inputs_q", inputs_q)
         _check_inputs("inputs_kv", inputs_kv)
-        _check_rate(self.dropout_rate)
+        _checks.rate("dropout_rate", self.dropout_rate)
         heads = _checks.positive_int("num_heads", self.num_heads)
         features = self.qkv_features or inputs_q.shape[-1]
         if features % heads:
@@ -193,7 +188,7 @@ class DotProductAttention(_SingleHead):
         return_weights=False,
     ):
         _checks.one_of("kind", self.kind, att.LUONG_KINDS)
-        _check_rate(self.dropout_rate)
+        _checks.rate("dropout_rate", self.dropout_rate)
         value, query_mask, mask = self._prepare(query, key, value, mask, query_lengths, key_lengths)
         if self.kind == "general":
             key = nn.Dense(query.shape[-1], use_bias=False, name="W_a")(key)
@@ -239,7 +234,7 @@ class AdditiveAttention(_SingleHead):
         return_weights=False,
     ):
         hidden = _checks.positive_int("hidden", self.hidden)
-        _check_rate(self.dropout_rate)
+        _checks.rate("dropout_rate", self.dropout_rate)
         value, query_mask, mask = self._prepare(query, key, value, mask, query_lengths, key_lengths)
         q = nn.Dense(hidden, use_bias=False, name="W_q")(query)
         k = nn.Dense(hidden, name="W_k")(key)

@@ -101,7 +101,8 @@ def diagnose_state(
     return result
 
 
-def _plt():
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend, imported when first plotting."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -110,16 +111,16 @@ def _plt():
     return plt
 
 
-def _positive(values) -> np.ndarray:
+def for_log_axis(values) -> np.ndarray:
     """Values for a log axis: zeros (underflow) drawn at the float64 floor, not dropped."""
     return np.maximum(np.asarray(values, np.float64), 1e-300)
 
 
 def plot_grad_per_step(result: dict, path: str, title: str = "") -> None:
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, layer in result["layers"].items():
-        ax.semilogy(_positive(layer["grad_norm_per_step"]), label=f"{name} ({layer['kind']})")
+        ax.semilogy(for_log_axis(layer["grad_norm_per_step"]), label=f"{name} ({layer['kind']})")
     ax.set(xlabel="time step t", ylabel="‖∂L/∂h_t‖ (batch mean)", title=title or "∂L/∂h_t")
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -128,11 +129,11 @@ def plot_grad_per_step(result: dict, path: str, title: str = "") -> None:
 
 
 def plot_jacobian_by_distance(result: dict, path: str, title: str = "") -> None:
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, layer in result["layers"].items():
         ax.semilogy(
-            _positive(layer["jacobian_norm_by_distance"]), label=f"{name} ({layer['kind']})"
+            for_log_axis(layer["jacobian_norm_by_distance"]), label=f"{name} ({layer['kind']})"
         )
     ax.set(xlabel="distance T - t", ylabel="‖∂h_T/∂h_t‖₂", title=title or "∂h_T/∂h_t")
     ax.legend(fontsize=7)
@@ -142,7 +143,7 @@ def plot_jacobian_by_distance(result: dict, path: str, title: str = "") -> None:
 
 
 def plot_spectrum(result: dict, path: str) -> None:
-    plt = _plt()
+    plt = pyplot()
     layers = result["layers"]
     fig, axes = plt.subplots(len(layers), 2, figsize=(8, 2.8 * len(layers)), squeeze=False)
     for (name, layer), (left, right) in zip(layers.items(), axes, strict=True):
@@ -167,12 +168,12 @@ def plot_training_grad_norms(records: list[dict], path: str) -> bool:
     train = [r for r in records if r["split"] == "train" and "grad_norm" in r]
     if not train:
         return False
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     keys = ["grad_norm"] + sorted({k for r in train for k in r if k.startswith("grad_norm/")})
     for key in keys:
         rows = [r for r in train if key in r]
-        ax.semilogy([r["step"] for r in rows], _positive([r[key] for r in rows]), label=key)
+        ax.semilogy([r["step"] for r in rows], for_log_axis([r[key] for r in rows]), label=key)
     ax.set(xlabel="step", ylabel="gradient norm (mean over the log interval)")
     ax.legend(fontsize=7)
     fig.tight_layout()

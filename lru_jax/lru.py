@@ -40,9 +40,10 @@ PARAM_SHAPES = {
 
 def check_ring(r_min: float, r_max: float, max_phase: float) -> None:
     if not 0.0 <= r_min < r_max <= 1.0:
-        raise ValueError(f"r_min, r_max: expected 0 <= r_min < r_max <= 1, got {r_min}, {r_max}")
-    if not max_phase > 0.0:
-        raise ValueError(f"max_phase: expected a positive angle, got {max_phase}")
+        raise ValueError(
+            _checks.message("r_min, r_max", "0 <= r_min < r_max <= 1", f"{r_min}, {r_max}")
+        )
+    _checks.positive_number("max_phase", max_phase)
 
 
 def init_nu_log(key, d_state: int, r_min: float = 0.0, r_max: float = 1.0) -> jax.Array:

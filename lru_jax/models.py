@@ -25,7 +25,7 @@ from lru_jax import _checks, padding
 from lru_jax import nn as lnn
 from lru_jax.scan_table import ScanTable
 
-CELLS = ("lru", "lstm", "gru", "simple_rnn", "attention")
+MIXERS = ("lru", "lstm", "gru", "simple_rnn", "attention")
 POOLINGS = ("none", "last", "mean", "attention")
 
 
@@ -36,7 +36,7 @@ class SequenceModel(nn.Module):
       num_outputs: classes, regression dimensions or vocabulary size of the head.
       vocab_size: token vocabulary of the inputs (Embed encoder), or None for float inputs
         (Dense encoder).
-      cell: the mixer of every block: "lru" | "lstm" | "gru" | "simple_rnn" | "attention".
+      mixer: the mixer of every block: "lru" | "lstm" | "gru" | "simple_rnn" | "attention".
       d_model: the residual width; recurrent mixers use it as their hidden size.
       d_state: the LRU's state size N.
       pooling: "none" (an output per step), "last" (at each sequence's last valid step),
@@ -53,14 +53,14 @@ class SequenceModel(nn.Module):
       grad_chunk: recurrent-cell mixers' backward pass: steps per weight-gradient matmul (see
         `cells.unroll`), or None for JAX's autodiff of the loop (needed for `jax.jvp`).
       sequence_axis: a mesh axis to split the LRU scans' time over (sequence parallelism;
-        "lru" cells only, applied under `jax.set_mesh`), or None.
+        mixer "lru" only, applied under `jax.set_mesh`), or None.
       scan_table: the `lru_jax.scan_table.ScanTable` the LRU's "auto" scans choose from, or
         None for the built-in rule.
     """
 
     num_outputs: int
     vocab_size: int | None = None
-    cell: str = "lru"
+    mixer: str = "lru"
     d_model: int = 128
     num_layers: int = 2
     d_state: int = 128
@@ -82,10 +82,10 @@ class SequenceModel(nn.Module):
     scan_table: ScanTable | None = None
 
     def setup(self):
-        _checks.one_of("cell", self.cell, CELLS)
-        if self.sequence_axis is not None and self.cell != "lru":
+        _checks.one_of("mixer", self.mixer, MIXERS)
+        if self.sequence_axis is not None and self.mixer != "lru":
             raise ValueError(
-                f"sequence_axis: sequence parallelism needs cell 'lru', got cell {self.cell!r}"
+                f"sequence_axis: sequence parallelism needs mixer 'lru', got mixer {self.mixer!r}"
             )
         _checks.one_of("pooling", self.pooling, POOLINGS)
         if self.vocab_size is None:
@@ -95,12 +95,12 @@ class SequenceModel(nn.Module):
         _checks.positive_int("remat_chunk", self.remat_chunk)
         if self.remat and self.norm == "batch":
             raise ValueError("remat: needs norm 'layer'; batch statistics would differ per chunk")
-        if self.remat and self.cell == "attention":
-            raise ValueError("remat: for recurrent mixers; got cell 'attention'")
+        if self.remat and self.mixer == "attention":
+            raise ValueError("remat: for recurrent mixers; got mixer 'attention'")
         self.blocks = [
             lnn.SequenceBlock(
                 self.d_model,
-                self._mixer(),
+                self._make_mixer(),
                 norm=self.norm,
                 prenorm=self.prenorm,
                 ffn=self.ffn,
@@ -113,8 +113,8 @@ class SequenceModel(nn.Module):
             self.attention_pool = lnn.AttentionPooling()
         self.head = nn.Dense(self.num_outputs)
 
-    def _mixer(self) -> nn.Module:
-        if self.cell == "lru":
+    def _make_mixer(self) -> nn.Module:
+        if self.mixer == "lru":
             return lnn.LRU(
                 self.d_state,
                 self.r_min,
@@ -124,9 +124,9 @@ class SequenceModel(nn.Module):
                 self.sequence_axis,
                 scan_table=self.scan_table,
             )
-        if self.cell == "attention":
+        if self.mixer == "attention":
             return lnn.CausalSelfAttention(self.d_model, self.num_heads, self.max_len)
-        return lnn.RecurrentLayer(self.d_model, cell=self.cell, grad_chunk=self.grad_chunk)
+        return lnn.RecurrentLayer(self.d_model, cell=self.mixer, grad_chunk=self.grad_chunk)
 
     def _check_inputs(self, x, name="inputs"):
         if self.vocab_size is None:
@@ -148,11 +148,13 @@ class SequenceModel(nn.Module):
         if self.remat and not self.is_initializing():
             carries, h = self._chunked_blocks(h, lengths, initial_carry, deterministic)
         else:
-            carries, h = _run_blocks(self, h, lengths, initial_carry, deterministic)
+            carries, h = lnn.stack_forward(
+                self.blocks, h, lengths, initial_carry, deterministic=deterministic
+            )
         h = self.final_norm(h)
         h = self._pool(h, lengths)
         out = self.head(h)
-        return (tuple(carries), out) if return_carry else out
+        return (carries, out) if return_carry else out
 
     def _chunked_blocks(self, h, lengths, initial_carry, deterministic):
         """The blocks over time chunks in a rematerialised scan: h [batch, time, d_model]."""
@@ -168,7 +170,9 @@ class SequenceModel(nn.Module):
         def one_chunk(model, carry, inputs, lengths):
             x, start = inputs
             chunk_lengths = None if lengths is None else jnp.clip(lengths - start, 0, k)
-            return _run_blocks(model, x, chunk_lengths, carry, deterministic)
+            return lnn.stack_forward(
+                model.blocks, x, chunk_lengths, carry, deterministic=deterministic
+            )
 
         run = nn.scan(
             nn.remat(one_chunk, prevent_cse=False),  # the scan already keeps XLA from merging
@@ -193,7 +197,7 @@ class SequenceModel(nn.Module):
         return jnp.sum(h * mask, axis=1) / jnp.maximum(lengths[:, None], 1)
 
     def initial_carry(self, batch_size: int):
-        return tuple(block.initial_carry(batch_size) for block in self.blocks)
+        return lnn.stack_initial_carry(self.blocks, batch_size)
 
     def step(self, carry, x):
         """One step for generation: x int [batch] tokens (or float [batch, features]).
@@ -202,22 +206,8 @@ class SequenceModel(nn.Module):
         """
         if self.pooling != "none":
             raise ValueError(f"step: needs pooling 'none' (a per-step model), got {self.pooling}")
-        h = self.encoder(x)
-        new = []
-        for block, c in zip(self.blocks, carry, strict=True):
-            c, h = block.step(c, h)
-            new.append(c)
-        return tuple(new), self.head(self.final_norm(h))
-
-
-def _run_blocks(model, h, lengths, initial_carry, deterministic):
-    """Every block of `model` in turn: h [batch, time, d_model] -> (carries, h)."""
-    carries = []
-    for i, block in enumerate(model.blocks):
-        carry = None if initial_carry is None else initial_carry[i]
-        carry, h = block(h, lengths, carry, True, deterministic)
-        carries.append(carry)
-    return tuple(carries), h
+        carry, h = lnn.stack_step(self.blocks, carry, self.encoder(x))
+        return carry, self.head(self.final_norm(h))
 
 
 def sample_logits(key, logits, temperature: float = 1.0, top_k: int = 0):
@@ -262,11 +252,9 @@ def generate(
             f"prompt: expected int tokens [batch, >=1], got {prompt.dtype} {prompt.shape}"
         )
     _checks.positive_int("length", length)
-    if temperature < 0:
-        raise ValueError(f"temperature: expected >= 0, got {temperature}")
-    if not 0 <= top_k <= model.num_outputs:
-        raise ValueError(f"top_k: expected 0..{model.num_outputs}, got {top_k}")
-    if model.cell == "attention" and prompt.shape[1] + length > model.max_len:
+    _checks.number("temperature", temperature, 0)
+    _checks.integer("top_k", top_k, 0, model.num_outputs)
+    if model.mixer == "attention" and prompt.shape[1] + length > model.max_len:
         raise ValueError(
             f"length: prompt ({prompt.shape[1]}) + length ({length}) exceeds the attention "
             f"cache, max_len={model.max_len}"
@@ -297,7 +285,7 @@ def _generate(model, variables, prompt, length, temperature, top_k, seed):
 
 # ---------------------------------------------------------------- encoder-decoder
 
-RECURRENT_CELLS = ("lru", "lstm", "gru", "simple_rnn")
+RECURRENT_MIXERS = ("lru", "lstm", "gru", "simple_rnn")
 ATTENTIONS = ("none", "soft", "hard")
 SCORES = ("additive", "dot")
 
@@ -327,8 +315,9 @@ class EncoderDecoder(nn.Module):
     time with the same result. Source and target share one vocabulary and embedding.
 
     Attributes:
-      vocab_size: tokens of sources and targets (PAD 0, BOS 1, EOS 2; see tasks.seq2seq).
-      cell: the mixer of every block: "lru" | "lstm" | "gru" | "simple_rnn".
+      vocab_size: tokens of sources and targets, special tokens included (their ids are the
+        task's: `TaskSpec.special_tokens`).
+      mixer: the mixer of every block: "lru" | "lstm" | "gru" | "simple_rnn".
       attention: "none" | "soft" | "hard".
       score: soft attention's score: "additive" (Bahdanau) | "dot" (Luong's "general").
       bidirectional: the encoder's blocks read the source both ways.
@@ -339,7 +328,7 @@ class EncoderDecoder(nn.Module):
     """
 
     vocab_size: int
-    cell: str = "lru"
+    mixer: str = "lru"
     d_model: int = 64
     num_layers: int = 1
     d_state: int = 64
@@ -360,17 +349,16 @@ class EncoderDecoder(nn.Module):
 
     def setup(self):
         _checks.positive_int("vocab_size", self.vocab_size)
-        _checks.one_of("cell", self.cell, RECURRENT_CELLS)
+        _checks.one_of("mixer", self.mixer, RECURRENT_MIXERS)
         _checks.one_of("attention", self.attention, ATTENTIONS)
         _checks.one_of("score", self.score, SCORES)
-        if not self.hard_temperature > 0:
-            raise ValueError(f"hard_temperature: expected > 0, got {self.hard_temperature}")
+        _checks.positive_number("hard_temperature", self.hard_temperature)
         self.embed = nn.Embed(self.vocab_size, self.d_model)
         self.encoder_blocks = [self._block(self._encoder_mixer()) for _ in range(self.num_layers)]
         self.encoder_norm = nn.LayerNorm()
         self.summarise = nn.Dense(self.d_model)
         self.bridge = nn.Dense(self.d_model)
-        self.decoder_blocks = [self._block(self._mixer()) for _ in range(self.num_layers)]
+        self.decoder_blocks = [self._block(self._make_mixer()) for _ in range(self.num_layers)]
         self.decoder_norm = nn.LayerNorm()
         if self.attention == "hard":
             self.read = lnn.HardAttention(estimator="gumbel", temperature=self.hard_temperature)
@@ -392,16 +380,16 @@ class EncoderDecoder(nn.Module):
             dropout_rate=self.dropout_rate,
         )
 
-    def _mixer(self) -> nn.Module:
-        if self.cell == "lru":
+    def _make_mixer(self) -> nn.Module:
+        if self.mixer == "lru":
             settings = (self.d_state, self.r_min, self.r_max, self.max_phase, self.scan_method)
             return lnn.LRU(*settings, scan_table=self.scan_table)
-        return lnn.RecurrentLayer(self.d_model, cell=self.cell, grad_chunk=self.grad_chunk)
+        return lnn.RecurrentLayer(self.d_model, cell=self.mixer, grad_chunk=self.grad_chunk)
 
     def _encoder_mixer(self) -> nn.Module:
         if self.bidirectional:
-            return lnn.Bidirectional(self._mixer(), self._mixer())
-        return self._mixer()
+            return lnn.Bidirectional(self._make_mixer(), self._make_mixer())
+        return self._make_mixer()
 
     def _check_tokens(self, name, x):
         _checks.rank(name, x, 2, "[batch, time]")
@@ -414,9 +402,9 @@ class EncoderDecoder(nn.Module):
         Memory past each length is zero; `lengths` int [batch] (None: all S steps valid)."""
         self._check_tokens("inputs", inputs)
         lengths = _checks.seq_lengths(lengths, inputs.shape[0], inputs.shape[1])
-        h = self.embed(inputs)
-        for block in self.encoder_blocks:
-            h = block(h, lengths, None, False, deterministic)
+        _, h = lnn.stack_forward(
+            self.encoder_blocks, self.embed(inputs), lengths, deterministic=deterministic
+        )
         memory = self.encoder_norm(h)
         if lengths is not None:
             memory = jnp.where(
@@ -476,30 +464,24 @@ class EncoderDecoder(nn.Module):
             )
         memory, summary = self.encode(inputs, lengths, deterministic)
         h = self._decoder_input(decoder_inputs, summary)
-        carries = []
-        for i, block in enumerate(self.decoder_blocks):
-            carry = None if initial_carry is None else initial_carry[i]
-            carry, h = block(h, None, carry, True, deterministic)
-            carries.append(carry)
+        carries, h = lnn.stack_forward(
+            self.decoder_blocks, h, None, initial_carry, deterministic=deterministic
+        )
         logits, weights = self._read(self.decoder_norm(h), memory, lengths, deterministic)
-        out = (tuple(carries), logits) if return_carry else (logits,)
+        out = (carries, logits) if return_carry else (logits,)
         out = (*out, weights) if return_weights else out
         return out if len(out) > 1 else out[0]
 
     def initial_carry(self, batch_size: int):
         """The decoder's zero carries."""
-        return tuple(block.initial_carry(batch_size) for block in self.decoder_blocks)
+        return lnn.stack_initial_carry(self.decoder_blocks, batch_size)
 
     def decode_step(self, carry, token, memory, summary, lengths=None):
         """One decoder step: token int [batch] -> (carry, logits [batch, vocab], weights
         [batch, S] or None). memory and summary come from `encode`."""
-        h = self._decoder_input(token, summary)
-        new = []
-        for block, c in zip(self.decoder_blocks, carry, strict=True):
-            c, h = block.step(c, h)
-            new.append(c)
+        carry, h = lnn.stack_step(self.decoder_blocks, carry, self._decoder_input(token, summary))
         logits, weights = self._read(self.decoder_norm(h)[:, None], memory, lengths, True)
-        return tuple(new), logits[:, 0], None if weights is None else weights[:, 0]
+        return carry, logits[:, 0], None if weights is None else weights[:, 0]
 
 
 def greedy_decode(
@@ -509,16 +491,16 @@ def greedy_decode(
     lengths,
     max_length: int,
     *,
-    bos: int = 1,
-    eos: int = 2,
-    pad: int = 0,
+    bos: int,
+    eos: int,
+    pad: int,
 ):
     """Greedy step-by-step decoding: each step feeds back the previous step's argmax.
 
     Args:
       inputs: int [batch, S] source tokens; lengths: int [batch] valid source steps.
       max_length: decoder steps to run.
-      bos, eos, pad: the special tokens (defaults: the layout of `lru_jax.tasks.seq2seq`).
+      bos, eos, pad: the special tokens of the task (`**spec.special_tokens._asdict()`).
 
     Returns:
       (tokens int32 numpy [batch, max_length], PAD after the first EOS; weights float32

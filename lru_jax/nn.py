@@ -51,11 +51,26 @@ def _time_major(x):
     return jnp.swapaxes(x, 0, 1)
 
 
+def _declare_params(module: nn.Module, names, init):
+    """The module's parameters `names` as a dict, created together by `init(key)`.
+
+    `init` is the functional form's initialiser (`lru.init`, `Cell.init`), called once with
+    the module's first "params" key, so the Flax module and the functional form give the same
+    parameters from the same key, under the same names. (When the parameters exist, Flax
+    still traces each initialiser abstractly to check their shapes.)
+    """
+    fresh = {}
+    if module.is_initializing() and not module.has_variable("params", names[0]):
+        fresh = init(module.make_rng("params"))
+    return {name: module.param(name, lambda key, n=name: (fresh or init(key))[n]) for name in names}
+
+
 class RecurrentLayer(nn.Module):
     """A layer running a functional cell (`lru_jax.cells`): SimpleRNN, LSTM and GRU fix `cell`.
 
     Its parameters are exactly the cell's: `variables["params"]` can be passed to
-    `cells.unroll` and `Cell.step` unchanged.
+    `cells.unroll` and `Cell.step` unchanged, and are `Cell.init` of the module's first
+    "params" key.
     """
 
     hidden_size: int
@@ -79,8 +94,10 @@ class RecurrentLayer(nn.Module):
         if self.has_variable("params", "w_ih"):
             _checks.feature_size("x", x.shape[-1], self.get_variable("params", "w_ih").shape[0])
         cell = self.make_cell()
-        inits = cell.param_inits(x.shape[-1], self.hidden_size)
-        params = {name: self.param(name, init) for name, init in inits.items()}
+        names = list(cell.param_inits(x.shape[-1], self.hidden_size))
+        params = _declare_params(
+            self, names, lambda key: cell.init(key, x.shape[-1], self.hidden_size)
+        )
         carry, ys = cells.unroll(
             cell,
             params,
@@ -128,7 +145,8 @@ class LRU(nn.Module):
     """Linear Recurrent Unit layer (Orvieto et al. 2023); width H is x's last axis.
 
     Parameters: nu_log [N], theta_log [N], gamma_log [N], B_re [N,H], B_im [N,H], C_re [H,N],
-    C_im [H,N], D [H]. The carry is the complex64 state [batch, N].
+    C_im [H,N], D [H], made by `lru.init` from the module's first "params" key. The carry is
+    the complex64 state [batch, N].
     `sequence_axis`, a mesh axis name, splits time over that axis' devices (sequence
     parallelism, see `lru_jax.scan.linear_scan`); apply the module under `jax.set_mesh`.
     `scan_table`, a `lru_jax.scan_table.ScanTable`, is what an "auto" `scan_method` chooses from
@@ -165,7 +183,13 @@ class LRU(nn.Module):
         seq_lengths = check_sequence(x, seq_lengths)
         if self.has_variable("params", "D"):
             _checks.feature_size("x", x.shape[-1], self.get_variable("params", "D").shape[0])
-        params = self._params(x.shape[-1])
+        params = _declare_params(
+            self,
+            list(lru.PARAM_SHAPES),
+            lambda key: lru.init(
+                key, x.shape[-1], self.d_state, self.r_min, self.r_max, self.max_phase
+            ),
+        )
         if resets is not None:
             _checks.rank("resets", resets, 2, "[batch, time]")
             resets = _time_major(resets)
@@ -182,21 +206,6 @@ class LRU(nn.Module):
         )
         y = _time_major(y)
         return (h_last, y) if return_carry else y
-
-    def _params(self, width: int):
-        n = self.d_state
-        normal = lru.init_matrix
-        nu_log = self.param("nu_log", lru.init_nu_log, n, self.r_min, self.r_max)
-        return {
-            "nu_log": nu_log,
-            "theta_log": self.param("theta_log", lru.init_theta_log, n, self.max_phase),
-            "gamma_log": self.param("gamma_log", lambda _: lru.gamma_log_for(nu_log)),
-            "B_re": self.param("B_re", normal, (n, width), width, 2),
-            "B_im": self.param("B_im", normal, (n, width), width, 2),
-            "C_re": self.param("C_re", normal, (width, n), n, 1),
-            "C_im": self.param("C_im", normal, (width, n), n, 1),
-            "D": self.param("D", jax.random.normal, (width,)),
-        }
 
     def initial_carry(self, batch_size: int):
         return lru.zero_state((batch_size,), self.d_state)
@@ -238,6 +247,49 @@ class Bidirectional(nn.Module):
         return ((fwd_carry, bwd_carry), y) if return_carry else y
 
 
+def stack_forward(layers, x, seq_lengths=None, initial_carry=None, *, between=None, **kwargs):
+    """Sequence layers in order over whole sequences, with one carry per layer.
+
+    Each layer runs as `layer(x, seq_lengths, initial_carry=c, return_carry=True, **kwargs)` on
+    the previous layer's output; `between(x)`, if given, transforms the input of every layer
+    after the first (e.g. dropout). initial_carry: None (zeros) or one carry per layer.
+
+    x [batch, time, in] -> (carries: a tuple with one carry per layer, y [batch, time, out]).
+    """
+    _check_carries("initial_carry", initial_carry, len(layers))
+    carries = []
+    for i, layer in enumerate(layers):
+        if i > 0 and between is not None:
+            x = between(x)
+        carry = None if initial_carry is None else initial_carry[i]
+        carry, x = layer(x, seq_lengths, initial_carry=carry, return_carry=True, **kwargs)
+        carries.append(carry)
+    return tuple(carries), x
+
+
+def stack_step(layers, carry, x):
+    """One step through causal layers in order (their `step`), the one-step form of
+    `stack_forward`: carry (one per layer), x [batch, in] -> (carries, y [batch, out])."""
+    if carry is None:
+        raise ValueError(f"carry: expected a tuple of {len(layers)} per-layer carries, got None")
+    _check_carries("carry", carry, len(layers))
+    new = []
+    for layer, c in zip(layers, carry, strict=True):
+        c, x = layer.step(c, x)
+        new.append(c)
+    return tuple(new), x
+
+
+def stack_initial_carry(layers, batch_size: int) -> tuple:
+    """The zero carries of `layers` (their `initial_carry`), one per layer."""
+    return tuple(layer.initial_carry(batch_size) for layer in layers)
+
+
+def _check_carries(name: str, carry, n_layers: int) -> None:
+    if carry is not None and (not isinstance(carry, (tuple, list)) or len(carry) != n_layers):
+        raise ValueError(f"{name}: expected a tuple of {n_layers} per-layer carries")
+
+
 class Stack(nn.Module):
     """Sequence layers applied in order, with dropout between them (not after the last).
 
@@ -259,35 +311,27 @@ class Stack(nn.Module):
         reverse=False,
         deterministic=True,
     ):
-        if not 0.0 <= self.dropout_rate < 1.0:
-            raise ValueError(f"dropout_rate: expected a value in [0, 1), got {self.dropout_rate}")
-        _check_carries(initial_carry, len(self.layers))
-        carries = []
-        for i, layer in enumerate(self.layers):
-            if i > 0 and self.dropout_rate > 0.0:
-                x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
-            carry = None if initial_carry is None else initial_carry[i]
-            kwargs = {"reverse": True} if reverse else {}
-            carry, x = layer(x, seq_lengths, initial_carry=carry, return_carry=True, **kwargs)
-            carries.append(carry)
-        return (tuple(carries), x) if return_carry else x
+        _checks.rate("dropout_rate", self.dropout_rate)
+
+        def dropout(x):
+            return nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
+
+        carries, x = stack_forward(
+            self.layers,
+            x,
+            seq_lengths,
+            initial_carry,
+            between=dropout if self.dropout_rate > 0.0 else None,
+            **({"reverse": True} if reverse else {}),
+        )
+        return (carries, x) if return_carry else x
 
     def initial_carry(self, batch_size: int):
-        return tuple(layer.initial_carry(batch_size) for layer in self.layers)
+        return stack_initial_carry(self.layers, batch_size)
 
     def step(self, carry, x):
         """One step through every layer: x [batch, in] -> (carries, y [batch, out])."""
-        _check_carries(carry, len(self.layers))
-        new = []
-        for layer, c in zip(self.layers, carry, strict=True):
-            c, x = layer.step(c, x)
-            new.append(c)
-        return tuple(new), x
-
-
-def _check_carries(carry, n_layers: int) -> None:
-    if carry is not None and (not isinstance(carry, (tuple, list)) or len(carry) != n_layers):
-        raise ValueError(f"initial_carry: expected a tuple of {n_layers} per-layer carries")
+        return stack_step(self.layers, carry, x)
 
 
 class SequenceBlock(nn.Module):
@@ -314,8 +358,7 @@ class SequenceBlock(nn.Module):
         _checks.positive_int("d_model", self.d_model)
         _checks.one_of("norm", self.norm, ("layer", "batch"))
         _checks.one_of("ffn", self.ffn, ("glu", "gelu"))
-        if not 0.0 <= self.dropout_rate < 1.0:
-            raise ValueError(f"dropout_rate: expected a value in [0, 1), got {self.dropout_rate}")
+        _checks.rate("dropout_rate", self.dropout_rate)
         self.norm_layer = nn.LayerNorm() if self.norm == "layer" else nn.BatchNorm(momentum=0.9)
         width = 2 * self.d_model if self.ffn == "glu" else self.d_model
         self.out = nn.Dense(width)

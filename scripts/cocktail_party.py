@@ -32,9 +32,9 @@ from lru_jax.attention_maps import attention_maps  # noqa: E402
 
 # name, config file, overrides, heatmaps to keep (0: none).
 EXPERIMENTS = [
-    ("cocktail-none", "cocktail_party.py", {"model.attention": "none"}, 0),
-    ("cocktail-soft", "cocktail_party.py", {"model.attention": "soft"}, 2),
-    ("cocktail-hard", "cocktail_party.py", {"model.attention": "hard"}, 2),
+    ("cocktail-none", "cocktail_party.py", {"model.seq2seq.attention": "none"}, 0),
+    ("cocktail-soft", "cocktail_party.py", {"model.seq2seq.attention": "soft"}, 2),
+    ("cocktail-hard", "cocktail_party.py", {"model.seq2seq.attention": "hard"}, 2),
     ("reverse-soft", "reverse.py", {}, 1),
     ("sort-soft", "reverse.py", {"task.name": "sort"}, 1),
 ]

@@ -31,7 +31,7 @@ from absl import logging
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from lru_jax.diagnose import _plt, _positive, diagnose_state, load  # noqa: E402
+from lru_jax.diagnose import diagnose_state, for_log_axis, load, pyplot  # noqa: E402
 from lru_jax.training.checkpoints import Checkpointer  # noqa: E402
 from lru_jax.training.loop import NonFiniteLossError, train_and_evaluate  # noqa: E402
 from lru_jax.training.metrics import read_jsonl  # noqa: E402
@@ -47,9 +47,9 @@ START, END = "<!-- gradients:start -->", "<!-- gradients:end -->"
 def experiment_config(cell: str, seq_len: int, steps: int, extra: dict | None = None):
     overrides = {
         "task.seq_len": seq_len,
-        "model.cell": cell,
+        "model.mixer": cell,
         "model.d_model": 32,
-        "model.d_state": 32,
+        "model.lru.d_state": 32,
         "model.num_layers": 1,
         "train.num_steps": steps,
         "train.warmup_steps": max(1, steps // 10),
@@ -149,16 +149,16 @@ LEGEND_TITLE = "solid: after training, dashed: at initialisation (float32 underf
 
 
 def plot_distance(results: list[dict], path: str) -> None:
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(LENGTHS), figsize=(5 * len(LENGTHS), 4), squeeze=False)
     colours = dict(zip(CELLS, ("tab:red", "tab:blue", "tab:green", "tab:purple"), strict=True))
     for ax, seq_len in zip(axes[0], LENGTHS, strict=True):
         ax.set_title(f"T = {seq_len}")
         for r in (r for r in results if r["seq_len"] == seq_len):
             c = colours[r["cell"]]
-            ax.semilogy(_positive(r["init"]["jacobian_norm_by_distance"]), "--", color=c)
+            ax.semilogy(for_log_axis(r["init"]["jacobian_norm_by_distance"]), "--", color=c)
             if r["trained"] is not None:
-                trained = _positive(r["trained"]["jacobian_norm_by_distance"])
+                trained = for_log_axis(r["trained"]["jacobian_norm_by_distance"])
                 ax.semilogy(trained, "-", color=c, label=r["cell"])
         ax.set(xlabel="distance T - t", ylabel="‖∂h_T/∂h_t‖₂", title=f"T = {seq_len}")
         ax.set_ylim(1e-30, 1e3)
@@ -171,7 +171,7 @@ def plot_distance(results: list[dict], path: str) -> None:
 
 def _finite_or_cap(values) -> np.ndarray:
     """Overflowed (inf) norms drawn at float32's maximum instead of vanishing from the plot."""
-    return np.nan_to_num(_positive(values), nan=np.nan, posinf=3.4e38)
+    return np.nan_to_num(for_log_axis(values), nan=np.nan, posinf=3.4e38)
 
 
 def exploding_label(r: dict) -> str:
@@ -180,13 +180,13 @@ def exploding_label(r: dict) -> str:
 
 
 def plot_exploding(runs: list[dict], path: str) -> None:
-    plt = _plt()
+    plt = pyplot()
     fig, (left, mid, right) = plt.subplots(1, 3, figsize=(15, 4))
     for r in runs:
         style = "-" if r["clip"] else "--"
         left.semilogy(r["steps"], _finite_or_cap(r["grad_norm"]), style, label=exploding_label(r))
         mid.semilogy(r["steps"], _finite_or_cap(r["loss"]), style, label=exploding_label(r))
-    right.semilogy(_positive(runs[0]["init"]["jacobian_norm_by_distance"]), color="k")
+    right.semilogy(for_log_axis(runs[0]["init"]["jacobian_norm_by_distance"]), color="k")
     left.set(xlabel="step", ylabel="gradient norm before clipping", title="gradient norm")
     mid.axhline(BASELINE, color="grey", ls=":", label="baseline 0.167")
     mid.set(xlabel="step", ylabel="train MSE", title="loss (a line that stops: NaN)")

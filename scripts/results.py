@@ -13,7 +13,6 @@ docs/results.md and between the results markers of README.md.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import platform
@@ -27,20 +26,27 @@ from absl import logging
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from lru_jax.training import config as config_lib  # noqa: E402
 from lru_jax.training.loop import train_and_evaluate  # noqa: E402
 
 # name, config file, overrides, the metric to report, reference shown beside it.
 EXPERIMENTS = [
     ("adding-lru", "adding.py", {}, "mse", "baseline 0.167"),
-    ("adding-lstm", "adding.py", {"model.cell": "lstm"}, "mse", "baseline 0.167"),
+    ("adding-lstm", "adding.py", {"model.mixer": "lstm"}, "mse", "baseline 0.167"),
     ("mnist1d-lru", "mnist1d.py", {}, "accuracy", "GRU 91%, CNN 94% (MNIST-1D paper)"),
-    ("mnist1d-gru", "mnist1d.py", {"model.cell": "gru"}, "accuracy", "GRU 91% (paper)"),
-    ("mnist1d-attention", "mnist1d.py", {"model.cell": "attention"}, "accuracy", "GRU 91% (paper)"),
+    ("mnist1d-gru", "mnist1d.py", {"model.mixer": "gru"}, "accuracy", "GRU 91% (paper)"),
+    (
+        "mnist1d-attention",
+        "mnist1d.py",
+        {"model.mixer": "attention"},
+        "accuracy",
+        "GRU 91% (paper)",
+    ),
     ("listops-lru", "listops.py", {}, "accuracy", "majority class"),
-    ("listops-attention", "listops.py", {"model.cell": "attention"}, "accuracy", "majority class"),
+    ("listops-attention", "listops.py", {"model.mixer": "attention"}, "accuracy", "majority class"),
     ("jokes-lru", "default.py", {}, "bits_per_char", "unigram entropy"),
     ("copy-lru", "copy.py", {}, "loss", "baseline"),
-    ("copy-attention", "copy.py", {"model.cell": "attention"}, "loss", "baseline"),
+    ("copy-attention", "copy.py", {"model.mixer": "attention"}, "loss", "baseline"),
     ("selective-copy-lru", "selective_copy.py", {}, "loss", "baseline"),
     ("recall-lru", "associative_recall.py", {}, "loss", "baseline"),
     ("stdlib-lru", "stdlib_text.py", {}, "bits_per_char", "unigram entropy"),
@@ -49,17 +55,7 @@ START, END = "<!-- results:start -->", "<!-- results:end -->"
 
 
 def load_config(filename: str, overrides: dict):
-    spec = importlib.util.spec_from_file_location(
-        "experiment_config", os.path.join(ROOT, "configs", filename)
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
-    for dotted, value in overrides.items():
-        section, key = dotted.split(".")
-        config[section][key] = value
-    config.lock()
-    return config
+    return config_lib.load_config(os.path.join(ROOT, "configs", filename), overrides)
 
 
 def baseline_text(final: dict, metric: str, reference: str) -> str:

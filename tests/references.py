@@ -19,3 +19,16 @@ def numpy_lru(p, u, h0=None, reverse=False):
         h = lam * h + u[t] @ b_norm.T
         y[t] = (h @ c.T).real + p["D"] * u[t]
     return y, h
+
+
+def first_params_key(key):
+    """The key Flax hands a root module's first "params" draw when it is initialised with
+    `key`: a module that returns that draw."""
+    import flax.linen as nn
+
+    class FirstDraw(nn.Module):
+        @nn.compact
+        def __call__(self):
+            return self.make_rng("params")
+
+    return FirstDraw().init_with_output(key)[0]

@@ -231,7 +231,7 @@ def test_mixer_padding_zero_outputs_and_carry_at_the_last_valid_step(mixer_setup
 
 def test_generation_with_the_attention_mixer_equals_rerunning_the_prefix():
     model = models.SequenceModel(
-        num_outputs=11, vocab_size=11, cell="attention", d_model=8, num_layers=2, max_len=10
+        num_outputs=11, vocab_size=11, mixer="attention", d_model=8, num_layers=2, max_len=10
     )
     prompt = np.array([[1, 2, 3], [4, 5, 6]], np.int32)
     variables = model.init(jax.random.key(0), prompt)
@@ -246,7 +246,7 @@ def test_generation_with_the_attention_mixer_equals_rerunning_the_prefix():
 
 def test_attention_pooling_in_a_classifier():
     model = models.SequenceModel(
-        num_outputs=3, cell="attention", d_model=8, num_layers=1, pooling="attention", max_len=6
+        num_outputs=3, mixer="attention", d_model=8, num_layers=1, pooling="attention", max_len=6
     )
     x = _normal(0, 2, 6, 3)
     variables = model.init(jax.random.key(0), x)
@@ -424,13 +424,13 @@ def test_bad_inputs_are_named():
 
 def test_config_checks_for_the_attention_mixer():
     config = config_lib.default_config()
-    config.model.cell = "attention"
-    config.model.num_heads = 3  # 128 / 3 is not an integer
-    with pytest.raises(ValueError, match="config.model.num_heads: expected a divisor"):
+    config.model.mixer = "attention"
+    config.model.attention.num_heads = 3  # 128 / 3 is not an integer
+    with pytest.raises(ValueError, match="config.model.attention.num_heads: expected a divisor"):
         config_lib.validate(config)
-    config.model.num_heads = 4
+    config.model.attention.num_heads = 4
     config_lib.validate(config)
-    config.model.max_len = 10
+    config.model.attention.max_len = 10
     spec = tasks.get_task("text", corpus="jokes", seq_len=24).spec
-    with pytest.raises(ValueError, match="config.model.max_len: expected at least"):
+    with pytest.raises(ValueError, match="config.model.attention.max_len: expected at least"):
         config_lib.check_against_task(config, spec)

@@ -23,8 +23,7 @@ def train(tmp_path, task: dict, steps: int, pooling: str = "none", **train_overr
         {
             "d_model": 32,
             "num_layers": 1,
-            "d_state": 32,
-            **LONG_RANGE_RING,
+            "lru": {"d_state": 32, **LONG_RANGE_RING},
             "dropout_rate": 0.0,
             "pooling": pooling,
         }

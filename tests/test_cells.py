@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from jax.test_util import check_grads
+from references import first_params_key
 
 from lru_jax import cells
 from lru_jax import nn as lru_nn
@@ -605,6 +606,19 @@ def test_bad_input_to_flax_modules_is_named():
 
 
 # 6. Initialisation.
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_flax_layer_parameters_are_the_cells_init_of_its_key(kind):
+    x = np.zeros((BATCH, 5, IN), np.float32)
+    key = jax.random.key(4)
+    module = {"tanh": lru_nn.SimpleRNN(HIDDEN), "relu": lru_nn.SimpleRNN(HIDDEN, activation="relu")}
+    module = module.get(kind) or lru_nn.RecurrentLayer(HIDDEN, cell=kind)
+    got = module.init(key, x)["params"]
+    want = make_cell(kind).init(first_params_key(key), IN, HIDDEN)
+    assert set(got) == set(want)
+    for name in want:
+        np.testing.assert_array_equal(np.asarray(got[name]), np.asarray(want[name]), name)
 
 
 def test_init_biases():

@@ -104,7 +104,7 @@ def test_probe_gradients_equal_finite_differences(cell):
     x64 = cell == "lstm"
     dtype = np.float64 if x64 else np.float32
     batch = tasks.get_task("adding", seq_len=6, seed=0).batch("train", 0, 2)
-    model = models.SequenceModel(1, cell=cell, d_model=4, d_state=3, num_layers=1, pooling="last")
+    model = models.SequenceModel(1, mixer=cell, d_model=4, d_state=3, num_layers=1, pooling="last")
     rng = np.random.default_rng(0)
     with jax.enable_x64(x64):
         inputs, targets = jnp.asarray(batch["inputs"], dtype), jnp.asarray(batch["targets"], dtype)
@@ -167,9 +167,9 @@ def test_group_norms_from_the_gradient_tree():
 def _tiny_overrides(cell="gru"):
     return {
         "task.seq_len": 8,
-        "model.cell": cell,
+        "model.mixer": cell,
         "model.d_model": 4,
-        "model.d_state": 3,
+        "model.lru.d_state": 3,
         "model.num_layers": 1,
         "train.batch_size": 4,
         "train.num_steps": 3,
@@ -227,7 +227,7 @@ def test_bad_inputs_are_named():
     with pytest.raises(ValueError, match="every"):
         diagnostics.step_spectra(step, jnp.zeros(3), np.zeros((4, 2), np.float32), every=0)
 
-    model = models.SequenceModel(1, cell="gru", d_model=4, num_layers=1, pooling="last")
+    model = models.SequenceModel(1, mixer="gru", d_model=4, num_layers=1, pooling="last")
     x = jnp.zeros((2, 5, 2))
     variables = model.init(jax.random.key(0), x)
     with pytest.raises(ValueError, match="num_examples"):

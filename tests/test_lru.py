@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.test_util import check_grads
-from references import numpy_lru
+from references import first_params_key, numpy_lru
 
 from lru_jax import lru
 from lru_jax import nn as lnn
@@ -116,6 +116,20 @@ def test_flax_module_parameters_named_and_shaped():
         "D": (6,),
     }
     assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(variables))
+
+
+def test_flax_module_parameters_are_the_functional_init_of_its_key():
+    x = jnp.ones((2, 7, 6))
+    ring = {"r_min": 0.4, "r_max": 0.9, "max_phase": 1.0}
+    for seed in (0, 1):
+        key = jax.random.key(seed)
+        got = lnn.LRU(d_state=4, **ring).init(key, x)["params"]
+        want = lru.init(first_params_key(key), 6, 4, **ring)
+        assert set(got) == set(want)
+        for name in want:
+            np.testing.assert_array_equal(np.asarray(got[name]), np.asarray(want[name]), name)
+    other = lru.init(first_params_key(jax.random.key(0)), 6, 4, **ring)
+    assert not np.array_equal(np.asarray(got["B_re"]), np.asarray(other["B_re"]))
 
 
 @pytest.mark.parametrize("method", ["sequential", "associative"])

@@ -9,9 +9,9 @@ from lru_jax import models, tasks
 from lru_jax.training import config as config_lib
 
 
-def _lm(cell="lru", remat=False):
+def _lm(mixer="lru", remat=False):
     return models.SequenceModel(
-        num_outputs=11, vocab_size=11, cell=cell, d_model=8, num_layers=2, d_state=6, remat=remat
+        num_outputs=11, vocab_size=11, mixer=mixer, d_model=8, num_layers=2, d_state=6, remat=remat
     )
 
 
@@ -46,7 +46,7 @@ def test_sampling_respects_top_k_and_seed():
 def test_pooling_last_and_mean_with_lengths():
     x = np.random.default_rng(0).normal(size=(3, 7, 2)).astype(np.float32)
     lengths = np.array([7, 3, 1])
-    kw = dict(num_outputs=4, cell="gru", d_model=8, num_layers=1)
+    kw = dict(num_outputs=4, mixer="gru", d_model=8, num_layers=1)
     per_step = models.SequenceModel(pooling="none", **kw)
     variables = per_step.init(jax.random.key(0), x, lengths)
     # The head is affine, so pooling its per-step outputs equals the head of pooled features.
@@ -64,7 +64,7 @@ def test_remat_gives_the_same_outputs_and_gradients(cell, pooling):
     rng = np.random.default_rng(1)
     tokens = rng.integers(0, 11, size=(3, 9)).astype(np.int32)
     lengths = np.array([9, 5, 1], np.int32)
-    kw = dict(num_outputs=3, vocab_size=11, cell=cell, d_model=8, num_layers=2, d_state=6)
+    kw = dict(num_outputs=3, vocab_size=11, mixer=cell, d_model=8, num_layers=2, d_state=6)
     plain = models.SequenceModel(pooling=pooling, **kw)
     remat = models.SequenceModel(pooling=pooling, remat=True, remat_chunk=4, **kw)
     variables = plain.init(jax.random.key(2), tokens, lengths)
@@ -95,7 +95,7 @@ def test_remat_gives_the_same_outputs_and_gradients(cell, pooling):
 def test_remat_shrinks_the_compiled_memory_plan():
     """XLA's buffer plan of the gradient (a compile-time fact, not a timing)."""
     x = np.zeros((1, 512, 1), np.float32)
-    kw = dict(num_outputs=1, cell="lru", d_model=16, num_layers=2, d_state=16)
+    kw = dict(num_outputs=1, mixer="lru", d_model=16, num_layers=2, d_state=16)
     planned = []
     for model in (
         models.SequenceModel(**kw),
@@ -116,8 +116,8 @@ def test_bad_inputs():
         models.generate(model, variables, np.zeros(3, np.int32), 4)
     with pytest.raises(ValueError, match="top_k"):
         models.generate(model, variables, np.zeros((1, 3), np.int32), 4, top_k=50)
-    with pytest.raises(ValueError, match="cell: expected one of"):
-        models.SequenceModel(num_outputs=2, cell="transformer").init(
+    with pytest.raises(ValueError, match="mixer: expected one of"):
+        models.SequenceModel(num_outputs=2, mixer="transformer").init(
             jax.random.key(0), np.zeros((1, 3, 2), np.float32)
         )
 
@@ -125,9 +125,9 @@ def test_bad_inputs():
 def test_config_grad_chunk_zero_selects_autodiff_with_the_same_gradient():
     task = tasks.get_task("adding", seq_len=6)
     config = config_lib.default_config()
-    config.model.update(cell="lstm", d_model=8, num_layers=1, pooling="last", dropout_rate=0.0)
+    config.model.update(mixer="lstm", d_model=8, num_layers=1, pooling="last", dropout_rate=0.0)
     chunked = config_lib.build_model(config.model, task.spec)
-    config.model.grad_chunk = 0
+    config.model.rnn.grad_chunk = 0
     autodiff = config_lib.build_model(config.model, task.spec)
     assert (chunked.grad_chunk, autodiff.grad_chunk) == (16, None)
     x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 6, 2)), jnp.float32)

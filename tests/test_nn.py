@@ -111,6 +111,26 @@ def test_stack_dropout_only_between_layers():
     np.testing.assert_allclose(np.asarray(two.apply(v2, x)), np.asarray(by_hand), atol=1e-6)
 
 
+def test_stack_hands_each_layer_its_own_carry_and_returns_theirs():
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(2, 5, 3)).astype(np.float32)
+    lstm, lru_layer = lnn.LSTM(4), lnn.LRU(6)
+    stack = lnn.Stack((lstm, lru_layer))
+    v = stack.init(jax.random.key(0), x)
+    c0 = (
+        tuple(rng.normal(size=(2, 4)).astype(np.float32) for _ in range(2)),
+        (rng.normal(size=(2, 6)) + 1j * rng.normal(size=(2, 6))).astype(np.complex64),
+    )
+    carries, y = stack.apply(v, x, initial_carry=c0, return_carry=True)
+    c_a, h = lstm.apply({"params": v["params"]["layers_0"]}, x, initial_carry=c0[0],
+                        return_carry=True)  # fmt: skip
+    c_b, want = lru_layer.apply({"params": v["params"]["layers_1"]}, h, initial_carry=c0[1],
+                                return_carry=True)  # fmt: skip
+    np.testing.assert_allclose(np.asarray(y), np.asarray(want), atol=1e-6)
+    for got, ref in zip(jax.tree.leaves(carries), jax.tree.leaves((c_a, c_b)), strict=True):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=1e-6)
+
+
 def test_bidirectional_is_forward_and_per_sequence_reversal():
     rng = np.random.default_rng(4)
     x = rng.normal(size=(2, 6, 3)).astype(np.float32)
@@ -150,5 +170,7 @@ def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="initial_carry: expected a tuple of 2"):
         stack = lnn.Stack((lnn.GRU(3), lnn.GRU(3)))
         stack.init(jax.random.key(0), x, initial_carry=jnp.zeros((2, 3)))
+    with pytest.raises(ValueError, match="carry: expected a tuple of 2 per-layer carries"):
+        stack.apply(stack.init(jax.random.key(0), x), None, x[:, 0], method="step")
     with pytest.raises(ValueError, match="merge: expected one of"):
         lnn.Bidirectional(lnn.GRU(3), lnn.GRU(3), merge="avg").init(jax.random.key(0), x)

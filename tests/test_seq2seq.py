@@ -4,6 +4,7 @@ a numpy reference, padding, a short training run that learns to reverse, attenti
 import functools
 import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +18,7 @@ from lru_jax.training import config as config_lib
 from lru_jax.training import loop, steps
 
 TASK = Reverse(num_symbols=6, min_length=2, max_length=6)
+TOKENS = TASK.spec.special_tokens
 
 
 @pytest.fixture(scope="module")
@@ -25,11 +27,11 @@ def batch():
 
 
 @functools.cache
-def _make(cell, attention, extra):
+def _make(mixer, attention, extra):
     kwargs = dict(extra)
     model = models.EncoderDecoder(
         vocab_size=TASK.spec.vocab_size,
-        cell=cell,
+        mixer=mixer,
         d_model=16,
         d_state=8,
         attention=attention,
@@ -40,9 +42,9 @@ def _make(cell, attention, extra):
     return model, init(jax.random.key(1), b["inputs"], b["lengths"], b["decoder_inputs"])
 
 
-def make(cell="lru", attention="soft", **kwargs):
+def make(mixer="lru", attention="soft", **kwargs):
     """A small model and its initial variables (built once per distinct configuration)."""
-    return _make(cell, attention, tuple(sorted(kwargs.items())))
+    return _make(mixer, attention, tuple(sorted(kwargs.items())))
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -83,7 +85,9 @@ def test_teacher_forcing_equals_step_by_step_decoding(batch, cell, attention, ex
 def test_greedy_decoding_is_a_fixed_point_of_teacher_forcing(batch):
     """Feeding the greedy output back as teacher-forced input reproduces it step by step."""
     model, v = make("gru", "soft")
-    tokens, weights = models.greedy_decode(model, v, batch["inputs"], batch["lengths"], 7)
+    tokens, weights = models.greedy_decode(
+        model, v, batch["inputs"], batch["lengths"], 7, **TOKENS._asdict()
+    )
     assert tokens.shape == (4, 7) and weights.shape == (4, 7, 6)
     raw, _ = models._greedy_decode(model, v, batch["inputs"], batch["lengths"], 7, 1)
     decoder_inputs = jnp.concatenate([jnp.ones((4, 1), jnp.int32), raw[:, :-1]], axis=1)
@@ -95,6 +99,15 @@ def test_greedy_decoding_is_a_fixed_point_of_teacher_forcing(batch):
         cut = end[0] + 1 if end.size else 7
         np.testing.assert_array_equal(row[:cut], row_raw[:cut])
         assert (row[cut:] == 0).all()
+    # The ids come from the caller (the task's spec): another start and padding id are used.
+    other, _ = models.greedy_decode(
+        model, v, batch["inputs"], batch["lengths"], 7, bos=3, eos=TOKENS.eos, pad=9
+    )
+    raw, _ = models._greedy_decode(model, v, batch["inputs"], batch["lengths"], 7, 3)
+    for row_raw, row in zip(np.asarray(raw), other, strict=True):
+        end = np.flatnonzero(row_raw == TOKENS.eos)
+        cut = end[0] + 1 if end.size else 7
+        assert list(row) == list(row_raw[:cut]) + [9] * (7 - cut)
 
 
 def reference_scores(read, q, memory, attention, score):
@@ -167,7 +180,7 @@ def test_hard_attention_samples_in_training_and_trains_through_straight_through(
 
 
 def test_sequence_accuracy_on_a_hand_written_batch():
-    spec = TaskSpec("reverse", "seq2seq", 3, 5, vocab_size=5, target_len=3)
+    spec = TaskSpec("reverse", "seq2seq", 3, 5, vocab_size=5, target_len=3, special_tokens=TOKENS)
     targets = jnp.array([[3, 4, 2], [4, 2, 0]])
     mask = jnp.array([[1.0, 1, 1], [1, 1, 0]])
     predicted = jnp.array([[3, 4, 2], [4, 3, 1]])  # row 0 right; row 1 wrong at step 1
@@ -184,7 +197,7 @@ def test_sequence_accuracy_on_a_hand_written_batch():
 def reverse_config():
     c = config_lib.default_config()
     c.task = {"name": "reverse", "num_symbols": 6, "min_length": 2, "max_length": 6}
-    c.model.update({"d_model": 32, "d_state": 32, "num_layers": 1, "dropout_rate": 0.0})
+    c.model.update({"d_model": 32, "lru": {"d_state": 32}, "num_layers": 1, "dropout_rate": 0.0})
     c.train.update(
         {
             "batch_size": 32,
@@ -213,7 +226,9 @@ def trained(tmp_path_factory):
 def test_short_training_run_learns_to_reverse(trained):
     _, final, (_, task, model, variables) = trained
     b = task.batch("test", 0, 64)
-    tokens, _ = models.greedy_decode(model, variables, b["inputs"], b["lengths"], 7)
+    tokens, _ = models.greedy_decode(
+        model, variables, b["inputs"], b["lengths"], 7, **TOKENS._asdict()
+    )
     exact = [
         list(out[: n + 1]) == list(src[:n][::-1]) + [2]
         for src, n, out in zip(b["inputs"], b["lengths"], tokens, strict=True)
@@ -224,6 +239,24 @@ def test_short_training_run_learns_to_reverse(trained):
     logits = jax.jit(model.apply)(variables, b["inputs"], b["lengths"], b["decoder_inputs"])
     metrics = steps.summarise(task.spec, steps.loss_sums(task.spec, logits, b))
     assert float(metrics["sequence_accuracy"]) == pytest.approx(np.mean(exact))
+
+
+def test_a_run_saved_before_the_model_keys_were_grouped_still_loads(trained, tmp_path):
+    workdir, _, (config, _, model, variables) = trained
+    old = str(tmp_path / "old_run")
+    shutil.copytree(workdir, old)
+    saved = json.loads(config.to_json())
+    m = saved["model"]
+    flat = {k: v for k, v in m.items() if k not in ("mixer", "lru", "rnn", "attention", "seq2seq")}
+    flat.update(cell=m["mixer"], **m["lru"], **m["attention"], **m["seq2seq"])  # no grad_chunk
+    saved["model"] = flat
+    with open(os.path.join(old, "config.json"), "w") as f:
+        json.dump(saved, f)
+    config_old, _, model_old, variables_old = attention_maps.load_run(old)
+    assert model_old == model
+    assert config_old.model.to_dict() == config.model.to_dict()
+    for got, want in zip(jax.tree.leaves(variables_old), jax.tree.leaves(variables), strict=True):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
 def test_attention_maps_of_reverse_are_anti_diagonal(trained, tmp_path):
@@ -237,7 +270,9 @@ def test_attention_maps_of_reverse_are_anti_diagonal(trained, tmp_path):
         assert json.load(f)["exact_match"] >= 0.9
     # Recomputed here: output step t reads source step n - 1 - t.
     b = task.batch("test", 0, 64)
-    _, weights = models.greedy_decode(model, variables, b["inputs"], b["lengths"], 7)
+    _, weights = models.greedy_decode(
+        model, variables, b["inputs"], b["lengths"], 7, **TOKENS._asdict()
+    )
     hits = [
         np.argmax(weights[i, t]) == n - 1 - t for i, n in enumerate(b["lengths"]) for t in range(n)
     ]
@@ -281,10 +316,17 @@ def test_cued_speaker_attention_and_its_heatmap_on_a_hand_written_case(tmp_path)
             weights[i, t, cued[0]] = share
             weights[i, t, other[0]] = 1.0 - share
         weights[i, 2, 0] = 1.0
-    assert attention_maps.cued_speaker_attention(weights, b) == pytest.approx(2.5 / 4)
+    summary = task.attention_summary(weights, b)
+    assert summary["attention_on_cued_speaker"] == pytest.approx(2.5 / 4)
+    assert summary["cued_speaker_share_of_steps"] == 0.5  # two speakers, two words each
+    (colours, caption), _ = task.source_annotations(b)
+    assert colours[0] is None and len(colours) == 5 and "speaker" in caption
+    cued = b["speakers"][0] == b["cued_source"][0]  # example 0's mixture steps 1..4
+    assert len({colours[1 + s] for s in np.flatnonzero(cued)}) == 1
+    assert colours[1 + np.flatnonzero(cued)[0]] != colours[1 + np.flatnonzero(~cued)[0]]
     path = tmp_path / "cocktail.png"
     attention_maps.plot_example(
-        path, weights[0], b["inputs"][0], b["targets"][0], b["speakers"][0], 1, num_cues=2
+        path, weights[0], b["inputs"][0], b["targets"][0], colours, num_cues=2, title=caption
     )
     assert path.read_bytes()[:4] == b"\x89PNG"
 
@@ -297,8 +339,8 @@ def test_bad_inputs_raise_naming_the_argument(batch, tmp_path):
         make(attention="local")
     with pytest.raises(ValueError, match="score"):
         make(score="cosine")
-    with pytest.raises(ValueError, match="cell"):
-        make(cell="attention")
+    with pytest.raises(ValueError, match="mixer"):
+        make(mixer="attention")
     model, v = make()
     with pytest.raises(ValueError, match="decoder_inputs"):
         model.apply(v, batch["inputs"], batch["lengths"])
@@ -309,16 +351,18 @@ def test_bad_inputs_raise_naming_the_argument(batch, tmp_path):
     with pytest.raises(ValueError, match="seq_lengths"):
         model.apply(v, batch["inputs"], batch["lengths"] + 5, batch["decoder_inputs"])
     with pytest.raises(ValueError, match="max_length"):
-        models.greedy_decode(model, v, batch["inputs"], batch["lengths"], 0)
+        models.greedy_decode(model, v, batch["inputs"], batch["lengths"], 0, **TOKENS._asdict())
     with pytest.raises(TypeError, match="inputs"):
-        models.greedy_decode(model, v, batch["inputs"] * 1.0, batch["lengths"], 3)
+        models.greedy_decode(
+            model, v, batch["inputs"] * 1.0, batch["lengths"], 3, **TOKENS._asdict()
+        )
     c = reverse_config()
-    c.model.attention = "sparse"
-    with pytest.raises(ValueError, match="config.model.attention"):
+    c.model.seq2seq.attention = "sparse"
+    with pytest.raises(ValueError, match="config.model.seq2seq.attention"):
         config_lib.validate(c)
     c = reverse_config()
-    c.model.cell = "attention"
-    with pytest.raises(ValueError, match="config.model.cell"):
+    c.model.mixer = "attention"
+    with pytest.raises(ValueError, match="config.model.mixer"):
         config_lib.check_against_task(c, TASK.spec)
     c = reverse_config()
     c.model.remat = True

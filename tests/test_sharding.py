@@ -304,9 +304,9 @@ def test_bad_sharding_config_values_are_named(key, value, match):
 
 def test_sequence_parallelism_needs_the_lru():
     config = tiny_config()
-    config.model.cell = "gru"
+    config.model.mixer = "gru"
     config.sharding.sequence = 2
-    with pytest.raises(ValueError, match=r"config\.sharding\.sequence: expected 1 for cell 'gru'"):
+    with pytest.raises(ValueError, match=r"config\.sharding\.sequence: expected 1 for mixer 'gru'"):
         config_lib.validate(config)
 
 

@@ -8,6 +8,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from tiny_configs import tiny_config
@@ -228,10 +229,10 @@ def test_truncated_bptt_trains_end_to_end(tmp_path):
     "section, key, value, match",
     [
         ("model", "d_model", -4, r"config.model.d_model: expected a positive int, got -4"),
-        ("model", "cell", "transformer", "config.model.cell: expected one of"),
+        ("model", "mixer", "transformer", "config.model.mixer: expected one of"),
         ("model", "dropout_rate", 1.0, "config.model.dropout_rate"),
-        ("model", "grad_chunk", -1, "config.model.grad_chunk: expected a non-negative int"),
-        ("model", "r_max", 1.5, "config.model.r_min, r_max"),
+        ("model.rnn", "grad_chunk", -1, "config.model.rnn.grad_chunk: expected a non-negative int"),
+        ("model.lru", "r_max", 1.5, "config.model.lru.r_min, r_max"),
         ("train", "learning_rate", -1.0, "config.train.learning_rate"),
         ("train", "batch_size", 0, "config.train.batch_size"),
         ("generate", "temperature", -0.5, "config.generate.temperature"),
@@ -240,9 +241,46 @@ def test_truncated_bptt_trains_end_to_end(tmp_path):
 )
 def test_bad_config_values_are_named(section, key, value, match):
     config = tiny_config()
-    config[section][key] = value
+    group = config
+    for name in section.split("."):
+        group = group[name]
+    group[key] = value
     with pytest.raises(ValueError, match=match):
         config_lib.validate(config)
+
+
+# The model section of a config.json saved before its keys were grouped (written out by hand).
+OLD_MODEL_SECTION = {
+    "cell": "gru", "d_model": 16, "num_layers": 1, "d_state": 8, "r_min": 0.5, "r_max": 0.9,
+    "max_phase": 1.0, "scan_method": "sequential", "norm": "layer", "prenorm": True,
+    "ffn": "gelu", "dropout_rate": 0.0, "pooling": "none", "remat": False, "remat_chunk": 32,
+    "num_heads": 2, "max_len": 64, "attention": "hard", "attention_score": "dot",
+    "bidirectional": False, "hard_temperature": 0.5,
+}  # fmt: skip
+
+
+def test_a_config_saved_before_the_model_keys_were_grouped_upgrades_key_by_key():
+    saved = json.loads(tiny_config().to_json())
+    saved["model"] = dict(OLD_MODEL_SECTION)  # no grad_chunk: saved before it existed
+    with pytest.raises(ValueError, match=r"config.model.cell: renamed config.model.mixer \("):
+        config_lib.validate(ml_collections.ConfigDict(saved))
+    written_for_the_old_layout = tiny_config()
+    written_for_the_old_layout.model.update({"d_state": 4})
+    with pytest.raises(ValueError, match="config.model.d_state: renamed config.model.lru.d_state"):
+        config_lib.validate(written_for_the_old_layout)
+    config = config_lib.upgrade(saved)
+    config_lib.validate(config)
+    m = config.model
+    assert (m.mixer, m.d_model, m.num_layers, m.ffn, m.remat_chunk) == ("gru", 16, 1, "gelu", 32)
+    assert m.lru.to_dict() == {"d_state": 8, "r_min": 0.5, "r_max": 0.9, "max_phase": 1.0,
+                               "scan_method": "sequential"}  # fmt: skip
+    assert m.attention.to_dict() == {"num_heads": 2, "max_len": 64}
+    assert m.seq2seq.to_dict() == {"attention": "hard", "attention_score": "dot",
+                                   "bidirectional": False, "hard_temperature": 0.5}  # fmt: skip
+    assert m.rnn.grad_chunk == 16  # the default, as before the key existed
+    assert sorted(m.keys()) == sorted(config_lib.default_config().model.keys())
+    assert config.train.to_dict() == saved["train"]  # the other sections as saved
+    assert config_lib.upgrade(config).to_dict() == config.to_dict()  # today's layout: as is
 
 
 def test_choices_that_depend_on_the_task():
@@ -302,6 +340,9 @@ def test_train_py_rejects_bad_overrides_before_compiling(tmp_path):
     assert not os.path.exists(tmp_path / "a" / "checkpoints")
     typo = _train_py("--config.model.dmodel=4", f"--workdir={tmp_path}/b", cwd=tmp_path)
     assert typo.returncode != 0 and "dmodel" in typo.stderr
+    moved = _train_py("--config.model.cell=lstm", f"--workdir={tmp_path}/c", cwd=tmp_path)
+    assert moved.returncode != 0
+    assert moved.stderr.strip() == "error: --config.model.cell: renamed --config.model.mixer"
 
 
 def test_train_py_refuses_the_scan_table_variable_it_no_longer_reads(tmp_path):

@@ -7,7 +7,7 @@ def tiny_config(**train):
     """A few steps of a tiny LRU language model on the jokes; `train` overrides train keys."""
     c = config_lib.default_config()
     c.task = {"name": "text", "corpus": "jokes", "seq_len": 24}
-    c.model.update({"d_model": 16, "num_layers": 1, "d_state": 8, "dropout_rate": 0.1})
+    c.model.update({"d_model": 16, "num_layers": 1, "lru": {"d_state": 8}, "dropout_rate": 0.1})
     c.train.update(
         {
             "batch_size": 4,

@@ -12,28 +12,14 @@ import jax.numpy as jnp
 from lru_jax import timing
 from lru_jax.bench import report
 from lru_jax.bench.report import Row
-
-
-def _load_config(path: str, overrides: dict):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("bench_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
-    with config.unlocked():
-        for key, value in overrides.items():
-            section, name = key.split(".")
-            config[section][name] = value
-    return config
+from lru_jax.training import config as config_lib
+from lru_jax.training.config import load_config
+from lru_jax.training.loop import build_task, one_device_state
+from lru_jax.training.optim import make_optimizer
+from lru_jax.training.steps import make_train_step
 
 
 def _train_step_setup(config):
-    from lru_jax.training import config as config_lib
-    from lru_jax.training.loop import build_task, one_device_state
-    from lru_jax.training.optim import make_optimizer
-    from lru_jax.training.steps import make_train_step
-
     config_lib.validate(config)
     task = build_task(config)
     model = config_lib.build_model(config.model, task.spec)
@@ -59,7 +45,7 @@ def _time_train_step(step, state, batch, repeats) -> dict:
 TRAIN_CONFIGS = (
     ("default (jokes, LRU)", "configs/default.py", {}),
     ("adding T=1000, LRU", "configs/adding.py", {}),
-    ("adding T=1000, LSTM", "configs/adding.py", {"model.cell": "lstm"}),
+    ("adding T=1000, LSTM", "configs/adding.py", {"model.mixer": "lstm"}),
     ("mnist1d, LRU", "configs/mnist1d.py", {}),
     ("listops, LRU", "configs/listops.py", {}),
     ("adding T=1000, 4-layer LRU", "configs/adding.py", {"model.num_layers": 4}),
@@ -70,7 +56,7 @@ def train_suite(config_dir: str, repeats: int) -> list[Row]:
     """Train-step throughput for the configs in TRAIN_CONFIGS."""
     rows = []
     for name, path, overrides in TRAIN_CONFIGS:
-        config = _load_config(os.path.join(config_dir, os.path.basename(path)), overrides)
+        config = load_config(os.path.join(config_dir, os.path.basename(path)), overrides)
         task, step, state, batch = _train_step_setup(config)
         timing = _time_train_step(step, state, batch, repeats)
         row = report.row("train", name, name, timing)
@@ -87,12 +73,12 @@ def memory_suite(length: int, repeats: int) -> list[Row]:
 
     rows = []
     x = jax.random.normal(jax.random.key(0), (1, length, 1))
-    for cell_name in ("lru", "lstm"):
-        group = f"4-layer {cell_name} B=1 T={length} d_model=64 fwd+bwd"
+    for mixer in ("lru", "lstm"):
+        group = f"4-layer {mixer} B=1 T={length} d_model=64 fwd+bwd"
         for remat in (False, True):
             model = models.SequenceModel(
                 num_outputs=1,
-                cell=cell_name,
+                mixer=mixer,
                 d_model=64,
                 num_layers=4,
                 d_state=64,

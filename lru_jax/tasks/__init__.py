@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 
+from lru_jax import _checks
 from lru_jax.tasks.adding import AddingProblem
 from lru_jax.tasks.associative_recall import AssociativeRecall
 from lru_jax.tasks.base import SPLITS, Task, TaskSpec, epoch_batch_indices, split_rng
@@ -36,8 +37,7 @@ TASKS = {
 def get_task(name: str, **kwargs) -> Task:
     """Builds task `name` with its keyword arguments; unknown names or arguments raise naming
     what is known, bad values raise from the task's own checks."""
-    if name not in TASKS:
-        raise ValueError(f"name: expected one of {sorted(TASKS)}, got {name!r}")
+    _checks.one_of("name", name, sorted(TASKS))
     cls = TASKS[name]
     params = inspect.signature(cls).parameters
     unknown = sorted(set(kwargs) - set(params))

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from lru_jax.tasks._args import check_batch_args, check_int
-from lru_jax.tasks.base import TaskSpec, check_split, split_rng
+from lru_jax import _checks
+from lru_jax.tasks.base import TaskSpec, check_batch_args, check_split, split_rng
 
 
 class AddingProblem:
@@ -21,8 +21,8 @@ class AddingProblem:
     """
 
     def __init__(self, seq_len: int = 100, seed: int = 0):
-        self.seq_len = check_int("seq_len", seq_len, 2)
-        self.seed = check_int("seed", seed, 0)
+        self.seq_len = _checks.integer("seq_len", seq_len, 2)
+        self.seed = _checks.integer("seed", seed, 0)
         self.spec = TaskSpec(
             name="adding",
             kind="regression",

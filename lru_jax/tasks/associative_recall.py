@@ -6,8 +6,8 @@ import math
 
 import numpy as np
 
-from lru_jax.tasks._args import check_batch_args, check_int
-from lru_jax.tasks.base import TaskSpec, check_split, split_rng
+from lru_jax import _checks
+from lru_jax.tasks.base import TaskSpec, check_batch_args, check_split, split_rng
 
 
 def _distinct(rng: np.random.Generator, batch: int, n: int, k: int) -> np.ndarray:
@@ -42,12 +42,12 @@ class AssociativeRecall:
         num_values: int = 32,
         seed: int = 0,
     ):
-        self.num_pairs = check_int("num_pairs", num_pairs, 1)
-        self.num_queries = check_int("num_queries", num_queries, 1, self.num_pairs)
-        self.seq_len = check_int("seq_len", seq_len, 2 * self.num_pairs + self.num_queries)
-        self.num_keys = check_int("num_keys", num_keys, self.num_pairs)
-        self.num_values = check_int("num_values", num_values, 2)
-        self.seed = check_int("seed", seed, 0)
+        self.num_pairs = _checks.integer("num_pairs", num_pairs, 1)
+        self.num_queries = _checks.integer("num_queries", num_queries, 1, self.num_pairs)
+        self.seq_len = _checks.integer("seq_len", seq_len, 2 * self.num_pairs + self.num_queries)
+        self.num_keys = _checks.integer("num_keys", num_keys, self.num_pairs)
+        self.num_values = _checks.integer("num_values", num_values, 2)
+        self.seed = _checks.integer("seed", seed, 0)
         vocab = 1 + self.num_keys + self.num_values
         self.spec = TaskSpec(
             name="associative_recall",

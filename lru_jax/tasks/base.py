@@ -18,12 +18,22 @@ give targets and mask [batch, target_len].
 from __future__ import annotations
 
 import dataclasses
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import numpy as np
 
+from lru_jax import _checks
+
 SPLITS = ("train", "valid", "test")
 KINDS = ("classification", "regression", "per_step", "seq2seq")
+
+
+class SpecialTokens(NamedTuple):
+    """The token ids a seq2seq decoder needs: padding, beginning and end of sequence."""
+
+    pad: int
+    bos: int
+    eos: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +53,8 @@ class TaskSpec:
       baseline: the loss (or metric, see baseline_metric) of the trivial, memoryless predictor.
       baseline_metric: the metric `baseline` is measured in, e.g. "mse", "loss", "accuracy".
       is_language_model: per-step next-token prediction over text, with generation.
+      special_tokens: seq2seq only: the PAD, BOS and EOS ids (what decoding starts and stops
+        with, e.g. `models.greedy_decode(..., **spec.special_tokens._asdict())`).
     """
 
     name: str
@@ -55,14 +67,16 @@ class TaskSpec:
     baseline_metric: str = "loss"
     is_language_model: bool = False
     target_len: int | None = None
+    special_tokens: SpecialTokens | None = None
 
     def __post_init__(self):
-        if self.kind not in KINDS:
-            raise ValueError(f"kind: expected one of {list(KINDS)}, got {self.kind!r}")
+        _checks.one_of("kind", self.kind, KINDS)
         if (self.vocab_size is None) == (self.input_dim is None):
             raise ValueError("exactly one of vocab_size (token inputs) and input_dim is set")
         if (self.kind == "seq2seq") != (self.target_len is not None):
             raise ValueError("target_len: expected a value for seq2seq tasks only")
+        if (self.kind == "seq2seq") != (self.special_tokens is not None):
+            raise ValueError("special_tokens: expected SpecialTokens for seq2seq tasks only")
 
 
 class Task(Protocol):
@@ -76,8 +90,12 @@ class Task(Protocol):
 
 
 def check_split(split: str) -> None:
-    if split not in SPLITS:
-        raise ValueError(f"split: expected one of {list(SPLITS)}, got {split!r}")
+    _checks.one_of("split", split, SPLITS)
+
+
+def check_batch_args(index, batch_size) -> tuple[int, int]:
+    """Checks the common arguments of `batch`: index >= 0 and batch_size >= 1."""
+    return _checks.non_negative_int("index", index), _checks.positive_int("batch_size", batch_size)
 
 
 def split_rng(seed: int, split: str, index: int) -> np.random.Generator:
@@ -99,3 +117,9 @@ def epoch_batch_indices(n: int, seed: int, index: int, batch_size: int) -> np.nd
         sel = epochs == epoch
         out[sel] = perm[offsets[sel]]
     return out
+
+
+def sequential_indices(n: int, index: int, batch_size: int) -> np.ndarray:
+    """Example indices [batch_size] of batch `index` when a finite split of n examples is read
+    in order, wrapping around (evaluation batches)."""
+    return (index * batch_size + np.arange(batch_size)) % n

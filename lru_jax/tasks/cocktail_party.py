@@ -6,9 +6,12 @@ import math
 
 import numpy as np
 
-from lru_jax.tasks._args import check_batch_args, check_int
-from lru_jax.tasks.base import TaskSpec, check_split, split_rng
-from lru_jax.tasks.seq2seq import NUM_SPECIAL, teacher_forcing
+from lru_jax import _checks
+from lru_jax.tasks.base import TaskSpec, check_batch_args, check_split, split_rng
+from lru_jax.tasks.seq2seq import EOS, NUM_SPECIAL, SPECIAL_TOKENS, teacher_forcing
+
+# Heatmap tints of the speakers (matplotlib colour names), cycled past six.
+SPEAKER_COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown")
 
 
 class CocktailParty:
@@ -49,14 +52,14 @@ class CocktailParty:
         max_burst: int = 4,
         seed: int = 0,
     ):
-        self.num_sources = check_int("num_sources", num_sources, 2)
-        self.tokens_per_source = check_int("tokens_per_source", tokens_per_source, 1)
-        self.num_private = check_int("num_private", num_private, 1)
-        self.num_shared = check_int("num_shared", num_shared, 0)
+        self.num_sources = _checks.integer("num_sources", num_sources, 2)
+        self.tokens_per_source = _checks.integer("tokens_per_source", tokens_per_source, 1)
+        self.num_private = _checks.integer("num_private", num_private, 1)
+        self.num_shared = _checks.integer("num_shared", num_shared, 0)
         self.alphabet_size = self.num_private + self.num_shared
-        self.branching = check_int("branching", branching, 1, self.alphabet_size)
-        self.max_burst = check_int("max_burst", max_burst, 1, self.tokens_per_source)
-        self.seed = check_int("seed", seed, 0)
+        self.branching = _checks.integer("branching", branching, 1, self.alphabet_size)
+        self.max_burst = _checks.integer("max_burst", max_burst, 1, self.tokens_per_source)
+        self.seed = _checks.integer("seed", seed, 0)
         self.alphabets = [self._alphabet(k) for k in range(self.num_sources)]
         self.successors = self._successor_tables()
         m, k = self.tokens_per_source, self.num_sources
@@ -71,6 +74,7 @@ class CocktailParty:
             vocab_size=vocab,
             baseline=entropy / (m + 1),
             baseline_metric="loss",
+            special_tokens=SPECIAL_TOKENS,
         )
 
     def cue(self, source: int) -> int:
@@ -150,3 +154,30 @@ class CocktailParty:
             "speakers": speakers,
             "cued_source": cued,
         }
+
+    # What `lru_jax.attention_maps` shows and reports beside the weights for this task.
+
+    def attention_summary(self, weights, batch) -> dict[str, float]:
+        """How much attention falls on the cued speaker.
+
+        weights [batch, T, S] of a decoder over `batch` (a batch of this task; S = 1 + K M,
+        step 0 is the cue). attention_on_cued_speaker: the mean weight on the cued speaker's
+        mixture steps over the output steps that emit a word (not EOS);
+        cued_speaker_share_of_steps: what attending uniformly would give.
+        """
+        on_cued = batch["speakers"] == batch["cued_source"][:, None]  # [batch, S - 1]
+        steps = (batch["mask"] > 0) & (batch["targets"] != EOS)  # [batch, T]
+        share = np.sum(np.asarray(weights)[:, :, 1:] * on_cued[:, None, :], axis=-1)  # [batch, T]
+        return {
+            "attention_on_cued_speaker": float(share[steps].mean()),
+            "cued_speaker_share_of_steps": float(on_cued.mean()),
+        }
+
+    def source_annotations(self, batch) -> list[tuple[list[str | None], str]]:
+        """Per example: a colour for each source step (its true speaker, which the model never
+        sees; None for the cue) and a caption for its heatmap."""
+        out = []
+        for speakers, cued in zip(batch["speakers"], batch["cued_source"], strict=True):
+            colours = [None] + [SPEAKER_COLOURS[int(s) % len(SPEAKER_COLOURS)] for s in speakers]
+            out.append((colours, f"cue: speaker {int(cued)}, tick colours: true speaker"))
+        return out

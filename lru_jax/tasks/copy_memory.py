@@ -6,8 +6,8 @@ import math
 
 import numpy as np
 
-from lru_jax.tasks._args import check_batch_args, check_int
-from lru_jax.tasks.base import TaskSpec, check_split, split_rng
+from lru_jax import _checks
+from lru_jax.tasks.base import TaskSpec, check_batch_args, check_split, split_rng
 
 
 class CopyMemory:
@@ -29,10 +29,10 @@ class CopyMemory:
     def __init__(
         self, delay: int = 100, num_symbols: int = 10, num_categories: int = 8, seed: int = 0
     ):
-        self.delay = check_int("delay", delay, 1)
-        self.num_symbols = check_int("num_symbols", num_symbols, 1)
-        self.num_categories = check_int("num_categories", num_categories, 2)
-        self.seed = check_int("seed", seed, 0)
+        self.delay = _checks.integer("delay", delay, 1)
+        self.num_symbols = _checks.integer("num_symbols", num_symbols, 1)
+        self.num_categories = _checks.integer("num_categories", num_categories, 2)
+        self.seed = _checks.integer("seed", seed, 0)
         length = self.delay + 2 * self.num_symbols
         self.spec = TaskSpec(
             name="copy",

@@ -7,12 +7,15 @@ import random
 
 import numpy as np
 
-from lru_jax.tasks._args import (
+from lru_jax import _checks
+from lru_jax.tasks.base import (
+    SPLITS,
+    TaskSpec,
     check_batch_args,
-    check_int,
+    check_split,
+    epoch_batch_indices,
     sequential_indices,
 )
-from lru_jax.tasks.base import SPLITS, TaskSpec, check_split, epoch_batch_indices
 
 PAD = 0
 DIGIT0 = 1  # digit d is token DIGIT0 + d
@@ -149,16 +152,16 @@ class ListOps:
         seed: int = 0,
     ):
         sizes = {
-            "train": check_int("num_train", num_train, 1),
-            "valid": check_int("num_valid", num_valid, 1),
-            "test": check_int("num_test", num_test, 1),
+            "train": _checks.integer("num_train", num_train, 1),
+            "valid": _checks.integer("num_valid", num_valid, 1),
+            "test": _checks.integer("num_test", num_test, 1),
         }
-        self.max_depth = check_int("max_depth", max_depth, 2)
-        self.max_args = check_int("max_args", max_args, 2)
+        self.max_depth = _checks.integer("max_depth", max_depth, 2)
+        self.max_args = _checks.integer("max_args", max_args, 2)
         longest = _max_tokens(self.max_depth, self.max_args)
-        self.min_length = check_int("min_length", min_length, 4, longest)
-        self.max_length = check_int("max_length", max_length, self.min_length)
-        self.seed = check_int("seed", seed, 0)
+        self.min_length = _checks.integer("min_length", min_length, 4, longest)
+        self.max_length = _checks.integer("max_length", max_length, self.min_length)
+        self.seed = _checks.integer("seed", seed, 0)
 
         seen: set[bytes] = set()
         self._data = {}

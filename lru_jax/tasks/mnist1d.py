@@ -7,8 +7,14 @@ import random
 
 import numpy as np
 
-from lru_jax.tasks._args import check_batch_args, check_int, sequential_indices
-from lru_jax.tasks.base import TaskSpec, check_split, epoch_batch_indices
+from lru_jax import _checks
+from lru_jax.tasks.base import (
+    TaskSpec,
+    check_batch_args,
+    check_split,
+    epoch_batch_indices,
+    sequential_indices,
+)
 
 SEQ_LEN = 40  # the package's final_seq_length
 VALID_FRACTION = 0.1  # of the package's train split
@@ -59,12 +65,11 @@ class MNIST1D:
     def __init__(
         self, num_samples: int = 5000, shuffled: bool = False, seed: int = 0, data_seed: int = 42
     ):
-        self.num_samples = check_int("num_samples", num_samples, 100)
-        if not isinstance(shuffled, (bool, np.bool_)):
-            raise TypeError(f"shuffled: expected a bool, got {type(shuffled).__name__}")
+        self.num_samples = _checks.integer("num_samples", num_samples, 100)
+        _checks.boolean("shuffled", shuffled)
         self.shuffled = bool(shuffled)
-        self.seed = check_int("seed", seed, 0)
-        self.data_seed = check_int("data_seed", data_seed, 0)
+        self.seed = _checks.integer("seed", seed, 0)
+        self.data_seed = _checks.integer("data_seed", data_seed, 0)
         x_train, y_train, x_test, y_test = _generate(self.num_samples, self.data_seed)
         num_valid = int(round(VALID_FRACTION * len(y_train)))
         self.permutation = (

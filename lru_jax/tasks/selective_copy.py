@@ -6,8 +6,8 @@ import math
 
 import numpy as np
 
-from lru_jax.tasks._args import check_batch_args, check_int
-from lru_jax.tasks.base import TaskSpec, check_split, split_rng
+from lru_jax import _checks
+from lru_jax.tasks.base import TaskSpec, check_batch_args, check_split, split_rng
 
 
 class SelectiveCopy:
@@ -31,10 +31,10 @@ class SelectiveCopy:
     def __init__(
         self, seq_len: int = 128, num_tokens: int = 8, num_categories: int = 8, seed: int = 0
     ):
-        self.num_tokens = check_int("num_tokens", num_tokens, 1)
-        self.seq_len = check_int("seq_len", seq_len, self.num_tokens)
-        self.num_categories = check_int("num_categories", num_categories, 2)
-        self.seed = check_int("seed", seed, 0)
+        self.num_tokens = _checks.integer("num_tokens", num_tokens, 1)
+        self.seq_len = _checks.integer("seq_len", seq_len, self.num_tokens)
+        self.num_categories = _checks.integer("num_categories", num_categories, 2)
+        self.seed = _checks.integer("seed", seed, 0)
         self.spec = TaskSpec(
             name="selective_copy",
             kind="per_step",

@@ -16,10 +16,11 @@ import math
 
 import numpy as np
 
-from lru_jax.tasks._args import check_batch_args, check_choice, check_int
-from lru_jax.tasks.base import TaskSpec, check_split, split_rng
+from lru_jax import _checks
+from lru_jax.tasks.base import SpecialTokens, TaskSpec, check_batch_args, check_split, split_rng
 
 PAD, BOS, EOS = 0, 1, 2
+SPECIAL_TOKENS = SpecialTokens(pad=PAD, bos=BOS, eos=EOS)
 NUM_SPECIAL = 3
 OPERATIONS = ("reverse", "sort")
 
@@ -98,11 +99,11 @@ class SequenceTransduction:
         max_length: int = 10,
         seed: int = 0,
     ):
-        self.operation = check_choice("operation", operation, OPERATIONS)
-        self.num_symbols = check_int("num_symbols", num_symbols, 2)
-        self.min_length = check_int("min_length", min_length, 1)
-        self.max_length = check_int("max_length", max_length, self.min_length)
-        self.seed = check_int("seed", seed, 0)
+        self.operation = _checks.one_of("operation", operation, OPERATIONS)
+        self.num_symbols = _checks.integer("num_symbols", num_symbols, 2)
+        self.min_length = _checks.integer("min_length", min_length, 1)
+        self.max_length = _checks.integer("max_length", max_length, self.min_length)
+        self.seed = _checks.integer("seed", seed, 0)
         vocab = NUM_SPECIAL + self.num_symbols
         self.spec = TaskSpec(
             name=self.operation,
@@ -115,6 +116,7 @@ class SequenceTransduction:
                 self.operation, self.num_symbols, self.min_length, self.max_length
             ),
             baseline_metric="loss",
+            special_tokens=SPECIAL_TOKENS,
         )
 
     def num_examples(self, split: str) -> int | None:

@@ -8,8 +8,15 @@ import sysconfig
 
 import numpy as np
 
-from lru_jax.tasks._args import check_batch_args, check_choice, check_int, sequential_indices
-from lru_jax.tasks.base import SPLITS, TaskSpec, check_split, split_rng
+from lru_jax import _checks
+from lru_jax.tasks.base import (
+    SPLITS,
+    TaskSpec,
+    check_batch_args,
+    check_split,
+    sequential_indices,
+    split_rng,
+)
 
 CORPORA = ("jokes", "stdlib")
 STDLIB_MAX_BYTES = 3_000_000  # cap on the "stdlib" corpus
@@ -24,7 +31,7 @@ def load_corpus(corpus: str) -> tuple[str, ...]:
     "stdlib": the top-level .py files of this Python's standard library in sorted order, up to
     STDLIB_MAX_BYTES in all, one file per document (so it differs between Python versions).
     """
-    check_choice("corpus", corpus, CORPORA)
+    _checks.one_of("corpus", corpus, CORPORA)
     if corpus == "jokes":
         from pyjokes.jokes_en import jokes_en
 
@@ -79,10 +86,10 @@ class CharText:
     def __init__(
         self, corpus: str = "jokes", seq_len: int = 128, seed: int = 0, split_seed: int = 0
     ):
-        self.corpus = check_choice("corpus", corpus, CORPORA)
-        self.seq_len = check_int("seq_len", seq_len, 1)
-        self.seed = check_int("seed", seed, 0)
-        self.split_seed = check_int("split_seed", split_seed, 0)
+        self.corpus = _checks.one_of("corpus", corpus, CORPORA)
+        self.seq_len = _checks.integer("seq_len", seq_len, 1)
+        self.seed = _checks.integer("seed", seed, 0)
+        self.split_seed = _checks.integer("split_seed", split_seed, 0)
         self._docs = self._split_documents(load_corpus(corpus))
         self._text = {s: encode("".join(self._docs[s])).astype(np.uint8) for s in SPLITS}
         for split, text in self._text.items():

@@ -3,17 +3,19 @@
 A config (see configs/default.py) has sections `task` (name + the task's keyword arguments),
 `model`, `train`, `sharding` (how devices are used: lru_jax/training/sharding.py) and
 `generate`, plus `seed`. Every bad value is a ValueError naming its key, e.g.
-"config.model.d_model: expected a positive int, got -4".
+"config.model.d_model: expected a positive int, got -4". A run's saved config from before the
+model section was grouped converts with `upgrade`.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 
 import ml_collections
 
-from lru_jax import lru, models, scan
+from lru_jax import _checks, lru, models, scan
 from lru_jax.tasks.base import TaskSpec
 from lru_jax.training.optim import OPTIMIZERS
 
@@ -29,16 +31,12 @@ def default_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.task = ml_collections.ConfigDict({"name": "text", "corpus": "jokes", "seq_len": 128})
+    # Keys every mixer shares sit at the top of `model`; each mixer's own keys in its group.
     c.model = ml_collections.ConfigDict(
         {
-            "cell": "lru",  # lru | lstm | gru | simple_rnn | attention
+            "mixer": "lru",  # lru | lstm | gru | simple_rnn | attention
             "d_model": 128,
             "num_layers": 2,
-            "d_state": 128,  # LRU state size N
-            "r_min": 0.0,
-            "r_max": 1.0,
-            "max_phase": 2 * math.pi,
-            "scan_method": "auto",
             "norm": "layer",  # layer | batch
             "prenorm": True,
             "ffn": "glu",  # glu | gelu
@@ -46,16 +44,28 @@ def default_config() -> ml_collections.ConfigDict:
             "pooling": "none",  # none (per-step outputs) | last | mean | attention
             "remat": False,  # rematerialised BPTT over time chunks (see SequenceModel)
             "remat_chunk": 256,
-            # LSTM/GRU/SimpleRNN backward: steps per weight-gradient matmul (cells.unroll);
-            # 0: JAX's autodiff of the loop instead (slower; needed for forward-mode jax.jvp)
-            "grad_chunk": 16,
-            "num_heads": 4,  # attention mixer: heads (d_model / num_heads must be even)
-            "max_len": 2048,  # attention mixer: key/value cache size (sequence + generation)
-            # Encoder-decoder (seq2seq tasks only):
-            "attention": "soft",  # none | soft | hard (Gumbel straight-through)
-            "attention_score": "additive",  # additive | dot
-            "bidirectional": True,  # the encoder reads the source both ways
-            "hard_temperature": 1.0,  # Gumbel-softmax temperature of hard attention
+            "lru": {  # the LRU mixer
+                "d_state": 128,  # state size N
+                "r_min": 0.0,  # the ring |lambda| is initialised on
+                "r_max": 1.0,
+                "max_phase": 2 * math.pi,
+                "scan_method": "auto",
+            },
+            "rnn": {  # the LSTM, GRU and SimpleRNN mixers
+                # backward: steps per weight-gradient matmul (cells.unroll); 0: JAX's
+                # autodiff of the loop instead (slower; needed for forward-mode jax.jvp)
+                "grad_chunk": 16,
+            },
+            "attention": {  # the causal self-attention mixer
+                "num_heads": 4,  # d_model / num_heads must be even
+                "max_len": 2048,  # key/value cache size (sequence + generation)
+            },
+            "seq2seq": {  # the encoder-decoder of seq2seq tasks (with a recurrent mixer)
+                "attention": "soft",  # none | soft | hard (Gumbel straight-through)
+                "attention_score": "additive",  # additive | dot
+                "bidirectional": True,  # the encoder reads the source both ways
+                "hard_temperature": 1.0,  # Gumbel-softmax temperature of hard attention
+            },
         }
     )
     c.train = ml_collections.ConfigDict(
@@ -97,135 +107,195 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
+# The model section before its keys were grouped: old key -> where it is now.
+MOVED_MODEL_KEYS = {
+    "cell": "mixer",
+    "d_state": "lru.d_state",
+    "r_min": "lru.r_min",
+    "r_max": "lru.r_max",
+    "max_phase": "lru.max_phase",
+    "scan_method": "lru.scan_method",
+    "grad_chunk": "rnn.grad_chunk",
+    "num_heads": "attention.num_heads",
+    "max_len": "attention.max_len",
+    "attention": "seq2seq.attention",
+    "attention_score": "seq2seq.attention_score",
+    "bidirectional": "seq2seq.bidirectional",
+    "hard_temperature": "seq2seq.hard_temperature",
+}
+
+
+def load_config(path: str, overrides: dict | None = None) -> ml_collections.ConfigDict:
+    """The locked config of the config file at `path`, with dotted `overrides` applied
+    ({"model.mixer": "lstm", "model.lru.r_min": 0.5}); a misspelt key is refused."""
+    spec = importlib.util.spec_from_file_location("experiment_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    config.lock()
+    config.update_from_flattened_dict(dict(overrides or {}))
+    return config
+
+
+def _old_model_keys(model) -> list[str]:
+    # "attention" is an old key (a string) and a new group (a ConfigDict).
+    groups = (dict, ml_collections.ConfigDict)
+    return [k for k in MOVED_MODEL_KEYS if k in model and not isinstance(model[k], groups)]
+
+
+def upgrade(config) -> ml_collections.ConfigDict:
+    """A saved run's config (e.g. its config.json as a dict) in today's layout.
+
+    A run saved before the model section was grouped has `model.cell` and flat LRU, RNN,
+    attention and encoder-decoder keys: each moves to its place (MOVED_MODEL_KEYS), and model
+    keys it lacks get today's defaults. A config already in today's layout is returned as is.
+    """
+    config = ml_collections.ConfigDict(config)
+    old = _old_model_keys(config.model)
+    if not old:
+        return config
+    model = default_config().model
+    for key, value in config.model.items():
+        path = MOVED_MODEL_KEYS.get(key, key) if key in old else key
+        group, _, name = path.rpartition(".")
+        (model[group] if group else model)[name] = value
+    config.model = model
+    return config
+
+
+def _key(name: str) -> str:
+    return f"config.{name}"
+
+
+def _int(c, key: str, minimum: int = 1) -> None:
+    """config.<key> (a dotted path below `config`) is an int >= minimum."""
+    _checks.integer(_key(key), _get(c, key), minimum, type_error=ValueError)
+
+
+def _number(c, key: str, low, high=math.inf, closed_high=True) -> None:
+    """config.<key> is a number in [low, high] (or [low, high))."""
+    value = _get(c, key)
+    _checks.number(_key(key), value, low, high, closed_high=closed_high, type_error=ValueError)
+
+
+def _choice(c, key: str, choices) -> None:
+    _checks.one_of(_key(key), _get(c, key), choices)
+
+
+def _get(c, key: str):
+    for part in key.split("."):
+        c = c[part]
+    return c
+
+
 def _fail(key: str, expected: str, got) -> None:
-    raise ValueError(f"config.{key}: expected {expected}, got {got!r}")
-
-
-def _positive_int(c, section: str, name: str, allow_zero: bool = False) -> None:
-    value = c[section][name]
-    ok = (
-        isinstance(value, int) and not isinstance(value, bool) and value >= (0 if allow_zero else 1)
-    )
-    if not ok:
-        _fail(f"{section}.{name}", "a non-negative int" if allow_zero else "a positive int", value)
-
-
-def _in_range(c, section: str, name: str, low: float, high: float, closed_high=False) -> None:
-    value = c[section][name]
-    ok = (
-        isinstance(value, (int, float))
-        and low <= value
-        and (value <= high if closed_high else value < high)
-    )
-    if not ok:
-        bracket = "]" if closed_high else ")"
-        _fail(f"{section}.{name}", f"a number in [{low}, {high}{bracket}", value)
-
-
-def _choice(c, section: str, name: str, choices) -> None:
-    if c[section][name] not in choices:
-        _fail(f"{section}.{name}", f"one of {list(choices)}", c[section][name])
+    _checks.fail(_key(key), expected, got)
 
 
 def validate(config) -> None:
     """Checks every value that does not depend on the task."""
     for section in SECTIONS:
         if section not in config:
-            raise ValueError(f"config.{section}: missing section (expected {list(SECTIONS)})")
+            _fail(section, f"a section (the sections are {list(SECTIONS)})", None)
     if not isinstance(config.task.get("name"), str):
         _fail("task.name", "a task name", config.task.get("name"))
-    if not isinstance(config.seed, int):
-        _fail("seed", "an int", config.seed)
+    _checks.integer(_key("seed"), config.seed, type_error=ValueError)
+    _validate_model(config)
+    _validate_train(config)
 
+    if config.sharding.data != -1:
+        _int(config, "sharding.data")
+    _int(config, "sharding.sequence")
+    _choice(config, "sharding.params", ("replicated", "fsdp"))
+    _int(config, "sharding.fsdp_min_size", 0)
+    if config.sharding.sequence > 1 and config.model.mixer != "lru":
+        expected = f"1 for mixer {config.model.mixer!r} (sequence parallelism is LRU-only)"
+        _fail("sharding.sequence", expected, config.sharding.sequence)
+
+    _int(config, "generate.num_samples", 0)
+    _int(config, "generate.length")
+    _int(config, "generate.top_k", 0)
+    _number(config, "generate.temperature", 0)
+    _checks.integer(_key("generate.seed"), config.generate.seed, type_error=ValueError)
+
+
+def _validate_model(config) -> None:
     m = config.model
-    for name in ("d_model", "num_layers", "d_state", "remat_chunk", "num_heads", "max_len"):
-        _positive_int(config, "model", name)
-    _positive_int(config, "model", "grad_chunk", allow_zero=True)
-    _choice(config, "model", "cell", models.CELLS)
-    _choice(config, "model", "pooling", models.POOLINGS)
-    _choice(config, "model", "norm", ("layer", "batch"))
-    _choice(config, "model", "ffn", ("glu", "gelu"))
-    _choice(config, "model", "scan_method", (*scan.METHODS, "auto"))
-    _choice(config, "model", "attention", models.ATTENTIONS)
-    _choice(config, "model", "attention_score", models.SCORES)
-    _choice(config, "model", "bidirectional", (True, False))
-    if not (isinstance(m.hard_temperature, (int, float)) and m.hard_temperature > 0):
-        _fail("model.hard_temperature", "a positive number", m.hard_temperature)
-    _in_range(config, "model", "dropout_rate", 0.0, 1.0)
+    if old := _old_model_keys(m):  # a config written for the flat layout
+        raise ValueError(
+            f"config.model.{old[0]}: renamed config.model.{MOVED_MODEL_KEYS[old[0]]} (see "
+            "lru_jax.training.config.default_config; `upgrade` converts a saved run's config)"
+        )
+    for key in ("d_model", "num_layers", "remat_chunk", "lru.d_state", "attention.num_heads",
+                "attention.max_len"):  # fmt: skip
+        _int(config, f"model.{key}")
+    _int(config, "model.rnn.grad_chunk", 0)
+    _choice(config, "model.mixer", models.MIXERS)
+    _choice(config, "model.pooling", models.POOLINGS)
+    _choice(config, "model.norm", ("layer", "batch"))
+    _choice(config, "model.ffn", ("glu", "gelu"))
+    _choice(config, "model.lru.scan_method", (*scan.METHODS, "auto"))
+    _choice(config, "model.seq2seq.attention", models.ATTENTIONS)
+    _choice(config, "model.seq2seq.attention_score", models.SCORES)
+    _choice(config, "model.seq2seq.bidirectional", (True, False))
+    temperature = _key("model.seq2seq.hard_temperature")
+    _checks.positive_number(temperature, m.seq2seq.hard_temperature, type_error=ValueError)
+    _checks.rate(_key("model.dropout_rate"), m.dropout_rate, type_error=ValueError)
     if m.remat and m.norm == "batch":
         _fail("model.remat", "False with norm 'batch' (chunks would change the statistics)", True)
-    if m.remat and m.cell == "attention":
-        _fail("model.remat", "False with cell 'attention' (remat is for recurrent mixers)", True)
-    if m.cell == "attention" and (m.d_model % m.num_heads or (m.d_model // m.num_heads) % 2):
+    if m.remat and m.mixer == "attention":
+        _fail("model.remat", "False with mixer 'attention' (remat is for recurrent mixers)", True)
+    heads = m.attention.num_heads
+    if m.mixer == "attention" and (m.d_model % heads or (m.d_model // heads) % 2):
         _fail(
-            "model.num_heads",
+            "model.attention.num_heads",
             f"a divisor of d_model={m.d_model} leaving an even head size (rotary positions)",
-            m.num_heads,
+            heads,
         )
     try:
-        lru.check_ring(m.r_min, m.r_max, m.max_phase)
+        lru.check_ring(m.lru.r_min, m.lru.r_max, m.lru.max_phase)
     except ValueError as err:
-        raise ValueError(f"config.model.{err}") from None
+        raise ValueError(f"config.model.lru.{err}") from None
 
-    for name in ("batch_size", "num_steps", "log_every", "eval_every", "checkpoint_every"):
-        _positive_int(config, "train", name)
-    for name in (
-        "per_device_batch_size",
-        "warmup_steps",
-        "eval_batches",
-        "tbptt_length",
-        "keep_checkpoints",
-    ):
-        _positive_int(config, "train", name, allow_zero=True)
+
+def _validate_train(config) -> None:
     t = config.train
-    _choice(config, "train", "optimizer", OPTIMIZERS)
+    for name in ("batch_size", "num_steps", "log_every", "eval_every", "checkpoint_every"):
+        _int(config, f"train.{name}")
+    for name in ("per_device_batch_size", "warmup_steps", "eval_batches", "tbptt_length",
+                 "keep_checkpoints"):  # fmt: skip
+        _int(config, f"train.{name}", 0)
+    _choice(config, "train.optimizer", OPTIMIZERS)
     if not (isinstance(t.learning_rate, float) and t.learning_rate > 0):
         _fail("train.learning_rate", "a positive float", t.learning_rate)
-    _in_range(config, "train", "min_lr_ratio", 0.0, 1.0, closed_high=True)
-    _in_range(config, "train", "lru_lr_factor", 0.0, math.inf)
-    _in_range(config, "train", "weight_decay", 0.0, math.inf)
-    _in_range(config, "train", "grad_clip_norm", 0.0, math.inf)
+    _number(config, "train.min_lr_ratio", 0, 1)
+    for name in ("lru_lr_factor", "weight_decay", "grad_clip_norm"):
+        _number(config, f"train.{name}", 0)
     choices = t.get("scan_choices", "auto")
     settings = ("auto", "measure", "")
     if not isinstance(choices, str) or not (choices in settings or os.path.isfile(choices)):
         _fail("train.scan_choices", "'auto', 'measure', '' or a scan_choices.json file", choices)
 
-    if config.sharding.data != -1:
-        _positive_int(config, "sharding", "data")
-    _positive_int(config, "sharding", "sequence")
-    _choice(config, "sharding", "params", ("replicated", "fsdp"))
-    _positive_int(config, "sharding", "fsdp_min_size", allow_zero=True)
-    if config.sharding.sequence > 1 and m.cell != "lru":
-        expected = f"1 for cell {m.cell!r} (sequence parallelism is LRU-only)"
-        _fail("sharding.sequence", expected, config.sharding.sequence)
-
-    _positive_int(config, "generate", "num_samples", allow_zero=True)
-    _positive_int(config, "generate", "length")
-    _positive_int(config, "generate", "top_k", allow_zero=True)
-    _in_range(config, "generate", "temperature", 0.0, math.inf)
-    if not isinstance(config.generate.seed, int):
-        _fail("generate.seed", "an int", config.generate.seed)
-
 
 def check_against_task(config, spec: TaskSpec) -> None:
     """Checks the choices that depend on what the task is."""
-    pooling = config.model.pooling
+    m = config.model
     per_step = spec.kind in ("per_step", "seq2seq")
-    if per_step and pooling != "none":
-        _fail("model.pooling", f"'none' for the {spec.kind} task {spec.name}", pooling)
-    if not per_step and pooling == "none":
+    if per_step and m.pooling != "none":
+        _fail("model.pooling", f"'none' for the {spec.kind} task {spec.name}", m.pooling)
+    if not per_step and m.pooling == "none":
         _fail(
             "model.pooling",
             f"'last' or 'mean' (or 'attention') for the {spec.kind} task {spec.name}",
-            pooling,
+            m.pooling,
         )
-    if spec.kind == "seq2seq" and config.model.cell not in models.RECURRENT_CELLS:
+    if spec.kind == "seq2seq" and m.mixer not in models.RECURRENT_MIXERS:
         _fail(
-            "model.cell",
-            f"a recurrent cell {list(models.RECURRENT_CELLS)} for the encoder-decoder",
-            config.model.cell,
+            "model.mixer",
+            f"a recurrent mixer {list(models.RECURRENT_MIXERS)} for the encoder-decoder",
+            m.mixer,
         )
-    if spec.kind == "seq2seq" and config.model.remat:
+    if spec.kind == "seq2seq" and m.remat:
         _fail("model.remat", "False: the encoder-decoder does not rematerialise", True)
     if config.train.tbptt_length and spec.kind != "per_step":
         _fail(
@@ -233,17 +303,16 @@ def check_against_task(config, spec: TaskSpec) -> None:
             f"0: truncated BPTT needs per-step targets, and {spec.name} is {spec.kind}",
             config.train.tbptt_length,
         )
-    if config.model.cell == "attention" and spec.seq_len > config.model.max_len:
-        _fail(
-            "model.max_len", f"at least the task's seq_len ({spec.seq_len})", config.model.max_len
-        )
+    if m.mixer == "attention" and spec.seq_len > m.attention.max_len:
+        expected = f"at least the task's seq_len ({spec.seq_len})"
+        _fail("model.attention.max_len", expected, m.attention.max_len)
     seq = config.sharding.sequence
     if spec.seq_len % seq:
         _fail("sharding.sequence", f"a divisor of the task's seq_len {spec.seq_len}", seq)
     tbptt = config.train.tbptt_length
     if tbptt % seq:
         _fail("train.tbptt_length", f"a multiple of sharding.sequence ({seq})", tbptt)
-    if seq > 1 and (spec.kind == "seq2seq" or config.model.remat):
+    if seq > 1 and (spec.kind == "seq2seq" or m.remat):
         _fail("sharding.sequence", "1 for seq2seq tasks and with model.remat", seq)
     if config.generate.top_k > spec.num_outputs:
         _fail(
@@ -259,22 +328,29 @@ def build_model(
     parallelism); `scan_table` (a `ScanTable`) is what the model's "auto" scans choose from."""
     m = model_config
     shared = {  # the blocks' settings, the same for both kinds of model
-        name: m[name]
-        for name in (
-            "cell", "d_model", "num_layers", "d_state", "r_min", "r_max", "max_phase",
-            "scan_method", "norm", "prenorm", "ffn", "dropout_rate",
-        )
-    }  # fmt: skip
-    # 0 means autodiff; runs saved before the key existed used the default, 16.
-    shared["grad_chunk"] = m.get("grad_chunk", 16) or None
-    shared["scan_table"] = scan_table
+        "mixer": m.mixer,
+        "d_model": m.d_model,
+        "num_layers": m.num_layers,
+        "norm": m.norm,
+        "prenorm": m.prenorm,
+        "ffn": m.ffn,
+        "dropout_rate": m.dropout_rate,
+        "d_state": m.lru.d_state,
+        "r_min": m.lru.r_min,
+        "r_max": m.lru.r_max,
+        "max_phase": m.lru.max_phase,
+        "scan_method": m.lru.scan_method,
+        "grad_chunk": m.rnn.grad_chunk or None,  # 0 means autodiff
+        "scan_table": scan_table,
+    }
     if spec.kind == "seq2seq":
+        s2s = m.seq2seq
         return models.EncoderDecoder(
             vocab_size=spec.vocab_size,
-            attention=m.attention,
-            score=m.attention_score,
-            bidirectional=m.bidirectional,
-            hard_temperature=m.hard_temperature,
+            attention=s2s.attention,
+            score=s2s.attention_score,
+            bidirectional=s2s.bidirectional,
+            hard_temperature=s2s.hard_temperature,
             **shared,
         )
     return models.SequenceModel(
@@ -283,8 +359,8 @@ def build_model(
         pooling=m.pooling,
         remat=m.remat,
         remat_chunk=m.remat_chunk,
-        num_heads=m.num_heads,
-        max_len=m.max_len,
+        num_heads=m.attention.num_heads,
+        max_len=m.attention.max_len,
         sequence_axis=sequence_axis,
         **shared,
     )

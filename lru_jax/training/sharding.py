@@ -29,6 +29,8 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from lru_jax import _checks
+
 DATA, SEQ = "data", "seq"
 PARAM_MODES = ("replicated", "fsdp")
 
@@ -38,16 +40,11 @@ def mesh_shape(sharding_config, num_devices: int) -> tuple[int, int]:
     data, seq = sharding_config.data, sharding_config.sequence
     if data == -1:
         if num_devices % seq:
-            raise ValueError(
-                f"config.sharding.sequence: expected a divisor of the {num_devices} devices, "
-                f"got {seq}"
-            )
+            _checks.fail("config.sharding.sequence", f"a divisor of the {num_devices} devices", seq)
         data = num_devices // seq
     if data * seq > num_devices:
-        raise ValueError(
-            f"config.sharding.data: expected data x sequence devices ({data} x {seq}) at most "
-            f"the {num_devices} devices available, got data={data}"
-        )
+        expected = f"data x sequence devices ({data} x {seq}) at most the {num_devices} devices"
+        _checks.fail("config.sharding.data", expected, data)
     return data, seq
 
 
@@ -66,10 +63,8 @@ def global_batch_size(train_config, mesh: Mesh) -> int:
     if train_config.per_device_batch_size:
         return train_config.per_device_batch_size * devices
     if train_config.batch_size % devices:
-        raise ValueError(
-            f"config.train.batch_size: expected a multiple of the {devices} devices on the "
-            f"mesh's data axis, got {train_config.batch_size}"
-        )
+        expected = f"a multiple of the {devices} devices on the mesh's data axis"
+        _checks.fail("config.train.batch_size", expected, train_config.batch_size)
     return train_config.batch_size
 
 
