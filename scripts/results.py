@@ -1,13 +1,15 @@
-"""Reruns the README's results suite and rewrites its table.
+"""Reruns the results suite and writes its table to docs/results/table.md.
 
-    python scripts/results.py                  # every experiment (about an hour on 2 cores)
-    python scripts/results.py --only adding-lru,jokes-lru
-    python scripts/results.py --workdir runs/results --no-readme
-    python scripts/results.py --resume         # keep experiments that already finished
+    python scripts/results.py                  # every experiment (hours on 2 cores)
+    python scripts/results.py --only mnist1d-lru,jokes-lru
+    python scripts/results.py --workdir runs/results
+    python scripts/results.py --resume         # keep runs that already finished
 
-Each experiment is a config file plus overrides, trained from scratch in its own directory.
+Each experiment is a config file plus overrides, trained from scratch in its own directory,
+once per seed (the headline rows run seeds 0, 1, 2 and report mean ± standard deviation).
 The table (metric, the task's trivial baseline or a published reference, wall time) goes to
-docs/results.md and between the results markers of README.md.
+docs/results/table.md, each experiment's validation curve to docs/results/<name>.png.
+docs/results.md is written by hand around them: what the numbers mean and how they were found.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import sys
 import time
 
 import jax
+import numpy as np
 from absl import logging
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -29,6 +32,7 @@ sys.path.insert(0, ROOT)
 from lru_jax.training import config as config_lib  # noqa: E402
 from lru_jax.training.loop import train_and_evaluate  # noqa: E402
 
+HEADLINE = ("adding-lru", "mnist1d-lru", "listops-lru", "stdlib-lru")  # run with 3 seeds
 # name, config file, overrides, the metric to report, reference shown beside it.
 EXPERIMENTS = [
     ("adding-lru", "adding.py", {}, "mse", "baseline 0.167"),
@@ -42,6 +46,14 @@ EXPERIMENTS = [
         "accuracy",
         "GRU 91% (paper)",
     ),
+    ("mnist1d-shuffled-lru", "mnist1d_shuffled.py", {}, "accuracy", "GRU 57% (paper)"),
+    (
+        "mnist1d-shuffled-gru",
+        "mnist1d_shuffled.py",
+        {"model.mixer": "gru"},
+        "accuracy",
+        "GRU 57% (paper)",
+    ),
     ("listops-lru", "listops.py", {}, "accuracy", "majority class"),
     ("listops-attention", "listops.py", {"model.mixer": "attention"}, "accuracy", "majority class"),
     ("jokes-lru", "default.py", {}, "bits_per_char", "unigram entropy"),
@@ -51,7 +63,7 @@ EXPERIMENTS = [
     ("recall-lru", "associative_recall.py", {}, "loss", "baseline"),
     ("stdlib-lru", "stdlib_text.py", {}, "bits_per_char", "unigram entropy"),
 ]
-START, END = "<!-- results:start -->", "<!-- results:end -->"
+OUT = os.path.join(ROOT, "docs", "results")
 
 
 def load_config(filename: str, overrides: dict):
@@ -67,17 +79,19 @@ def baseline_text(final: dict, metric: str, reference: str) -> str:
     return reference
 
 
-def run(name, filename, overrides, metric, reference, workdir, resume=False) -> dict:
-    directory = os.path.join(workdir, name)
+def run(name, filename, overrides, metric, reference, workdir, seed, resume=False) -> dict:
+    """One training run of an experiment with `seed`; its result.json is kept in its workdir."""
+    directory = os.path.join(workdir, f"{name}-seed{seed}")
     result_path = os.path.join(directory, "result.json")
     if resume and os.path.exists(result_path):
         with open(result_path) as f:
             return json.load(f)
     shutil.rmtree(directory, ignore_errors=True)
     start = time.perf_counter()
-    final = train_and_evaluate(load_config(filename, overrides), directory)
+    final = train_and_evaluate(load_config(filename, {**overrides, "seed": seed}), directory)
     result = {
         "name": name,
+        "seed": seed,
         "config": f"configs/{filename}"
         + "".join(f" --config.{k}={v}" for k, v in overrides.items()),
         "metric": metric,
@@ -86,24 +100,64 @@ def run(name, filename, overrides, metric, reference, workdir, resume=False) -> 
         "reference": baseline_text(final, metric, reference),
         "wall_s": time.perf_counter() - start,
         "samples": final.get("samples", []),
+        "curve": validation_curve(os.path.join(directory, "metrics.jsonl"), metric),
     }
     with open(result_path, "w") as f:
         json.dump(result, f, indent=2)
     return result
 
 
+def validation_curve(metrics_path: str, metric: str) -> list[tuple[int, float]]:
+    """[(step, validation metric)] from a run's metrics.jsonl."""
+    with open(metrics_path) as f:
+        rows = [json.loads(line) for line in f]
+    return [(r["step"], r[metric]) for r in rows if r.get("split") == "valid" and metric in r]
+
+
+def plot_curves(name: str, runs: list[dict], path: str) -> None:
+    """Validation metric against step, one line per seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    for r in runs:
+        steps, values = zip(*r["curve"], strict=True) if r["curve"] else ((), ())
+        ax.plot(steps, values, marker="o", label=f"seed {r['seed']}")
+    ax.set(title=name, xlabel="step", ylabel=f"validation {runs[0]['metric']}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def summary(runs: list[dict]) -> dict:
+    """One table row from an experiment's runs: mean and (with several seeds) std."""
+    row = {k: runs[0][k] for k in ("name", "config", "metric", "reference", "samples")}
+    for split in ("valid", "test"):
+        values = np.array([r[split] for r in runs])
+        row[split] = f"{values.mean():.4f}" + (
+            f" ± {values.std(ddof=1):.4f}" if len(runs) > 1 else ""
+        )
+    row["seeds"] = len(runs)
+    row["wall_s"] = float(np.mean([r["wall_s"] for r in runs]))
+    return row
+
+
 def table(rows: list[dict]) -> str:
     machine = f"{os.cpu_count()}-core {platform.machine()} CPU, jax {jax.__version__}"
     lines = [
         f"Measured {time.strftime('%Y-%m-%d')} on a {machine} by `python scripts/results.py`.",
+        "Several seeds: mean ± standard deviation; wall time per run.",
         "",
-        "| experiment | config | metric | valid | test | reference | wall time |",
-        "|---|---|---|---:|---:|---|---:|",
+        "| experiment | config | metric | seeds | valid | test | reference | wall time |",
+        "|---|---|---|---:|---:|---:|---|---:|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['name']} | `{r['config']}` | {r['metric']} | {r['valid']:.4f} | "
-            f"{r['test']:.4f} | {r['reference']} | {r['wall_s'] / 60:.1f} min |"
+            f"| [{r['name']}]({r['name']}.png) | `{r['config']}` | {r['metric']} | {r['seeds']} | "
+            f"{r['valid']} | {r['test']} | {r['reference']} | {r['wall_s'] / 60:.1f} min |"
         )
     for r in rows:
         if r["samples"]:
@@ -115,41 +169,33 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_readme(text: str, start: str = START, end: str = END) -> None:
-    """Replaces README.md's text between the markers `start` and `end` with `text`."""
-    path = os.path.join(ROOT, "README.md")
-    readme = open(path).read()
-    if start not in readme or end not in readme:
-        raise SystemExit(f"README.md has no {start} ... {end} section to fill")
-    head, rest = readme.split(start, 1)
-    _, tail = rest.split(end, 1)
-    with open(path, "w") as f:
-        f.write(head + start + "\n" + text + end + tail)
-
-
 def main():
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--only", default="", help="comma-separated experiment names")
     parser.add_argument("--workdir", default=os.path.join(ROOT, "runs", "results"))
-    parser.add_argument("--no-readme", action="store_true", help="leave README.md as it is")
-    parser.add_argument("--resume", action="store_true", help="reuse finished experiments")
+    parser.add_argument("--resume", action="store_true", help="reuse finished runs")
     args = parser.parse_args()
     logging.set_verbosity(logging.WARNING)
+    names = [e[0] for e in EXPERIMENTS]
+    unknown = [n for n in args.only.split(",") if n and n not in names]
+    if unknown:
+        parser.error(f"--only: unknown experiments {unknown}; expected some of {names}")
     chosen = [e for e in EXPERIMENTS if not args.only or e[0] in args.only.split(",")]
+    os.makedirs(OUT, exist_ok=True)
     rows = []
     for experiment in chosen:
-        rows.append(run(*experiment, args.workdir, args.resume))
+        seeds = range(3) if experiment[0] in HEADLINE else range(1)
+        runs = [run(*experiment, args.workdir, seed, args.resume) for seed in seeds]
+        plot_curves(experiment[0], runs, os.path.join(OUT, f"{experiment[0]}.png"))
+        rows.append(summary(runs))
         print(json.dumps({k: v for k, v in rows[-1].items() if k != "samples"}), flush=True)
     text = table(rows)
-    os.makedirs(os.path.join(ROOT, "docs"), exist_ok=True)
-    with open(os.path.join(ROOT, "docs", "results.md"), "w") as f:
-        f.write("# Results\n\n" + text)
+    with open(os.path.join(OUT, "table.md"), "w") as f:
+        f.write("# Results table\n\n" + text)
     with open(os.path.join(args.workdir, "results.json"), "w") as f:
         json.dump(rows, f, indent=2)
-    if not args.no_readme:
-        write_readme(text)
     print(text)
 
 
