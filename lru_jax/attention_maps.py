@@ -29,38 +29,20 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from lru_jax import models  # noqa: E402
 from lru_jax.tasks.seq2seq import BOS, EOS, NUM_SPECIAL, PAD  # noqa: E402
-from lru_jax.training import autotune  # noqa: E402
-from lru_jax.training import config as config_lib  # noqa: E402
-from lru_jax.training.checkpoints import Checkpointer  # noqa: E402
-from lru_jax.training.loop import (  # noqa: E402
-    build_task,
-    one_device_state,
-)
-from lru_jax.training.optim import make_optimizer  # noqa: E402
+from lru_jax.training import runs  # noqa: E402
 
 
 def load_run(workdir: str):
-    """(config, task, model, variables) of the latest checkpoint in `workdir`."""
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
-        raise ValueError(f"workdir: expected a training run with config.json, got {workdir!r}")
-    with open(path) as f:
-        config = config_lib.upgrade(json.load(f))  # runs saved before today's layout too
-    task = build_task(config)
+    """(config, task, model, variables) of the latest checkpoint of a seq2seq run in `workdir`."""
+    config = runs.read_config(workdir)
+    model, task, state, step = runs.load(config, workdir)
     if task.spec.kind != "seq2seq":
         raise ValueError(
             f"workdir: expected a run of a seq2seq task (an encoder-decoder), got the "
             f"{task.spec.kind} task {task.spec.name!r}"
         )
-    # the run's scan table: the encoder's "auto" scans run the methods training ran
-    scan_table = autotune.replayed_table(config, workdir)
-    model = config_lib.build_model(config.model, task.spec, scan_table=scan_table)
-    template = one_device_state(model, make_optimizer(config.train), task, config)
-    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), 0)
-    if checkpointer.latest_step() is None:
+    if step == 0:
         raise ValueError(f"workdir: no checkpoint in {workdir!r}")
-    state = checkpointer.restore(template)
-    checkpointer.close()
     return config, task, model, jax.device_get(state.variables())
 
 
