@@ -5,7 +5,7 @@ fresh directory under runs/. A --workdir that holds a checkpoint resumes from it
 
 Several hosts: start the same command on every host with --distributed (TPU pods and SLURM
 find each other), or with --coordinator_address=HOST:PORT --num_processes=N --process_id=I,
-and a shared --workdir. `config.sharding` says how the devices are used (README: Scaling out).
+and a shared --workdir. `config.sharding` says how the devices are used (docs/scaling.md).
 """
 
 import os

@@ -6,8 +6,7 @@
 The cocktail party with no, soft and hard attention (configs/cocktail_party.py), and reverse
 and sort with soft attention (configs/reverse.py), each trained from scratch. Writes
 docs/cocktail_party.md (the table, with every test metric), heatmaps under docs/attention/
-(`python -m lru_jax.attention_maps`), and the table between the cocktail-party markers of
-README.md.
+(`python -m lru_jax.attention_maps`).
 """
 
 from __future__ import annotations
@@ -38,7 +37,6 @@ EXPERIMENTS = [
     ("reverse-soft", "reverse.py", {}, 1),
     ("sort-soft", "reverse.py", {"task.name": "sort"}, 1),
 ]
-START, END = "<!-- cocktail-party:start -->", "<!-- cocktail-party:end -->"
 DOCS = os.path.join(ROOT, "docs")
 
 
@@ -79,17 +77,12 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_readme(text: str) -> None:
-    results.write_readme(text, START, END)
-
-
 def main():
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--workdir", default=os.path.join(ROOT, "runs", "cocktail_party"))
     parser.add_argument("--resume", action="store_true", help="reuse finished experiments")
-    parser.add_argument("--no-readme", action="store_true", help="leave README.md as it is")
     args = parser.parse_args()
     logging.set_verbosity(logging.WARNING)
     rows = []
@@ -105,8 +98,6 @@ def main():
         f.write("\n" + "\n\n".join(images) + "\n")
     with open(os.path.join(args.workdir, "cocktail_party.json"), "w") as f:
         json.dump(rows, f, indent=2)
-    if not args.no_readme:
-        write_readme(text)
     print(text)
 
 

@@ -11,8 +11,7 @@
    orthogonal matrix (chaotic tanh dynamics), trained with SGD (momentum 0.9) and with AdamW,
    each without and with global-norm clipping at 1.
 
-Writes docs/gradients.md (tables), docs/gradients_*.png and the table between the gradients
-markers of README.md (unless --no-readme); runs go to --workdir.
+Writes docs/gradients.md (tables) and docs/gradients_*.png; runs go to --workdir.
 """
 
 from __future__ import annotations
@@ -35,13 +34,11 @@ from lru_jax.diagnose import diagnose_state, for_log_axis, load, pyplot  # noqa:
 from lru_jax.training.checkpoints import Checkpointer  # noqa: E402
 from lru_jax.training.loop import NonFiniteLossError, train_and_evaluate  # noqa: E402
 from lru_jax.training.metrics import read_jsonl  # noqa: E402
-from scripts import results  # noqa: E402
 from scripts.results import load_config  # noqa: E402
 
 CELLS = ("simple_rnn", "lstm", "gru", "lru")
 LENGTHS = (50, 200, 1000)
 BASELINE = 1.0 / 6.0
-START, END = "<!-- gradients:start -->", "<!-- gradients:end -->"
 
 
 def experiment_config(cell: str, seq_len: int, steps: int, extra: dict | None = None):
@@ -259,10 +256,6 @@ def markdown(results, exploding, settings: dict, total_s: float) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_readme(text: str) -> None:
-    results.write_readme(text, START, END)
-
-
 def run_all(args, saved: dict | None) -> dict:
     """Runs the parts `args.part` names; the other part comes from `saved` (an earlier run)."""
     runs = dict(saved or {})
@@ -307,7 +300,6 @@ def main():
         default="all",
         help="rerun only one part, keeping the other from --workdir/gradients.json",
     )
-    parser.add_argument("--no-readme", action="store_true", help="leave README.md as it is")
     parser.add_argument("--lengths", default=",".join(map(str, LENGTHS)))
     parser.add_argument("--cells", default=",".join(CELLS))
     args = parser.parse_args()
@@ -329,8 +321,6 @@ def main():
     text = markdown(results, exploding, runs["settings"], runs["cells_s"] + runs["exploding_s"])
     with open(os.path.join(args.docs, "gradients.md"), "w") as f:
         f.write(text)
-    if not args.no_readme:
-        write_readme(text.split("\n", 2)[2])  # without the title
     print(text)
 
 

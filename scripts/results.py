@@ -79,21 +79,25 @@ def baseline_text(final: dict, metric: str, reference: str) -> str:
     return reference
 
 
-def run(name, filename, overrides, metric, reference, workdir, seed, resume=False) -> dict:
-    """One training run of an experiment with `seed`; its result.json is kept in its workdir."""
-    directory = os.path.join(workdir, f"{name}-seed{seed}")
+def run(name, filename, overrides, metric, reference, workdir, resume=False, seed=None) -> dict:
+    """One training run of an experiment (with `seed`, if given, in its own directory); its
+    result.json is kept in that directory."""
+    directory = os.path.join(workdir, name if seed is None else f"{name}-seed{seed}")
+    if seed is not None:
+        overrides = {**overrides, "seed": seed}
     result_path = os.path.join(directory, "result.json")
     if resume and os.path.exists(result_path):
         with open(result_path) as f:
             return json.load(f)
     shutil.rmtree(directory, ignore_errors=True)
     start = time.perf_counter()
-    final = train_and_evaluate(load_config(filename, {**overrides, "seed": seed}), directory)
+    config = load_config(filename, overrides)
+    final = train_and_evaluate(config, directory)
     result = {
         "name": name,
-        "seed": seed,
+        "seed": config.seed,
         "config": f"configs/{filename}"
-        + "".join(f" --config.{k}={v}" for k, v in overrides.items()),
+        + "".join(f" --config.{k}={v}" for k, v in overrides.items() if k != "seed"),
         "metric": metric,
         "valid": final["valid"][metric],
         "test": final["test"][metric],
@@ -187,7 +191,7 @@ def main():
     rows = []
     for experiment in chosen:
         seeds = range(3) if experiment[0] in HEADLINE else range(1)
-        runs = [run(*experiment, args.workdir, seed, args.resume) for seed in seeds]
+        runs = [run(*experiment, args.workdir, args.resume, seed) for seed in seeds]
         plot_curves(experiment[0], runs, os.path.join(OUT, f"{experiment[0]}.png"))
         rows.append(summary(runs))
         print(json.dumps({k: v for k, v in rows[-1].items() if k != "samples"}), flush=True)
