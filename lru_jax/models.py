@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -26,6 +27,22 @@ from lru_jax import nn as lnn
 from lru_jax.scan_table import ScanTable
 
 MIXERS = ("lru", "lstm", "gru", "simple_rnn", "attention")
+# Mixers configured by a group of their own: name -> builder(d_model, options, context)
+# returning the mixer module of one block. `options` is the model's `mixer_options` as a dict
+# (the config group `model.<name>`); `context` a `MixerContext`. A new recurrence registers
+# here and in MIXERS (and RECURRENT_MIXERS if the encoder-decoder may use it).
+OPTION_MIXERS: dict = {}
+
+
+class MixerContext(NamedTuple):
+    """What a mixer builder may need beyond its options: the model's scan table, and which
+    block of how many it builds (for depth-dependent settings)."""
+
+    scan_table: ScanTable | None
+    layer: int
+    num_layers: int
+
+
 POOLINGS = ("none", "last", "mean", "attention")
 
 
@@ -56,6 +73,8 @@ class SequenceModel(nn.Module):
         mixer "lru" only, applied under `jax.set_mesh`), or None.
       scan_table: the `lru_jax.scan_table.ScanTable` the LRU's "auto" scans choose from, or
         None for the built-in rule.
+      mixer_options: a mixer registered in `OPTION_MIXERS`: its options as sorted (key, value)
+        pairs (hashable, so the model stays a valid static argument).
     """
 
     num_outputs: int
@@ -80,6 +99,7 @@ class SequenceModel(nn.Module):
     max_len: int = 2048
     sequence_axis: str | None = None
     scan_table: ScanTable | None = None
+    mixer_options: tuple = ()
 
     def setup(self):
         _checks.one_of("mixer", self.mixer, MIXERS)
@@ -100,20 +120,20 @@ class SequenceModel(nn.Module):
         self.blocks = [
             lnn.SequenceBlock(
                 self.d_model,
-                self._make_mixer(),
+                self._make_mixer(layer),
                 norm=self.norm,
                 prenorm=self.prenorm,
                 ffn=self.ffn,
                 dropout_rate=self.dropout_rate,
             )
-            for _ in range(self.num_layers)
+            for layer in range(self.num_layers)
         ]
         self.final_norm = nn.LayerNorm()
         if self.pooling == "attention":
             self.attention_pool = lnn.AttentionPooling()
         self.head = nn.Dense(self.num_outputs)
 
-    def _make_mixer(self) -> nn.Module:
+    def _make_mixer(self, layer: int) -> nn.Module:
         if self.mixer == "lru":
             return lnn.LRU(
                 self.d_state,
@@ -126,7 +146,7 @@ class SequenceModel(nn.Module):
             )
         if self.mixer == "attention":
             return lnn.CausalSelfAttention(self.d_model, self.num_heads, self.max_len)
-        return lnn.RecurrentLayer(self.d_model, cell=self.mixer, grad_chunk=self.grad_chunk)
+        return _make_recurrent_mixer(self, layer)
 
     def _check_inputs(self, x, name="inputs"):
         if self.vocab_size is None:
@@ -286,6 +306,16 @@ def _generate(model, variables, prompt, length, temperature, top_k, seed):
 # ---------------------------------------------------------------- encoder-decoder
 
 RECURRENT_MIXERS = ("lru", "lstm", "gru", "simple_rnn")
+
+
+def _make_recurrent_mixer(model, layer: int) -> nn.Module:
+    """A registered `OPTION_MIXERS` mixer, or a recurrent cell's layer, for block `layer`."""
+    if model.mixer in OPTION_MIXERS:
+        context = MixerContext(model.scan_table, layer, model.num_layers)
+        return OPTION_MIXERS[model.mixer](model.d_model, dict(model.mixer_options), context)
+    return lnn.RecurrentLayer(model.d_model, cell=model.mixer, grad_chunk=model.grad_chunk)
+
+
 ATTENTIONS = ("none", "soft", "hard")
 SCORES = ("additive", "dot")
 
@@ -325,6 +355,7 @@ class EncoderDecoder(nn.Module):
       norm, prenorm, ffn, dropout_rate: of every `nn.SequenceBlock`.
       grad_chunk: as `SequenceModel.grad_chunk`.
       scan_table: as `SequenceModel.scan_table`.
+      mixer_options: as `SequenceModel.mixer_options`.
     """
 
     vocab_size: int
@@ -346,6 +377,7 @@ class EncoderDecoder(nn.Module):
     dropout_rate: float = 0.0
     grad_chunk: int | None = 16
     scan_table: ScanTable | None = None
+    mixer_options: tuple = ()
 
     def setup(self):
         _checks.positive_int("vocab_size", self.vocab_size)
@@ -354,11 +386,15 @@ class EncoderDecoder(nn.Module):
         _checks.one_of("score", self.score, SCORES)
         _checks.positive_number("hard_temperature", self.hard_temperature)
         self.embed = nn.Embed(self.vocab_size, self.d_model)
-        self.encoder_blocks = [self._block(self._encoder_mixer()) for _ in range(self.num_layers)]
+        self.encoder_blocks = [
+            self._block(self._encoder_mixer(layer)) for layer in range(self.num_layers)
+        ]
         self.encoder_norm = nn.LayerNorm()
         self.summarise = nn.Dense(self.d_model)
         self.bridge = nn.Dense(self.d_model)
-        self.decoder_blocks = [self._block(self._make_mixer()) for _ in range(self.num_layers)]
+        self.decoder_blocks = [
+            self._block(self._make_mixer(layer)) for layer in range(self.num_layers)
+        ]
         self.decoder_norm = nn.LayerNorm()
         if self.attention == "hard":
             self.read = lnn.HardAttention(estimator="gumbel", temperature=self.hard_temperature)
@@ -380,16 +416,16 @@ class EncoderDecoder(nn.Module):
             dropout_rate=self.dropout_rate,
         )
 
-    def _make_mixer(self) -> nn.Module:
+    def _make_mixer(self, layer: int) -> nn.Module:
         if self.mixer == "lru":
             settings = (self.d_state, self.r_min, self.r_max, self.max_phase, self.scan_method)
             return lnn.LRU(*settings, scan_table=self.scan_table)
-        return lnn.RecurrentLayer(self.d_model, cell=self.mixer, grad_chunk=self.grad_chunk)
+        return _make_recurrent_mixer(self, layer)
 
-    def _encoder_mixer(self) -> nn.Module:
+    def _encoder_mixer(self, layer: int) -> nn.Module:
         if self.bidirectional:
-            return lnn.Bidirectional(self._make_mixer(), self._make_mixer())
-        return self._make_mixer()
+            return lnn.Bidirectional(self._make_mixer(layer), self._make_mixer(layer))
+        return self._make_mixer(layer)
 
     def _check_tokens(self, name, x):
         _checks.rank(name, x, 2, "[batch, time]")

@@ -320,6 +320,14 @@ def check_against_task(config, spec: TaskSpec) -> None:
         )
 
 
+def _mixer_options(m) -> tuple:
+    """The config group `model.<mixer>` of a registered `models.OPTION_MIXERS` mixer, as the
+    hashable `mixer_options` of the model (sorted (key, value) pairs); () for other mixers."""
+    if m.mixer not in models.OPTION_MIXERS:
+        return ()
+    return tuple(sorted(m[m.mixer].to_dict().items()))
+
+
 def build_model(
     model_config, spec: TaskSpec, sequence_axis: str | None = None, scan_table=None
 ) -> models.SequenceModel | models.EncoderDecoder:
@@ -342,6 +350,7 @@ def build_model(
         "scan_method": m.lru.scan_method,
         "grad_chunk": m.rnn.grad_chunk or None,  # 0 means autodiff
         "scan_table": scan_table,
+        "mixer_options": _mixer_options(m),
     }
     if spec.kind == "seq2seq":
         s2s = m.seq2seq
