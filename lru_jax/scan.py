@@ -32,6 +32,11 @@ over the blocks gives each device the state entering its block, and every step a
 device holds be scanned, and equals the single-device scan.
 
 Gradients are JAX's own autodiff through the chosen method (except "pallas", see above).
+
+`log_linear_scan` is the same recurrence for positive a and b given as log a_t and log b_t,
+computed in log space (log h_t = logaddexp(log a_t + log h_{t-1}, log b_t)): a state far below
+(or above) float32's range stays exact in relative terms where the plain form underflows to
+zero (docs/recurrences-min.md).
 """
 
 from __future__ import annotations
@@ -47,6 +52,8 @@ from lru_jax import _checks
 from lru_jax.scan_table import ScanTable
 
 METHODS = ("sequential", "associative", "chunked", "pallas")
+# the methods of `log_linear_scan`: "cumsum" is the minGRU paper's closed form
+LOG_METHODS = ("sequential", "associative", "cumsum")
 # backends whose built-in "auto" rule comes from our own measurements (docs/benchmarks.md); on
 # the others it is a default from the literature, and train.py measures instead (see
 # `config.train.scan_choices`)
@@ -263,24 +270,25 @@ def _default_chunk(time: int) -> int:
     return max(1, int(math.isqrt(max(time, 1))))
 
 
-def _validate(a, b, h0, resets):
-    a_shape = _checks.floating("a", a)
-    b_shape = _checks.floating("b", b)
+def _validate(a, b, h0, resets, names=("a", "b", "h0"), allow_complex=True):
+    a_name, b_name, h0_name = names
+    a_shape = _checks.floating(a_name, a, allow_complex=allow_complex)
+    b_shape = _checks.floating(b_name, b, allow_complex=allow_complex)
     if len(b_shape) == 0:
-        raise ValueError("b: expected at least rank 1 [time, ...], got a scalar")
-    out_shape = _checks.broadcastable(("a", "b"), (a_shape, b_shape))
+        raise ValueError(f"{b_name}: expected at least rank 1 [time, ...], got a scalar")
+    out_shape = _checks.broadcastable((a_name, b_name), (a_shape, b_shape))
     if out_shape[0] == 0:
-        raise ValueError(f"b: expected at least one time step, got shape {b_shape}")
+        raise ValueError(f"{b_name}: expected at least one time step, got shape {b_shape}")
     if h0 is not None:
-        h0_shape = _checks.floating("h0", h0)
+        h0_shape = _checks.floating(h0_name, h0, allow_complex=allow_complex)
         try:
             fits = np.broadcast_shapes(h0_shape, out_shape[1:]) == tuple(out_shape[1:])
         except ValueError:
             fits = False
         if not fits:
             raise ValueError(
-                f"h0: expected a shape broadcastable to the state shape {out_shape[1:]}, "
-                f"got {h0_shape}"
+                f"{h0_name}: expected a shape broadcastable to the state shape "
+                f"{out_shape[1:]}, got {h0_shape}"
             )
     if resets is not None:
         resets = jnp.asarray(resets) if not hasattr(resets, "dtype") else resets
@@ -417,3 +425,105 @@ def _sequence_parallel(a, b, h0, time_varying, method, chunk_size, axis, scan_ta
         check_vma=False,
     )
     return sharded(a, b, h0)
+
+
+# ---------------------------------------------------------------- the log-space scan
+
+
+def log_linear_scan(
+    log_a, log_b, log_h0=None, *, method="auto", reverse=False, resets=None, return_log=False
+):
+    """Runs h_t = a_t * h_{t-1} + b_t along axis 0 for positive a, b, in log space.
+
+    The state is carried as its logarithm,
+
+        log h_t = logaddexp(log a_t + log h_{t-1}, log b_t),
+
+    so a state far outside float32's range (a long product of small a_t times a large h0, or
+    inputs themselves below 1e-38) keeps its relative precision, where the plain `linear_scan`
+    flushes it to zero. For positive inputs it equals `linear_scan(exp(log_a), exp(log_b),
+    exp(log_h0))` wherever that is representable.
+
+    Methods (each a function of the arguments alone; no `ScanTable`, which times `linear_scan`):
+
+    - ``"sequential"``: `jax.lax.scan` of the step above.
+    - ``"associative"``: `jax.lax.associative_scan` on pairs (log A, log B) with
+      (A1, B1) . (A2, B2) = (A1 + A2, logaddexp(A2 + B1, B2)), the `linear_scan` combine in
+      log space: O(log T) depth, each combine exact to float32 rounding.
+    - ``"cumsum"``: the minGRU paper's closed form (Feng et al. 2024, appendix B; Heinsen 2023):
+      a*_t = cumsum(log a)_t and log h_t = a*_t + logcumsumexp_k<=t(log b_k - a*_k) (with h0:
+      logaddexp(a*_t + log h0, ...)). Two library cumulative ops, but it subtracts the large
+      a*_t from log b_k and adds it back, so its absolute error in log h grows like
+      |a*_t| * 2^-24: use it where sum |log a| over the sequence stays small. No `resets`.
+    - ``"auto"``: "sequential" on CPU, "associative" elsewhere (`choose_method`'s built-in rule).
+
+    Args:
+      log_a: real [time, ...] (or without a time axis: time-invariant) log of the decay;
+        broadcastable against `log_b`. -inf means a_t = 0.
+      log_b: real [time, ...] log of the input term; -inf means b_t = 0.
+      log_h0: optional real [...] log of the state before the first step (after the last if
+        `reverse`); None: h0 = 0.
+      method: "sequential" | "associative" | "cumsum" | "auto".
+      reverse: run from the last step to the first: h_t = a_t * h_{t+1} + b_t.
+      resets: optional bool [time, *leading state axes]: restart from zero there (h_t = b_t),
+        as in `linear_scan`.
+      return_log: return log h instead of h.
+
+    Returns:
+      h (or log h): real [time, ...] of shape broadcast(log_a, log_b).
+    """
+    names = ("log_a", "log_b", "log_h0")
+    log_a, log_b, log_h0, resets, out_shape = _validate(
+        log_a, log_b, log_h0, resets, names, allow_complex=False
+    )
+    _checks.one_of("method", method, (*LOG_METHODS, "auto"))
+    _checks.boolean("reverse", reverse)
+    _checks.boolean("return_log", return_log)
+    if method == "cumsum" and resets is not None:
+        raise ValueError("resets: method 'cumsum' cannot restart the state; use another method")
+    if method == "auto":
+        method = choose_method(out_shape[0], math.prod(out_shape[1:]), allow_pallas=False)
+    dtype = jnp.result_type(log_a, log_b, *(() if log_h0 is None else (log_h0,)))
+    log_a = jnp.broadcast_to(jnp.asarray(log_a, dtype), out_shape)
+    log_b = jnp.broadcast_to(jnp.asarray(log_b, dtype), out_shape)
+    if log_h0 is not None:
+        log_h0 = jnp.broadcast_to(jnp.asarray(log_h0, dtype), out_shape[1:])
+    if resets is not None:  # a_t = 0 where the state restarts
+        mask = jnp.reshape(resets, resets.shape + (1,) * (len(out_shape) - resets.ndim))
+        log_a = jnp.where(mask, -jnp.inf, log_a)
+    if reverse:
+        log_a, log_b = jnp.flip(log_a, 0), jnp.flip(log_b, 0)
+    run = {"sequential": _log_sequential, "associative": _log_associative, "cumsum": _log_cumsum}
+    log_h = run[method](log_a, log_b, log_h0)
+    log_h = jnp.flip(log_h, 0) if reverse else log_h
+    return log_h if return_log else jnp.exp(log_h)
+
+
+def _log_sequential(log_a, log_b, log_h0):
+    def step(log_h, ab):
+        log_h = jnp.logaddexp(ab[0] + log_h, ab[1])
+        return log_h, log_h
+
+    if log_h0 is None:  # h0 = 0; logaddexp's derivatives are 0 (not nan) at -inf
+        log_h0 = jnp.full(log_b.shape[1:], -jnp.inf, log_b.dtype)
+    return jax.lax.scan(step, log_h0, (log_a, log_b))[1]
+
+
+def _log_combine(left, right):
+    a_l, b_l = left
+    a_r, b_r = right
+    return a_l + a_r, jnp.logaddexp(a_r + b_l, b_r)
+
+
+def _log_associative(log_a, log_b, log_h0):
+    if log_h0 is not None:
+        log_b = log_b.at[0].set(jnp.logaddexp(log_a[0] + log_h0, log_b[0]))
+    return jax.lax.associative_scan(_log_combine, (log_a, log_b))[1]
+
+
+def _log_cumsum(log_a, log_b, log_h0):
+    a_star = jnp.cumsum(log_a, axis=0)
+    log_h = a_star + jax.lax.cumlogsumexp(log_b - a_star, axis=0)
+    if log_h0 is not None:
+        log_h = jnp.logaddexp(a_star + log_h0, log_h)
+    return log_h
