@@ -40,3 +40,29 @@ def last_valid(hs: jax.Array, seq_lengths: jax.Array, h0: jax.Array) -> jax.Arra
     last = jnp.take_along_axis(hs, index, axis=0)[0]
     empty = (seq_lengths == 0).reshape((-1,) + (1,) * (hs.ndim - 2))
     return jnp.where(empty, h0, last)
+
+
+def run_within_lengths(run, u, seq_lengths, h_empty, *, reverse=False, resets=None):
+    """A recurrent layer's whole-sequence forward with `seq_lengths`, `reverse` and `resets`.
+
+    `run(u, resets, reverse) -> (hs, y)` runs the layer's recurrence over u [time, batch, ...]
+    from its initial state, returning every state hs [time, batch, ...state] and output
+    y [time, batch, features]. With `seq_lengths` (int [batch], checked), each sequence is
+    reversed within its own length instead of the whole time axis, outputs past a length are
+    zero and the final state is the one after the last valid step (`h_empty` [batch, ...state]
+    for a sequence of length 0).
+
+    Returns (y [time, batch, features], h_last [batch, ...state]).
+    """
+    if seq_lengths is None:
+        hs, y = run(u, resets, reverse)
+        return y, hs[0] if reverse else hs[-1]
+    if reverse:
+        u = reverse_within_lengths(u, seq_lengths)
+        resets = None if resets is None else reverse_within_lengths(resets, seq_lengths)
+    hs, y = run(u, resets, False)
+    h_last = last_valid(hs, seq_lengths, jnp.broadcast_to(h_empty, hs.shape[1:]))
+    y = jnp.where(step_mask(seq_lengths, u.shape[0])[..., None], y, 0.0)
+    if reverse:
+        y = reverse_within_lengths(y, seq_lengths)
+    return y, h_last
