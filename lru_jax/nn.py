@@ -1,5 +1,5 @@
-"""Flax Linen modules over the functional core: recurrent layers, the LRU, bidirectional and
-stacked layers, and the residual sequence block.
+"""Flax Linen modules over the functional core: recurrent layers, the LRU, minGRU, minLSTM and
+HGRN, bidirectional and stacked layers, and the residual sequence block.
 
 Modules are batch-major: x is [batch, time, features], as in `flax.linen.RNN`. Every sequence
 layer is called as
@@ -26,7 +26,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lru_jax import _checks, cells, lru, padding, scan
+from lru_jax import _checks, cells, hgrn, lru, mingru, padding, scan
 from lru_jax.attention_nn import (  # noqa: F401  (re-exported)
     AdditiveAttention,
     AttentionPooling,
@@ -216,6 +216,171 @@ class LRU(nn.Module):
         _checks.rank("x", x, 2, "[batch, H]")
         lru.check_input(params, x, "x")
         return lru.step(params, carry, x)
+
+
+def _check_scan(scan_method: str, scan_table, methods=scan.METHODS) -> None:
+    _checks.one_of("scan_method", scan_method, (*methods, "auto"))
+    scan.check_scan_table(scan_table)
+
+
+def _time_major_resets(resets):
+    """resets bool [batch, time] -> [time, batch] (None stays None)."""
+    if resets is None:
+        return None
+    _checks.rank("resets", resets, 2, "[batch, time]")
+    return _time_major(resets)
+
+
+class MinRNN(nn.Module):
+    """minGRU or minLSTM layer (Feng et al. 2024, `lru_jax.mingru`); width H is x's last axis.
+
+    `cell`: "mingru" | "minlstm" (`MinGRU` and `MinLSTM` fix it). Parameters: W_h, b_h and the
+    gates' W_z, b_z (minGRU) or W_f, b_f, W_i, b_i (minLSTM), and W_out [H, N] when `proj_out`
+    (default: d_state != H), made by `mingru.init` from the module's first "params" key.
+    The carry is the float32 state [batch, N]. `log_space` runs the paper's log-space form
+    (`scan.log_linear_scan`; `scan_method` then one of `scan.LOG_METHODS` or "auto"), else the
+    plain form through `linear_scan` (any method, `scan_table` for "auto"); both compute the same
+    outputs. `activation`: "g" (positive candidates, either form) or "linear" (plain form only).
+    """
+
+    d_state: int
+    cell: str = "mingru"
+    proj_out: bool | None = None
+    log_space: bool = False
+    activation: str = "g"
+    scan_method: str = "auto"
+    scan_table: ScanTable | None = None
+
+    @nn.compact
+    def __call__(
+        self,
+        x,
+        seq_lengths=None,
+        *,
+        initial_carry=None,
+        return_carry=False,
+        reverse=False,
+        resets=None,
+    ):
+        """x: [batch, time, H] -> y [batch, time, H] (or (h_last [batch, N], y)).
+
+        `resets`, optional bool [batch, time], restarts the state from zero at those steps.
+        """
+        mingru.check_form(self.log_space, self.activation)
+        methods = scan.LOG_METHODS if self.log_space else scan.METHODS
+        _check_scan(self.scan_method, self.scan_table, methods)
+        seq_lengths = check_sequence(x, seq_lengths)
+        proj_out = mingru.check_cell(self.cell, x.shape[-1], self.d_state, self.proj_out)
+        if self.has_variable("params", "W_h"):
+            _checks.feature_size("x", x.shape[-1], self.get_variable("params", "W_h").shape[1])
+        params = _declare_params(
+            self,
+            mingru.param_names(self.cell, proj_out),
+            lambda key: mingru.init(
+                key, x.shape[-1], self.d_state, cell=self.cell, proj_out=proj_out
+            ),
+        )
+        y, h_last = mingru.forward(
+            params,
+            _time_major(x),
+            initial_carry,
+            seq_lengths=seq_lengths,
+            reverse=reverse,
+            resets=_time_major_resets(resets),
+            method=self.scan_method,
+            scan_table=self.scan_table,
+            log_space=self.log_space,
+            activation=self.activation,
+        )
+        y = _time_major(y)
+        return (h_last, y) if return_carry else y
+
+    def initial_carry(self, batch_size: int):
+        return jnp.zeros((batch_size, self.d_state), jnp.float32)
+
+    def step(self, carry, x):
+        """One step: x [batch, H] -> (h [batch, N], y [batch, H]), equal to the full call."""
+        params = self.variables["params"]
+        _checks.rank("x", x, 2, "[batch, H]")
+        mingru.check_input(params, x, "x")
+        return mingru.step(params, carry, x, self.activation)
+
+
+class MinGRU(MinRNN):
+    """minGRU layer: h_t = (1 − z_t) ⊙ h_{t-1} + z_t ⊙ h̃_t, gates from x_t only."""
+
+    cell: str = "mingru"
+
+
+class MinLSTM(MinRNN):
+    """minLSTM layer: h_t = f'_t ⊙ h_{t-1} + i'_t ⊙ h̃_t with normalised f', i'."""
+
+    cell: str = "minlstm"
+
+
+class HGRN(nn.Module):
+    """HGRN's token mixer, the HGRU (Qin et al. 2023, `lru_jax.hgrn`); width H is x's last axis.
+
+    Parameters: W_f, b_f, W_c, b_c, theta, W_g, b_g, norm_scale, norm_bias, W_o, b_o, and
+    bound_logit [N] (the learned lower bound γ = σ(bound_logit) of the forget gate) when
+    `lower_bound` (its initial value, in [0, 1)) is above 0; made by `hgrn.init` from the
+    module's first "params" key. The carry is the complex64 state [batch, N]. In a stack of L
+    blocks the paper's bounds start at k/L for block k (`models` builds them so).
+    """
+
+    d_state: int
+    lower_bound: float = 0.0
+    scan_method: str = "auto"
+    scan_table: ScanTable | None = None
+
+    @nn.compact
+    def __call__(
+        self,
+        x,
+        seq_lengths=None,
+        *,
+        initial_carry=None,
+        return_carry=False,
+        reverse=False,
+        resets=None,
+    ):
+        """x: [batch, time, H] -> y [batch, time, H] (or (h_last [batch, N], y)).
+
+        `resets`, optional bool [batch, time], restarts the state from zero at those steps.
+        """
+        _checks.positive_int("d_state", self.d_state)
+        hgrn.check_lower_bound(self.lower_bound)
+        _check_scan(self.scan_method, self.scan_table)
+        seq_lengths = check_sequence(x, seq_lengths)
+        if self.has_variable("params", "W_f"):
+            _checks.feature_size("x", x.shape[-1], self.get_variable("params", "W_f").shape[1])
+        params = _declare_params(
+            self,
+            hgrn.param_names(self.lower_bound),
+            lambda key: hgrn.init(key, x.shape[-1], self.d_state, self.lower_bound),
+        )
+        y, h_last = hgrn.forward(
+            params,
+            _time_major(x),
+            initial_carry,
+            seq_lengths=seq_lengths,
+            reverse=reverse,
+            resets=_time_major_resets(resets),
+            method=self.scan_method,
+            scan_table=self.scan_table,
+        )
+        y = _time_major(y)
+        return (h_last, y) if return_carry else y
+
+    def initial_carry(self, batch_size: int):
+        return hgrn.zero_state((batch_size,), self.d_state)
+
+    def step(self, carry, x):
+        """One step: x [batch, H] -> (h [batch, N], y [batch, H]), equal to the full call."""
+        params = self.variables["params"]
+        _checks.rank("x", x, 2, "[batch, H]")
+        hgrn.check_input(params, x, "x")
+        return hgrn.step(params, carry, x)
 
 
 class Bidirectional(nn.Module):
