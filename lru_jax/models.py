@@ -4,11 +4,11 @@ and an encoder-decoder with attention (`EncoderDecoder`, `greedy_decode`).
     inputs -> encoder (Embed for tokens, Dense for floats) -> num_layers x SequenceBlock(mixer)
            -> LayerNorm -> pooling ("none" | "last" | "mean" | "attention") -> Dense head
 
-Any mixer: "lru", "lstm", "gru", "simple_rnn" or "attention" (causal multi-head
-self-attention with rotary positions: a Transformer baseline). A language model is the
-"none"-pooling model over tokens; `generate` samples from it one token at a time through every
-block's `step` (for attention, a key/value cache), so each new token costs one step, not a
-re-run of the prefix.
+Any mixer: "lru", "lstm", "gru", "simple_rnn", "mingru", "minlstm", "hgrn" or "attention"
+(causal multi-head self-attention with rotary positions: a Transformer baseline). A language
+model is the "none"-pooling model over tokens; `generate` samples from it one token at a time
+through every block's `step` (for attention, a key/value cache), so each new token costs one
+step, not a re-run of the prefix.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from lru_jax import _checks, padding
 from lru_jax import nn as lnn
 from lru_jax.scan_table import ScanTable
 
-MIXERS = ("lru", "lstm", "gru", "simple_rnn", "attention")
+MIXERS = ("lru", "lstm", "gru", "simple_rnn", "mingru", "minlstm", "hgrn", "attention")
 # Mixers configured by a group of their own: name -> builder(d_model, options, context)
 # returning the mixer module of one block. `options` is the model's `mixer_options` as a dict
 # (the config group `model.<name>`); `context` a `MixerContext`. A new recurrence registers
@@ -53,7 +53,7 @@ class SequenceModel(nn.Module):
       num_outputs: classes, regression dimensions or vocabulary size of the head.
       vocab_size: token vocabulary of the inputs (Embed encoder), or None for float inputs
         (Dense encoder).
-      mixer: the mixer of every block: "lru" | "lstm" | "gru" | "simple_rnn" | "attention".
+      mixer: the mixer of every block, one of `MIXERS`.
       d_model: the residual width; recurrent mixers use it as their hidden size.
       d_state: the LRU's state size N.
       pooling: "none" (an output per step), "last" (at each sequence's last valid step),
@@ -305,7 +305,40 @@ def _generate(model, variables, prompt, length, temperature, top_k, seed):
 
 # ---------------------------------------------------------------- encoder-decoder
 
-RECURRENT_MIXERS = ("lru", "lstm", "gru", "simple_rnn")
+RECURRENT_MIXERS = ("lru", "lstm", "gru", "simple_rnn", "mingru", "minlstm", "hgrn")
+
+
+def _min_rnn(module):
+    """The builder of minGRU/minLSTM: options expansion (N = round(expansion * d_model)),
+    log_space, activation, scan_method."""
+
+    def build(d_model, options, context):
+        return module(
+            d_state=max(1, round(options["expansion"] * d_model)),
+            log_space=options["log_space"],
+            activation=options["activation"],
+            scan_method=options["scan_method"],
+            scan_table=context.scan_table,
+        )
+
+    return build
+
+
+def _hgrn(d_model, options, context):
+    """HGRN with options expansion and scan_method; with `lower_bound`, block k of L starts
+    with the forget gate's lower bound at k/L, the paper's initial values (block 0: none)."""
+    bound = context.layer / context.num_layers if options["lower_bound"] else 0.0
+    return lnn.HGRN(
+        d_state=max(1, round(options["expansion"] * d_model)),
+        lower_bound=bound,
+        scan_method=options["scan_method"],
+        scan_table=context.scan_table,
+    )
+
+
+OPTION_MIXERS["mingru"] = _min_rnn(lnn.MinGRU)
+OPTION_MIXERS["minlstm"] = _min_rnn(lnn.MinLSTM)
+OPTION_MIXERS["hgrn"] = _hgrn
 
 
 def _make_recurrent_mixer(model, layer: int) -> nn.Module:
@@ -347,7 +380,7 @@ class EncoderDecoder(nn.Module):
     Attributes:
       vocab_size: tokens of sources and targets, special tokens included (their ids are the
         task's: `TaskSpec.special_tokens`).
-      mixer: the mixer of every block: "lru" | "lstm" | "gru" | "simple_rnn".
+      mixer: the mixer of every block, one of `RECURRENT_MIXERS`.
       attention: "none" | "soft" | "hard".
       score: soft attention's score: "additive" (Bahdanau) | "dot" (Luong's "general").
       bidirectional: the encoder's blocks read the source both ways.

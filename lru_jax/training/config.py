@@ -15,7 +15,7 @@ import os
 
 import ml_collections
 
-from lru_jax import _checks, lru, models, scan
+from lru_jax import _checks, lru, mingru, models, scan
 from lru_jax.tasks.base import TaskSpec
 from lru_jax.training.optim import OPTIMIZERS
 
@@ -26,6 +26,9 @@ SECTIONS = ("task", "model", "train", "sharding", "generate")
 LONG_RANGE_RING = {"r_min": 0.9, "r_max": 0.999, "max_phase": 2 * math.pi / 10}
 
 
+MIN_RNN_OPTIONS = {"expansion": 1.0, "log_space": False, "activation": "g", "scan_method": "auto"}
+
+
 def default_config() -> ml_collections.ConfigDict:
     """Every key a config has, with defaults; experiment files change what they need."""
     c = ml_collections.ConfigDict()
@@ -34,7 +37,7 @@ def default_config() -> ml_collections.ConfigDict:
     # Keys every mixer shares sit at the top of `model`; each mixer's own keys in its group.
     c.model = ml_collections.ConfigDict(
         {
-            "mixer": "lru",  # lru | lstm | gru | simple_rnn | attention
+            "mixer": "lru",  # lru | lstm | gru | simple_rnn | mingru | minlstm | hgrn | attention
             "d_model": 128,
             "num_layers": 2,
             "norm": "layer",  # layer | batch
@@ -55,6 +58,19 @@ def default_config() -> ml_collections.ConfigDict:
                 # backward: steps per weight-gradient matmul (cells.unroll); 0: JAX's
                 # autodiff of the loop instead (slower; needed for forward-mode jax.jvp)
                 "grad_chunk": 16,
+            },
+            # minGRU and minLSTM (lru_jax.mingru): state size N = expansion * d_model (an
+            # output projection when N != d_model); log_space: the paper's log-space form
+            # (scan_method then sequential | associative | cumsum | auto); activation of the
+            # candidate state: g (positive; either form) | linear (plain form only)
+            "mingru": dict(MIN_RNN_OPTIONS),
+            "minlstm": dict(MIN_RNN_OPTIONS),
+            "hgrn": {  # HGRN's HGRU (lru_jax.hgrn)
+                "expansion": 1.0,  # state size N = expansion * d_model (complex)
+                # block k of L starts with the forget gate's lower bound at k/L (the paper's);
+                # False: no lower bound
+                "lower_bound": True,
+                "scan_method": "auto",
             },
             "attention": {  # the causal self-attention mixer
                 "num_heads": 4,  # d_model / num_heads must be even
@@ -148,11 +164,15 @@ def upgrade(config) -> ml_collections.ConfigDict:
 
     A run saved before the model section was grouped has `model.cell` and flat LRU, RNN,
     attention and encoder-decoder keys: each moves to its place (MOVED_MODEL_KEYS), and model
-    keys it lacks get today's defaults. A config already in today's layout is returned as is.
+    keys it lacks get today's defaults. A config already in today's layout is returned as is,
+    except that mixer groups added since it was saved (e.g. `model.hgrn`) get their defaults.
     """
     config = ml_collections.ConfigDict(config)
     old = _old_model_keys(config.model)
     if not old:
+        for key, group in default_config().model.items():
+            if isinstance(group, ml_collections.ConfigDict) and key not in config.model:
+                config.model[key] = group
         return config
     model = default_config().model
     for key, value in config.model.items():
@@ -256,6 +276,30 @@ def _validate_model(config) -> None:
         lru.check_ring(m.lru.r_min, m.lru.r_max, m.lru.max_phase)
     except ValueError as err:
         raise ValueError(f"config.model.lru.{err}") from None
+    _validate_diagonal_mixers(config)
+
+
+def _validate_diagonal_mixers(config) -> None:
+    """The groups of minGRU, minLSTM and HGRN (models.OPTION_MIXERS' builders)."""
+    for name in ("mingru", "minlstm", "hgrn"):
+        expansion = _key(f"model.{name}.expansion")
+        _checks.positive_number(
+            expansion, _get(config, f"model.{name}.expansion"), type_error=ValueError
+        )
+    for name in ("mingru", "minlstm"):
+        group = config.model[name]
+        _choice(config, f"model.{name}.log_space", (True, False))
+        _choice(config, f"model.{name}.activation", mingru.ACTIVATIONS)
+        methods = scan.LOG_METHODS if group.log_space else scan.METHODS
+        _choice(config, f"model.{name}.scan_method", (*methods, "auto"))
+        if group.log_space and group.activation != "g":
+            _fail(
+                f"model.{name}.activation",
+                "'g' with log_space (the log form needs h̃ > 0)",
+                group.activation,
+            )
+    _choice(config, "model.hgrn.lower_bound", (True, False))
+    _choice(config, "model.hgrn.scan_method", (*scan.METHODS, "auto"))
 
 
 def _validate_train(config) -> None:
