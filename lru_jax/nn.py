@@ -231,6 +231,21 @@ def _time_major_resets(resets):
     return _time_major(resets)
 
 
+def _call_forward(forward, params, x, seq_lengths, initial_carry, return_carry, resets, **kw):
+    """A functional `forward(params, u, h0, *, seq_lengths, resets, ...)` (time-major) called
+    the way the modules are: x [batch, time, H] -> y [batch, time, H] (or (h_last, y))."""
+    y, h_last = forward(
+        params,
+        _time_major(x),
+        initial_carry,
+        seq_lengths=seq_lengths,
+        resets=_time_major_resets(resets),
+        **kw,
+    )
+    y = _time_major(y)
+    return (h_last, y) if return_carry else y
+
+
 class MinRNN(nn.Module):
     """minGRU or minLSTM layer (Feng et al. 2024, `lru_jax.mingru`); width H is x's last axis.
 
@@ -280,20 +295,20 @@ class MinRNN(nn.Module):
                 key, x.shape[-1], self.d_state, cell=self.cell, proj_out=proj_out
             ),
         )
-        y, h_last = mingru.forward(
+        return _call_forward(
+            mingru.forward,
             params,
-            _time_major(x),
+            x,
+            seq_lengths,
             initial_carry,
-            seq_lengths=seq_lengths,
+            return_carry,
+            resets,
             reverse=reverse,
-            resets=_time_major_resets(resets),
             method=self.scan_method,
             scan_table=self.scan_table,
             log_space=self.log_space,
             activation=self.activation,
         )
-        y = _time_major(y)
-        return (h_last, y) if return_carry else y
 
     def initial_carry(self, batch_size: int):
         return jnp.zeros((batch_size, self.d_state), jnp.float32)
@@ -359,18 +374,18 @@ class HGRN(nn.Module):
             hgrn.param_names(self.lower_bound),
             lambda key: hgrn.init(key, x.shape[-1], self.d_state, self.lower_bound),
         )
-        y, h_last = hgrn.forward(
+        return _call_forward(
+            hgrn.forward,
             params,
-            _time_major(x),
+            x,
+            seq_lengths,
             initial_carry,
-            seq_lengths=seq_lengths,
+            return_carry,
+            resets,
             reverse=reverse,
-            resets=_time_major_resets(resets),
             method=self.scan_method,
             scan_table=self.scan_table,
         )
-        y = _time_major(y)
-        return (h_last, y) if return_carry else y
 
     def initial_carry(self, batch_size: int):
         return hgrn.zero_state((batch_size,), self.d_state)

@@ -63,6 +63,17 @@ EXPERIMENTS = [
     ("recall-lru", "associative_recall.py", {}, "loss", "baseline"),
     ("stdlib-lru", "stdlib_text.py", {}, "bits_per_char", "unigram entropy"),
 ]
+# The diagonal recurrences of issue 19 on the adding problem, ListOps and associative recall.
+DIAGONAL_MIXERS = ("mingru", "minlstm", "hgrn")
+EXPERIMENTS += [
+    (f"{task}-{mixer}", filename, {"model.mixer": mixer}, metric, reference)
+    for mixer in DIAGONAL_MIXERS
+    for task, filename, metric, reference in (
+        ("adding", "adding.py", "mse", "baseline 0.167"),
+        ("listops", "listops.py", "accuracy", "majority class"),
+        ("recall", "associative_recall.py", "loss", "baseline"),
+    )
+]
 OUT = os.path.join(ROOT, "docs", "results")
 
 

@@ -38,6 +38,7 @@ def test_a_tiny_run_writes_a_table_json_and_plot(tmp_path, capsys):
             "--repeats=2",
             "--rnn-shape=2,5,3,4",
             "--lru-shape=2,6,4",
+            "--mixer-shape=2,6,4",
             "--limits-size=1,64",
             f"--out={tmp_path}",
         ]
@@ -59,6 +60,9 @@ def test_a_tiny_run_writes_a_table_json_and_plot(tmp_path, capsys):
     names = {r["name"] for r in rows if r["suite"] == "layers"}
     want = {"flax nn.RNN(OptimizedLSTMCell)", "lru_jax lstm", "lru_jax lstm (autodiff)"}
     assert want | {"lru_jax lru (auto)"} <= names
+    mixer_groups = {r["group"] for r in rows if r["group"].startswith("mixers")}
+    assert mixer_groups == {"mixers B=2 T=6 H=N=4 fwd", "mixers B=2 T=6 H=N=4 fwd+bwd"}
+    assert set(layer_suite.mixer_modules(4)) <= names
     if jax.default_backend() == "cpu":  # PyTorch's layers join on CPU (torch is a test extra)
         torch_rows = [r for r in rows if r["name"].startswith("PyTorch nn.")]
         assert {r["name"].split(" ")[1] for r in torch_rows} == {"nn.RNN", "nn.LSTM", "nn.GRU"}

@@ -46,6 +46,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--rnn-shape", type=_ints, default=[32, 256, 128, 256], help="B,T,in,H")
     p.add_argument("--lru-shape", type=_ints, default=[16, 4096, 256], help="B,T,N=H")
+    p.add_argument(
+        "--mixer-shape", type=_ints, default=[16, 1024, 128], help="B,T,H=N of the mixers"
+    )
     p.add_argument("--memory-length", type=int, default=16384)
     p.add_argument("--config-dir", default="configs")
     p.add_argument("--limits-size", type=_ints, default=[256, 2048], help="copy MiB, matmul n")
@@ -100,6 +103,7 @@ def run(args: argparse.Namespace) -> dict:
                     batch, length, inputs, hidden, args.repeats, limits
                 )
                 new += layer_suite.lru_layer_rows(*args.lru_shape, args.repeats, limits)
+                new += layer_suite.mixer_layer_rows(*args.mixer_shape, args.repeats, limits)
             elif suite == "train":
                 new = train_suite.train_suite(args.config_dir, args.repeats)
             else:

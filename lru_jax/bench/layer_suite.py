@@ -140,3 +140,36 @@ def lru_layer_rows(batch, length, width, repeats, limits) -> list[Row]:
         rows.append(row)
     report.set_speedups(rows, lambda r: r.name.startswith("paper"))
     return rows
+
+
+def mixer_modules(width: int) -> dict:
+    """The recurrent mixers compared in `mixer_layer_rows`, at width = state size."""
+    return {
+        "lru_jax lru": lnn.LRU(width),
+        "lru_jax lstm": lnn.LSTM(width),
+        "lru_jax mingru": lnn.MinGRU(width),
+        "lru_jax mingru (log space)": lnn.MinGRU(width, log_space=True),
+        "lru_jax minlstm": lnn.MinLSTM(width),
+        "lru_jax minlstm (log space)": lnn.MinLSTM(width, log_space=True),
+        "lru_jax hgrn": lnn.HGRN(width, lower_bound=0.5),
+    }
+
+
+def mixer_layer_rows(batch, length, width, repeats, limits) -> list[Row]:
+    """Every recurrent mixer of a SequenceModel block, forward and forward+backward, with
+    "auto" scans; the LSTM (our chunked backward) is each group's baseline."""
+    rows = []
+    u = jax.random.normal(jax.random.key(1), (batch, length, width))
+    modules = mixer_modules(width)
+    params = {name: m.init(jax.random.key(0), u)["params"] for name, m in modules.items()}
+    for mode in ("fwd", "fwd+bwd"):
+        group = f"mixers B={batch} T={length} H=N={width} {mode}"
+        named = []
+        for name, module in modules.items():
+            fn = _module_fn(module)
+            fn = _grad_of_squares(fn) if mode == "fwd+bwd" else fn
+            named.append((name, (fn, (params[name], u))))
+        for name, measured in timing.measure_named(group, named, repeats):
+            rows.append(report.row("layers", group, name, measured))
+    report.set_speedups(rows, lambda r: r.name == "lru_jax lstm")
+    return rows
