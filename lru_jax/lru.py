@@ -174,33 +174,23 @@ def forward(
     if seq_lengths is not None:
         _checks.rank("u", u, 3, "[time, batch, H] when seq_lengths is given")
         seq_lengths = _checks.seq_lengths(seq_lengths, u.shape[1], u.shape[0])
-        if reverse:
-            u = padding.reverse_within_lengths(u, seq_lengths)
-            resets = None if resets is None else padding.reverse_within_lengths(resets, seq_lengths)
-        run_reversed = False
-    else:
-        run_reversed = reverse
-    n = params["nu_log"].shape[0]
     if h0 is None:
-        h0 = zero_state(u.shape[1:-1], n)
-    hs = scan.linear_scan(
-        eigenvalues(params),
-        input_term(params, u),
-        h0,
-        method=method,
-        reverse=run_reversed,
-        sequence_axis=sequence_axis,
-        resets=resets,
-        scan_table=scan_table,
-    )
-    y = readout(params, hs, u)
-    if seq_lengths is None:
-        return y, hs[0] if reverse else hs[-1]
-    h_last = padding.last_valid(hs, seq_lengths, jnp.broadcast_to(h0, hs.shape[1:]))
-    y = jnp.where(padding.step_mask(seq_lengths, u.shape[0])[..., None], y, 0.0)
-    if reverse:
-        y = padding.reverse_within_lengths(y, seq_lengths)
-    return y, h_last
+        h0 = zero_state(u.shape[1:-1], params["nu_log"].shape[0])
+
+    def run(u, resets, reverse):
+        hs = scan.linear_scan(
+            eigenvalues(params),
+            input_term(params, u),
+            h0,
+            method=method,
+            reverse=reverse,
+            sequence_axis=sequence_axis,
+            resets=resets,
+            scan_table=scan_table,
+        )
+        return hs, readout(params, hs, u)
+
+    return padding.run_within_lengths(run, u, seq_lengths, h0, reverse=reverse, resets=resets)
 
 
 def step(params: Params, h: jax.Array, u: jax.Array) -> tuple[jax.Array, jax.Array]:

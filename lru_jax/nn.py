@@ -178,8 +178,7 @@ class LRU(nn.Module):
         """
         _checks.positive_int("d_state", self.d_state)
         lru.check_ring(self.r_min, self.r_max, self.max_phase)
-        _checks.one_of("scan_method", self.scan_method, (*scan.METHODS, "auto"))
-        scan.check_scan_table(self.scan_table)
+        _check_scan(self.scan_method, self.scan_table)
         seq_lengths = check_sequence(x, seq_lengths)
         if self.has_variable("params", "D"):
             _checks.feature_size("x", x.shape[-1], self.get_variable("params", "D").shape[0])
@@ -190,22 +189,19 @@ class LRU(nn.Module):
                 key, x.shape[-1], self.d_state, self.r_min, self.r_max, self.max_phase
             ),
         )
-        if resets is not None:
-            _checks.rank("resets", resets, 2, "[batch, time]")
-            resets = _time_major(resets)
-        y, h_last = lru.forward(
+        return _call_forward(
+            lru.forward,
             params,
-            _time_major(x),
+            x,
+            seq_lengths,
             initial_carry,
-            seq_lengths=seq_lengths,
+            return_carry,
+            resets,
             reverse=reverse,
-            resets=resets,
             method=self.scan_method,
             sequence_axis=self.sequence_axis,
             scan_table=self.scan_table,
         )
-        y = _time_major(y)
-        return (h_last, y) if return_carry else y
 
     def initial_carry(self, batch_size: int):
         return lru.zero_state((batch_size,), self.d_state)
