@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lru_jax import _checks, padding
+from lru_jax import _checks, lru, padding
 from lru_jax import nn as lnn
 from lru_jax.scan_table import ScanTable
 
@@ -75,6 +75,12 @@ class SequenceModel(nn.Module):
         None for the built-in rule.
       mixer_options: a mixer registered in `OPTION_MIXERS`: its options as sorted (key, value)
         pairs (hashable, so the model stays a valid static argument).
+      layer_rings: the LRU ring per block, ((r_min, r_max, max_phase), ...) of length
+        num_layers, or () for `r_min`, `r_max`, `max_phase` in every block. Lets a first block
+        keep fast modes (it sees each step's input) while later blocks hold long memory.
+      norm_bias: the blocks' norms learn a shift (see `nn.SequenceBlock`).
+      encoder_bias: the Dense encoder of float inputs has a bias. Without it (and without norm
+        bias) an input that is zero carries no constant into the recurrences.
     """
 
     num_outputs: int
@@ -100,16 +106,20 @@ class SequenceModel(nn.Module):
     sequence_axis: str | None = None
     scan_table: ScanTable | None = None
     mixer_options: tuple = ()
+    layer_rings: tuple = ()
+    norm_bias: bool = True
+    encoder_bias: bool = True
 
     def setup(self):
         _checks.one_of("mixer", self.mixer, MIXERS)
+        check_layer_rings(self.layer_rings, self.num_layers)
         if self.sequence_axis is not None and self.mixer != "lru":
             raise ValueError(
                 f"sequence_axis: sequence parallelism needs mixer 'lru', got mixer {self.mixer!r}"
             )
         _checks.one_of("pooling", self.pooling, POOLINGS)
         if self.vocab_size is None:
-            self.encoder = nn.Dense(self.d_model)
+            self.encoder = nn.Dense(self.d_model, use_bias=self.encoder_bias)
         else:
             self.encoder = nn.Embed(self.vocab_size, self.d_model)
         _checks.positive_int("remat_chunk", self.remat_chunk)
@@ -125,6 +135,7 @@ class SequenceModel(nn.Module):
                 prenorm=self.prenorm,
                 ffn=self.ffn,
                 dropout_rate=self.dropout_rate,
+                norm_bias=self.norm_bias,
             )
             for layer in range(self.num_layers)
         ]
@@ -137,9 +148,7 @@ class SequenceModel(nn.Module):
         if self.mixer == "lru":
             return lnn.LRU(
                 self.d_state,
-                self.r_min,
-                self.r_max,
-                self.max_phase,
+                *lru_ring(self, layer),
                 self.scan_method,
                 self.sequence_axis,
                 scan_table=self.scan_table,
@@ -341,6 +350,27 @@ OPTION_MIXERS["minlstm"] = _min_rnn(lnn.MinLSTM)
 OPTION_MIXERS["hgrn"] = _hgrn
 
 
+def check_layer_rings(layer_rings: tuple, num_layers: int) -> None:
+    """Refuses `layer_rings` that are not () or one valid (r_min, r_max, max_phase) per block."""
+    if not layer_rings:
+        return
+    if len(layer_rings) != num_layers or any(len(ring) != 3 for ring in layer_rings):
+        expected = f"() or {num_layers} (r_min, r_max, max_phase) triples (one per block)"
+        raise ValueError(_checks.message("layer_rings", expected, layer_rings))
+    for layer, ring in enumerate(layer_rings):
+        try:
+            lru.check_ring(*ring)
+        except ValueError as err:
+            raise ValueError(f"layer_rings[{layer}]: {err}") from None
+
+
+def lru_ring(model, layer: int) -> tuple[float, float, float]:
+    """(r_min, r_max, max_phase) of block `layer`'s LRU in `model`."""
+    if model.layer_rings:
+        return tuple(model.layer_rings[layer])
+    return model.r_min, model.r_max, model.max_phase
+
+
 def _make_recurrent_mixer(model, layer: int) -> nn.Module:
     """A registered `OPTION_MIXERS` mixer, or a recurrent cell's layer, for block `layer`."""
     if model.mixer in OPTION_MIXERS:
@@ -385,7 +415,8 @@ class EncoderDecoder(nn.Module):
       score: soft attention's score: "additive" (Bahdanau) | "dot" (Luong's "general").
       bidirectional: the encoder's blocks read the source both ways.
       hard_temperature: the Gumbel-softmax temperature of hard attention in training.
-      norm, prenorm, ffn, dropout_rate: of every `nn.SequenceBlock`.
+      norm, prenorm, ffn, dropout_rate, norm_bias: of every `nn.SequenceBlock`.
+      layer_rings: as `SequenceModel.layer_rings`.
       grad_chunk: as `SequenceModel.grad_chunk`.
       scan_table: as `SequenceModel.scan_table`.
       mixer_options: as `SequenceModel.mixer_options`.
@@ -411,9 +442,12 @@ class EncoderDecoder(nn.Module):
     grad_chunk: int | None = 16
     scan_table: ScanTable | None = None
     mixer_options: tuple = ()
+    layer_rings: tuple = ()
+    norm_bias: bool = True
 
     def setup(self):
         _checks.positive_int("vocab_size", self.vocab_size)
+        check_layer_rings(self.layer_rings, self.num_layers)
         _checks.one_of("mixer", self.mixer, RECURRENT_MIXERS)
         _checks.one_of("attention", self.attention, ATTENTIONS)
         _checks.one_of("score", self.score, SCORES)
@@ -447,11 +481,12 @@ class EncoderDecoder(nn.Module):
             prenorm=self.prenorm,
             ffn=self.ffn,
             dropout_rate=self.dropout_rate,
+            norm_bias=self.norm_bias,
         )
 
     def _make_mixer(self, layer: int) -> nn.Module:
         if self.mixer == "lru":
-            settings = (self.d_state, self.r_min, self.r_max, self.max_phase, self.scan_method)
+            settings = (self.d_state, *lru_ring(self, layer), self.scan_method)
             return lnn.LRU(*settings, scan_table=self.scan_table)
         return _make_recurrent_mixer(self, layer)
 

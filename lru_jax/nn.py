@@ -520,7 +520,9 @@ class SequenceBlock(nn.Module):
 
     `mixer` is any sequence layer with the common call signature (LRU, LSTM, ...). Padded
     positions are masked out of BatchNorm statistics and are zero in the output. `deterministic`
-    turns dropout off and makes BatchNorm use its running averages.
+    turns dropout off and makes BatchNorm use its running averages. `norm_bias=False` drops the
+    norm's learned shift: a constant it adds reaches the mixer as a DC input, which a long-memory
+    LRU mode amplifies by up to γ/(1 - |λ|) (see docs/results.md, the adding problem).
     """
 
     d_model: int
@@ -529,13 +531,17 @@ class SequenceBlock(nn.Module):
     prenorm: bool = True
     ffn: str = "glu"
     dropout_rate: float = 0.0
+    norm_bias: bool = True
 
     def setup(self):
         _checks.positive_int("d_model", self.d_model)
         _checks.one_of("norm", self.norm, ("layer", "batch"))
         _checks.one_of("ffn", self.ffn, ("glu", "gelu"))
         _checks.rate("dropout_rate", self.dropout_rate)
-        self.norm_layer = nn.LayerNorm() if self.norm == "layer" else nn.BatchNorm(momentum=0.9)
+        if self.norm == "layer":
+            self.norm_layer = nn.LayerNorm(use_bias=self.norm_bias)
+        else:
+            self.norm_layer = nn.BatchNorm(momentum=0.9, use_bias=self.norm_bias)
         width = 2 * self.d_model if self.ffn == "glu" else self.d_model
         self.out = nn.Dense(width)
         self.dropout = nn.Dropout(self.dropout_rate)

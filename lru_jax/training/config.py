@@ -47,11 +47,18 @@ def default_config() -> ml_collections.ConfigDict:
             "pooling": "none",  # none (per-step outputs) | last | mean | attention
             "remat": False,  # rematerialised BPTT over time chunks (see SequenceModel)
             "remat_chunk": 256,
+            # False: no learned constant before the mixers (the blocks' norm shift, the Dense
+            # encoder's bias); a constant input is what long LRU modes amplify most
+            "norm_bias": True,
+            "encoder_bias": True,
             "lru": {  # the LRU mixer
                 "d_state": 128,  # state size N
                 "r_min": 0.0,  # the ring |lambda| is initialised on
                 "r_max": 1.0,
                 "max_phase": 2 * math.pi,
+                # per block: ((r_min, r_max, max_phase), ...), one triple per layer; () uses
+                # the ring above in every block
+                "layer_rings": (),
                 "scan_method": "auto",
             },
             "rnn": {  # the LSTM, GRU and SimpleRNN mixers
@@ -97,6 +104,9 @@ def default_config() -> ml_collections.ConfigDict:
             "lru_lr_factor": 0.5,  # ν, θ, γ, B learn at lr * factor, without weight decay
             "grad_clip_norm": 1.0,  # 0 turns clipping off
             "tbptt_length": 0,  # > 0: truncated BPTT with segments of this many steps
+            # a length curriculum: ((seq_len, steps), ...) trains that many steps at each
+            # seq_len in turn, then the task's own seq_len (tasks with a seq_len key)
+            "length_curriculum": (),
             "log_every": 50,
             "eval_every": 250,
             "eval_batches": 0,  # 0: the whole split once (or one batch if generated)
@@ -165,14 +175,15 @@ def upgrade(config) -> ml_collections.ConfigDict:
     A run saved before the model section was grouped has `model.cell` and flat LRU, RNN,
     attention and encoder-decoder keys: each moves to its place (MOVED_MODEL_KEYS), and model
     keys it lacks get today's defaults. A config already in today's layout is returned as is,
-    except that mixer groups added since it was saved (e.g. `model.hgrn`) get their defaults.
+    except that model and train keys added since it was saved (e.g. `model.hgrn`,
+    `train.length_curriculum`) get their defaults.
     """
     config = ml_collections.ConfigDict(config)
     old = _old_model_keys(config.model)
     if not old:
-        for key, group in default_config().model.items():
-            if isinstance(group, ml_collections.ConfigDict) and key not in config.model:
-                config.model[key] = group
+        defaults = default_config()
+        for section in ("model", "train"):
+            _fill_missing(config[section], defaults[section])
         return config
     model = default_config().model
     for key, value in config.model.items():
@@ -181,6 +192,28 @@ def upgrade(config) -> ml_collections.ConfigDict:
         (model[group] if group else model)[name] = value
     config.model = model
     return config
+
+
+def _pairs(value, key: str, size: int = 3) -> tuple:
+    """`value` (tuples or, from JSON, lists) as a tuple of `size`-tuples; refused by `key`."""
+    rows = value if isinstance(value, (tuple, list)) else None
+    if rows is None or any(not isinstance(r, (tuple, list)) or len(r) != size for r in rows):
+        _fail(key, f"a tuple of {size}-tuples", value)
+    return tuple(tuple(row) for row in rows)
+
+
+def length_curriculum(config) -> tuple[tuple[int, int], ...]:
+    """`config.train.length_curriculum` as ((seq_len, steps), ...)."""
+    return _pairs(config.train.length_curriculum, "train.length_curriculum", 2)
+
+
+def _fill_missing(group, defaults) -> None:
+    """Adds to `group` (in place) every key of `defaults` it lacks, groups included."""
+    for key, value in defaults.items():
+        if key not in group:
+            group[key] = value
+        elif isinstance(value, ml_collections.ConfigDict):
+            _fill_missing(group[key], value)
 
 
 def _key(name: str) -> str:
@@ -272,8 +305,12 @@ def _validate_model(config) -> None:
             f"a divisor of d_model={m.d_model} leaving an even head size (rotary positions)",
             heads,
         )
+    _choice(config, "model.norm_bias", (True, False))
+    _choice(config, "model.encoder_bias", (True, False))
+    rings = _pairs(m.lru.layer_rings, "model.lru.layer_rings")
     try:
         lru.check_ring(m.lru.r_min, m.lru.r_max, m.lru.max_phase)
+        models.check_layer_rings(rings, m.num_layers)
     except ValueError as err:
         raise ValueError(f"config.model.lru.{err}") from None
     _validate_diagonal_mixers(config)
@@ -313,6 +350,10 @@ def _validate_train(config) -> None:
     if not (isinstance(t.learning_rate, float) and t.learning_rate > 0):
         _fail("train.learning_rate", "a positive float", t.learning_rate)
     _number(config, "train.min_lr_ratio", 0, 1)
+    for index, (seq_len, steps) in enumerate(length_curriculum(config)):
+        for name, value in (("seq_len", seq_len), ("steps", steps)):
+            key = _key(f"train.length_curriculum[{index}].{name}")
+            _checks.integer(key, value, 1, type_error=ValueError)
     for name in ("lru_lr_factor", "weight_decay", "grad_clip_norm"):
         _number(config, f"train.{name}", 0)
     choices = t.get("scan_choices", "auto")
@@ -324,6 +365,8 @@ def _validate_train(config) -> None:
 def check_against_task(config, spec: TaskSpec) -> None:
     """Checks the choices that depend on what the task is."""
     m = config.model
+    if length_curriculum(config) and "seq_len" not in config.task:
+        _fail("train.length_curriculum", "() for a task without a seq_len key", "a curriculum")
     per_step = spec.kind in ("per_step", "seq2seq")
     if per_step and m.pooling != "none":
         _fail("model.pooling", f"'none' for the {spec.kind} task {spec.name}", m.pooling)
@@ -395,6 +438,8 @@ def build_model(
         "grad_chunk": m.rnn.grad_chunk or None,  # 0 means autodiff
         "scan_table": scan_table,
         "mixer_options": _mixer_options(m),
+        "layer_rings": _pairs(m.lru.layer_rings, "model.lru.layer_rings"),
+        "norm_bias": m.norm_bias,
     }
     if spec.kind == "seq2seq":
         s2s = m.seq2seq
@@ -415,5 +460,6 @@ def build_model(
         num_heads=m.attention.num_heads,
         max_len=m.attention.max_len,
         sequence_axis=sequence_axis,
+        encoder_bias=m.encoder_bias,
         **shared,
     )

@@ -1,7 +1,8 @@
 """The training loop, top to bottom: config -> task -> model -> state -> steps -> logs.
 
 Everything random is a function of (seed, step): the batch at step s is `task.batch("train",
-s, ...)` and the dropout key is `fold_in(key, s)`. So a run resumed from a checkpoint repeats
+s, ...)` (during a `train.length_curriculum` stage, that of the task at the stage's seq_len) and
+the dropout key is `fold_in(key, s)`. So a run resumed from a checkpoint repeats
 exactly what an uninterrupted run would have done.
 
 On several devices or hosts (see lru_jax/training/sharding.py) the same loop runs in every
@@ -35,9 +36,23 @@ class NonFiniteLossError(FloatingPointError):
     """Training produced a NaN or infinite loss; the last good checkpoint is kept."""
 
 
-def build_task(config):
-    kwargs = {k: v for k, v in config.task.items() if k != "name"}
+def build_task(config, **overrides):
+    kwargs = {k: v for k, v in config.task.items() if k != "name"} | overrides
     return tasks.get_task(config.task.name, seed=config.seed, **kwargs)
+
+
+def curriculum_stages(config) -> list[tuple[int, object]]:
+    """(the step the stage ends before, its task) for each stage of `train.length_curriculum`."""
+    stages, end = [], 0
+    for seq_len, steps in config_lib.length_curriculum(config):
+        end += steps
+        stages.append((end, build_task(config, seq_len=seq_len)))
+    return stages
+
+
+def train_task_at(stages, task, step: int):
+    """The task training draws step `step`'s batch from: its curriculum stage's, else `task`."""
+    return next((stage for end, stage in stages if step < end), task)
 
 
 def _creator(model, tx, task, config):
@@ -159,8 +174,11 @@ def _train_and_evaluate(config, workdir: str, task, layout: sharding.Layout) -> 
     writer = MetricsWriter(workdir, resume_step=start) if main else _NoWriter()
     start = start or 0
 
+    stages = curriculum_stages(config)
+
     def next_batch(split, index):
-        return layout.put_batch(task.batch(split, index, batch_size))
+        source = train_task_at(stages, task, index) if split == "train" else task
+        return layout.put_batch(source.batch(split, index, batch_size))
 
     batch_shardings = layout.batch_shardings(task.batch("train", 0, batch_size))
 
@@ -191,7 +209,6 @@ def _train_and_evaluate(config, workdir: str, task, layout: sharding.Layout) -> 
         )
 
     lr = schedule(tc)
-    tokens_per_batch = batch_size * spec.seq_len
     pending = _PendingMetrics()
     bar = tqdm(
         total=tc.num_steps, initial=start, desc="train", dynamic_ncols=True, disable=not main
@@ -209,7 +226,8 @@ def _train_and_evaluate(config, workdir: str, task, layout: sharding.Layout) -> 
                 means = pending.flush()  # raises before any save of a non-finite state
                 elapsed = time.perf_counter() - tick
                 train_time += elapsed
-                means["tokens_per_s"] = tokens_per_batch * (done - tick_step) / elapsed
+                seq_len = train_task_at(stages, task, step).spec.seq_len
+                means["tokens_per_s"] = batch_size * seq_len * (done - tick_step) / elapsed
                 means["learning_rate"] = float(lr(done - 1))
                 writer.write(done, "train", means)
                 bar.set_postfix(loss=f"{means['loss']:.4f}", tok_s=f"{means['tokens_per_s']:.0f}")
