@@ -180,18 +180,18 @@ def upgrade(config) -> ml_collections.ConfigDict:
     """
     config = ml_collections.ConfigDict(config)
     old = _old_model_keys(config.model)
-    if not old:
-        defaults = default_config()
-        for section in ("model", "train"):
-            _fill_missing(config[section], defaults[section])
-        return config
-    model = default_config().model
-    for key, value in config.model.items():
-        path = MOVED_MODEL_KEYS.get(key, key) if key in old else key
-        group, _, name = path.rpartition(".")
-        (model[group] if group else model)[name] = value
-    config.model = model
-    return config
+    if old:
+        model = default_config().model
+        for key, value in config.model.items():
+            path = MOVED_MODEL_KEYS.get(key, key) if key in old else key
+            group, _, name = path.rpartition(".")
+            (model[group] if group else model)[name] = value
+        config.model = model
+    config = config.to_dict()
+    defaults = default_config().to_dict()
+    for section in ("model", "train"):
+        _fill_missing(config[section], defaults[section])
+    return ml_collections.ConfigDict(config)
 
 
 def _pairs(value, key: str, size: int = 3) -> tuple:
@@ -208,12 +208,20 @@ def length_curriculum(config) -> tuple[tuple[int, int], ...]:
 
 
 def _fill_missing(group, defaults) -> None:
-    """Adds to `group` (in place) every key of `defaults` it lacks, groups included."""
+    """Adds to dict `group` (in place) every key of `defaults` it lacks, groups included; turns
+    back into tuples the lists that JSON made of tuple-valued keys."""
     for key, value in defaults.items():
         if key not in group:
             group[key] = value
-        elif isinstance(value, ml_collections.ConfigDict):
+        elif isinstance(value, dict):
             _fill_missing(group[key], value)
+        elif isinstance(value, tuple) and isinstance(group[key], list):
+            group[key] = _tuples(group[key])
+
+
+def _tuples(value):
+    """Nested lists (a tuple-valued key read from JSON) as nested tuples."""
+    return tuple(map(_tuples, value)) if isinstance(value, (list, tuple)) else value
 
 
 def _key(name: str) -> str:
