@@ -76,7 +76,8 @@ class SequenceModel(nn.Module):
       mixer_options: a mixer registered in `OPTION_MIXERS`: its options as sorted (key, value)
         pairs (hashable, so the model stays a valid static argument).
       layer_rings: the LRU ring per block, ((r_min, r_max, max_phase), ...) of length
-        num_layers, or () for `r_min`, `r_max`, `max_phase` in every block. Lets a first block
+        num_layers, or () for `r_min`, `r_max`, `max_phase` in every block; other mixers
+        ignore it. Lets a first block
         keep fast modes (it sees each step's input) while later blocks hold long memory.
       norm_bias: the blocks' norms learn a shift (see `nn.SequenceBlock`).
       encoder_bias: the Dense encoder of float inputs has a bias. Without it (and without norm
@@ -112,7 +113,8 @@ class SequenceModel(nn.Module):
 
     def setup(self):
         _checks.one_of("mixer", self.mixer, MIXERS)
-        check_layer_rings(self.layer_rings, self.num_layers)
+        if self.mixer == "lru":
+            check_layer_rings(self.layer_rings, self.num_layers)
         if self.sequence_axis is not None and self.mixer != "lru":
             raise ValueError(
                 f"sequence_axis: sequence parallelism needs mixer 'lru', got mixer {self.mixer!r}"
@@ -447,7 +449,8 @@ class EncoderDecoder(nn.Module):
 
     def setup(self):
         _checks.positive_int("vocab_size", self.vocab_size)
-        check_layer_rings(self.layer_rings, self.num_layers)
+        if self.mixer == "lru":
+            check_layer_rings(self.layer_rings, self.num_layers)
         _checks.one_of("mixer", self.mixer, RECURRENT_MIXERS)
         _checks.one_of("attention", self.attention, ATTENTIONS)
         _checks.one_of("score", self.score, SCORES)

@@ -318,7 +318,8 @@ def _validate_model(config) -> None:
     rings = _pairs(m.lru.layer_rings, "model.lru.layer_rings")
     try:
         lru.check_ring(m.lru.r_min, m.lru.r_max, m.lru.max_phase)
-        models.check_layer_rings(rings, m.num_layers)
+        if m.mixer == "lru":  # the other mixers ignore the rings
+            models.check_layer_rings(rings, m.num_layers)
     except ValueError as err:
         raise ValueError(f"config.model.lru.{err}") from None
     _validate_diagonal_mixers(config)
