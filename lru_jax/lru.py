@@ -38,11 +38,16 @@ PARAM_SHAPES = {
 }
 
 
-def check_ring(r_min: float, r_max: float, max_phase: float) -> None:
+def check_radii(r_min: float, r_max: float) -> None:
+    """The ring's radii: 0 <= r_min < r_max <= 1 (shared by the RG-LRU's decay ring)."""
     if not 0.0 <= r_min < r_max <= 1.0:
         raise ValueError(
             _checks.message("r_min, r_max", "0 <= r_min < r_max <= 1", f"{r_min}, {r_max}")
         )
+
+
+def check_ring(r_min: float, r_max: float, max_phase: float) -> None:
+    check_radii(r_min, r_max)
     _checks.positive_number("max_phase", max_phase)
 
 
