@@ -202,7 +202,7 @@ def _check_sequence(x, seq_lengths, resets, layout: str):
     if x.ndim < 2:
         raise ValueError(f"x: expected rank >= 2 {layout}, got shape {x.shape}")
     if resets is not None:
-        shape, dtype = tuple(np.shape(resets)), getattr(resets, "dtype", np.asarray(resets).dtype)
+        shape, dtype = _checks._shape_dtype("resets", resets)
         if dtype != np.bool_:
             raise TypeError(f"resets: expected a bool array, got dtype {dtype}")
         if not shape or len(shape) >= x.ndim or shape != x.shape[: len(shape)]:
