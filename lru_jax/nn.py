@@ -20,6 +20,7 @@ The attention modules (`MultiHeadAttention`, `DotProductAttention`, `AdditiveAtt
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -118,10 +119,7 @@ class RecurrentLayer(nn.Module):
 
     def step(self, carry, x):
         """One step: x [batch, in] -> (carry, y [batch, hidden]). Needs initialised variables."""
-        params = self.variables["params"]
-        _checks.rank("x", x, 2, "[batch, features]")
-        cells.check_input(params, x, "x")
-        return self.make_cell().step(params, carry, x)
+        return _checked_step(self, cells.check_input, self.make_cell().step, carry, x, "features")
 
 
 class SimpleRNN(RecurrentLayer):
@@ -209,10 +207,16 @@ class LRU(nn.Module):
 
     def step(self, carry, x):
         """One step: x [batch, H] -> (h [batch, N], y [batch, H]), equal to the parallel form."""
-        params = self.variables["params"]
-        _checks.rank("x", x, 2, "[batch, H]")
-        lru.check_input(params, x, "x")
-        return lru.step(params, carry, x)
+        return _checked_step(self, lru.check_input, lru.step, carry, x)
+
+
+def _checked_step(module, check_input, step, carry, x, features: str = "H"):
+    """A layer's one step with its trained parameters: x [batch, features] checked against
+    them (`check_input(params, x, name)`), then `step(params, carry, x) -> (carry, y)`."""
+    params = module.variables["params"]
+    _checks.rank("x", x, 2, f"[batch, {features}]")
+    check_input(params, x, "x")
+    return step(params, carry, x)
 
 
 def _check_scan(scan_method: str, scan_table, methods=scan.METHODS) -> None:
@@ -312,10 +316,8 @@ class MinRNN(nn.Module):
 
     def step(self, carry, x):
         """One step: x [batch, H] -> (h [batch, N], y [batch, H]), equal to the full call."""
-        params = self.variables["params"]
-        _checks.rank("x", x, 2, "[batch, H]")
-        mingru.check_input(params, x, "x")
-        return mingru.step(params, carry, x, self.activation)
+        step = functools.partial(mingru.step, activation=self.activation)
+        return _checked_step(self, mingru.check_input, step, carry, x)
 
 
 class MinGRU(MinRNN):
@@ -389,10 +391,7 @@ class HGRN(nn.Module):
 
     def step(self, carry, x):
         """One step: x [batch, H] -> (h [batch, N], y [batch, H]), equal to the full call."""
-        params = self.variables["params"]
-        _checks.rank("x", x, 2, "[batch, H]")
-        hgrn.check_input(params, x, "x")
-        return hgrn.step(params, carry, x)
+        return _checked_step(self, hgrn.check_input, hgrn.step, carry, x)
 
 
 class RGLRU(nn.Module):
@@ -452,10 +451,7 @@ class RGLRU(nn.Module):
 
     def step(self, carry, x):
         """One step: x [batch, N] -> (h [batch, N], y = h), equal to the full call."""
-        params = self.variables["params"]
-        _checks.rank("x", x, 2, "[batch, N]")
-        rglru.check_input(params, x, "x")
-        return rglru.step(params, carry, x)
+        return _checked_step(self, rglru.check_input, rglru.step, carry, x, "N")
 
 
 class RecurrentBlock(nn.Module):
@@ -518,10 +514,7 @@ class RecurrentBlock(nn.Module):
 
     def step(self, carry, x):
         """One step: x [batch, H] -> (BlockState, y [batch, H]), equal to the full call."""
-        params = self.variables["params"]
-        _checks.rank("x", x, 2, "[batch, H]")
-        rglru.check_block_input(params, x, "x")
-        return rglru.block_step(params, carry, x)
+        return _checked_step(self, rglru.check_block_input, rglru.block_step, carry, x)
 
 
 class Bidirectional(nn.Module):

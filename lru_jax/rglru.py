@@ -202,21 +202,18 @@ def check_input(params: Params, x, name: str = "x") -> None:
     _checks.feature_size(name, x.shape[-1], params["Lambda"].shape[0])
 
 
-def _check_sequence(x, seq_lengths, resets, layout: str):
-    """Checks x [time, ..., F], seq_lengths and resets; returns the int32 lengths or None."""
-    if x.ndim < 2:
-        raise ValueError(f"x: expected rank >= 2 {layout}, got shape {x.shape}")
+def _check_sequence(name: str, x, seq_lengths, resets, features: str):
+    """Checks the input `name` x [time, ..., F], seq_lengths and resets; returns the int32
+    lengths or None."""
+    seq_lengths = _checks.time_major(name, x, seq_lengths, features)
     if resets is not None:
         shape, dtype = _checks._shape_dtype("resets", resets)
         if dtype != np.bool_:
             raise TypeError(f"resets: expected a bool array, got dtype {dtype}")
         if not shape or len(shape) >= x.ndim or shape != x.shape[: len(shape)]:
-            expected = f"a bool [time, ...] leading x's axes {x.shape[:-1]}"
+            expected = f"a bool [time, ...] leading the input's axes {x.shape[:-1]}"
             raise ValueError(_checks.message("resets", expected, f"shape {shape}"))
-    if seq_lengths is None:
-        return None
-    _checks.rank("x", x, 3, f"{layout} when seq_lengths is given")
-    return _checks.seq_lengths(seq_lengths, x.shape[1], x.shape[0])
+    return seq_lengths
 
 
 def zero_state(batch_shape: tuple[int, ...], width: int) -> jax.Array:
@@ -252,7 +249,7 @@ def forward(
       (y [time, ..., N], h_last [..., N]): the outputs (every state) and the final state.
     """
     check_input(params, x)
-    seq_lengths = _check_sequence(x, seq_lengths, resets, "[time, batch, N]")
+    seq_lengths = _check_sequence("x", x, seq_lengths, resets, "N")
     h_empty = zero_state(x.shape[1:-1], x.shape[-1]) if h0 is None else h0
 
     def run(u, resets, reverse):
@@ -360,7 +357,7 @@ def block_forward(
       (y [time, ..., H], the final `BlockState`).
     """
     check_block_input(params, u)
-    seq_lengths = _check_sequence(u, seq_lengths, resets, "[time, batch, H]")
+    seq_lengths = _check_sequence("u", u, seq_lengths, resets, "H")
     batch_shape = u.shape[1:-1]
     if state0 is None:
         state0 = block_zero_state(batch_shape, params["Lambda"].shape[0], params["conv_w"].shape[0])

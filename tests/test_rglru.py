@@ -329,7 +329,7 @@ def test_bad_input_is_named(rg):
         layer.apply(variables, jnp.ones((2, 5, H)), resets=jnp.zeros((5,), bool))
     with pytest.raises(TypeError, match="resets: expected a bool array"):
         rglru.forward(lru_params, x, resets=jnp.zeros((2, 5)))
-    with pytest.raises(ValueError, match=r"resets: expected a bool \[time, ...\] leading"):
+    with pytest.raises(ValueError, match=r"resets: expected a bool \[time, ...\] leading the"):
         rglru.forward(lru_params, x, resets=jnp.zeros((2, 4), bool))
     with pytest.raises(ValueError, match=r"state0: expected a BlockState \(h \(2, 8\)"):
         layer.apply(variables, jnp.ones((2, 5, H)), initial_carry=layer.initial_carry(3))
