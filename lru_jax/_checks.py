@@ -180,6 +180,18 @@ def seq_lengths(seq_lengths, batch: int, time: int):
     return jnp.asarray(seq_lengths, jnp.int32)
 
 
+def time_major(name: str, x, lengths, features: str = "H"):
+    """Checks a time-major sequence x [time, ..., F] and, with `lengths`, that x is
+    [time, batch, F] and the lengths fit it (`seq_lengths`); returns them as int32 or None."""
+    shape, _ = _shape_dtype(name, x)
+    if len(shape) < 2:
+        raise ValueError(f"{name}: expected rank >= 2 [time, ..., {features}], got shape {shape}")
+    if lengths is None:
+        return None
+    rank(name, x, 3, f"[time, batch, {features}] when seq_lengths is given")
+    return seq_lengths(lengths, shape[1], shape[0])
+
+
 def broadcastable(names: Sequence[str], shapes: Sequence[tuple]) -> tuple:
     """Returns the broadcast shape of `shapes`, or raises naming the arguments."""
     try:

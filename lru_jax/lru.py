@@ -38,11 +38,16 @@ PARAM_SHAPES = {
 }
 
 
-def check_ring(r_min: float, r_max: float, max_phase: float) -> None:
+def check_radii(r_min: float, r_max: float) -> None:
+    """The ring's radii: 0 <= r_min < r_max <= 1 (shared by the RG-LRU's decay ring)."""
     if not 0.0 <= r_min < r_max <= 1.0:
         raise ValueError(
             _checks.message("r_min, r_max", "0 <= r_min < r_max <= 1", f"{r_min}, {r_max}")
         )
+
+
+def check_ring(r_min: float, r_max: float, max_phase: float) -> None:
+    check_radii(r_min, r_max)
     _checks.positive_number("max_phase", max_phase)
 
 
@@ -169,11 +174,7 @@ def forward(
       (y [time, ..., H], h_last [..., N]): outputs and the final state.
     """
     check_input(params, u)
-    if u.ndim < 2:
-        raise ValueError(f"u: expected rank >= 2 [time, ..., H], got shape {u.shape}")
-    if seq_lengths is not None:
-        _checks.rank("u", u, 3, "[time, batch, H] when seq_lengths is given")
-        seq_lengths = _checks.seq_lengths(seq_lengths, u.shape[1], u.shape[0])
+    seq_lengths = _checks.time_major("u", u, seq_lengths)
     if h0 is None:
         h0 = zero_state(u.shape[1:-1], params["nu_log"].shape[0])
 

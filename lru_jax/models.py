@@ -4,11 +4,11 @@ and an encoder-decoder with attention (`EncoderDecoder`, `greedy_decode`).
     inputs -> encoder (Embed for tokens, Dense for floats) -> num_layers x SequenceBlock(mixer)
            -> LayerNorm -> pooling ("none" | "last" | "mean" | "attention") -> Dense head
 
-Any mixer: "lru", "lstm", "gru", "simple_rnn", "mingru", "minlstm", "hgrn" or "attention"
-(causal multi-head self-attention with rotary positions: a Transformer baseline). A language
-model is the "none"-pooling model over tokens; `generate` samples from it one token at a time
-through every block's `step` (for attention, a key/value cache), so each new token costs one
-step, not a re-run of the prefix.
+Any mixer: "lru", "lstm", "gru", "simple_rnn", "mingru", "minlstm", "hgrn", "rglru" (Griffin's
+recurrent block) or "attention" (causal multi-head self-attention with rotary positions: a
+Transformer baseline). A language model is the "none"-pooling model over tokens; `generate`
+samples from it one token at a time through every block's `step` (for attention, a key/value
+cache), so each new token costs one step, not a re-run of the prefix.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from lru_jax import _checks, lru, padding
 from lru_jax import nn as lnn
 from lru_jax.scan_table import ScanTable
 
-MIXERS = ("lru", "lstm", "gru", "simple_rnn", "mingru", "minlstm", "hgrn", "attention")
+MIXERS = ("lru", "lstm", "gru", "simple_rnn", "mingru", "minlstm", "hgrn", "rglru", "attention")
 # Mixers configured by a group of their own: name -> builder(d_model, options, context)
 # returning the mixer module of one block. `options` is the model's `mixer_options` as a dict
 # (the config group `model.<name>`); `context` a `MixerContext`. A new recurrence registers
@@ -316,7 +316,7 @@ def _generate(model, variables, prompt, length, temperature, top_k, seed):
 
 # ---------------------------------------------------------------- encoder-decoder
 
-RECURRENT_MIXERS = ("lru", "lstm", "gru", "simple_rnn", "mingru", "minlstm", "hgrn")
+RECURRENT_MIXERS = ("lru", "lstm", "gru", "simple_rnn", "mingru", "minlstm", "hgrn", "rglru")
 
 
 def _min_rnn(module):
@@ -347,9 +347,25 @@ def _hgrn(d_model, options, context):
     )
 
 
+def _rglru(d_model, options, context):
+    """Griffin's recurrent block with options expansion (RG-LRU width N = round(expansion *
+    d_model)), num_heads (the gates' blocks, a divisor of N), conv_width, r_min, r_max and
+    scan_method."""
+    return lnn.RecurrentBlock(
+        lru_width=max(1, round(options["expansion"] * d_model)),
+        num_heads=options["num_heads"],
+        conv_width=options["conv_width"],
+        r_min=options["r_min"],
+        r_max=options["r_max"],
+        scan_method=options["scan_method"],
+        scan_table=context.scan_table,
+    )
+
+
 OPTION_MIXERS["mingru"] = _min_rnn(lnn.MinGRU)
 OPTION_MIXERS["minlstm"] = _min_rnn(lnn.MinLSTM)
 OPTION_MIXERS["hgrn"] = _hgrn
+OPTION_MIXERS["rglru"] = _rglru
 
 
 def check_layer_rings(layer_rings: tuple, num_layers: int) -> None:

@@ -1,5 +1,6 @@
-"""Flax Linen modules over the functional core: recurrent layers, the LRU, minGRU, minLSTM and
-HGRN, bidirectional and stacked layers, and the residual sequence block.
+"""Flax Linen modules over the functional core: recurrent layers, the LRU, minGRU, minLSTM,
+HGRN, the RG-LRU and Griffin's recurrent block, bidirectional and stacked layers, and the
+residual sequence block.
 
 Modules are batch-major: x is [batch, time, features], as in `flax.linen.RNN`. Every sequence
 layer is called as
@@ -19,6 +20,7 @@ The attention modules (`MultiHeadAttention`, `DotProductAttention`, `AdditiveAtt
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -26,7 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lru_jax import _checks, cells, hgrn, lru, mingru, padding, scan
+from lru_jax import _checks, cells, hgrn, lru, mingru, padding, rglru, scan
 from lru_jax.attention_nn import (  # noqa: F401  (re-exported)
     AdditiveAttention,
     AttentionPooling,
@@ -117,10 +119,7 @@ class RecurrentLayer(nn.Module):
 
     def step(self, carry, x):
         """One step: x [batch, in] -> (carry, y [batch, hidden]). Needs initialised variables."""
-        params = self.variables["params"]
-        _checks.rank("x", x, 2, "[batch, features]")
-        cells.check_input(params, x, "x")
-        return self.make_cell().step(params, carry, x)
+        return _checked_step(self, cells.check_input, self.make_cell().step, carry, x, "features")
 
 
 class SimpleRNN(RecurrentLayer):
@@ -208,10 +207,16 @@ class LRU(nn.Module):
 
     def step(self, carry, x):
         """One step: x [batch, H] -> (h [batch, N], y [batch, H]), equal to the parallel form."""
-        params = self.variables["params"]
-        _checks.rank("x", x, 2, "[batch, H]")
-        lru.check_input(params, x, "x")
-        return lru.step(params, carry, x)
+        return _checked_step(self, lru.check_input, lru.step, carry, x)
+
+
+def _checked_step(module, check_input, step, carry, x, features: str = "H"):
+    """A layer's one step with its trained parameters: x [batch, features] checked against
+    them (`check_input(params, x, name)`), then `step(params, carry, x) -> (carry, y)`."""
+    params = module.variables["params"]
+    _checks.rank("x", x, 2, f"[batch, {features}]")
+    check_input(params, x, "x")
+    return step(params, carry, x)
 
 
 def _check_scan(scan_method: str, scan_table, methods=scan.METHODS) -> None:
@@ -311,10 +316,8 @@ class MinRNN(nn.Module):
 
     def step(self, carry, x):
         """One step: x [batch, H] -> (h [batch, N], y [batch, H]), equal to the full call."""
-        params = self.variables["params"]
-        _checks.rank("x", x, 2, "[batch, H]")
-        mingru.check_input(params, x, "x")
-        return mingru.step(params, carry, x, self.activation)
+        step = functools.partial(mingru.step, activation=self.activation)
+        return _checked_step(self, mingru.check_input, step, carry, x)
 
 
 class MinGRU(MinRNN):
@@ -388,10 +391,130 @@ class HGRN(nn.Module):
 
     def step(self, carry, x):
         """One step: x [batch, H] -> (h [batch, N], y [batch, H]), equal to the full call."""
-        params = self.variables["params"]
-        _checks.rank("x", x, 2, "[batch, H]")
-        hgrn.check_input(params, x, "x")
-        return hgrn.step(params, carry, x)
+        return _checked_step(self, hgrn.check_input, hgrn.step, carry, x)
+
+
+class RGLRU(nn.Module):
+    """The RG-LRU (De et al. 2024, Griffin; `lru_jax.rglru`): x [batch, time, width] to its
+    states h [batch, time, width].
+
+    Parameters: Lambda [N], W_r, W_i [num_heads, N/num_heads, N/num_heads] (block-diagonal
+    gates, as recurrentgemma's), b_r, b_i [N], made by `rglru.init` from the module's first
+    "params" key; the decay ring σ(Λ) in [r_min, r_max]. The carry is the float32 state
+    [batch, N]. `resets` (bool [batch, time]) marks document starts: the state restarts and
+    the input is not normalised there (recurrentgemma's segment_pos == 0).
+    """
+
+    width: int
+    num_heads: int = 1
+    r_min: float = 0.9
+    r_max: float = 0.999
+    scan_method: str = "auto"
+    scan_table: ScanTable | None = None
+
+    @nn.compact
+    def __call__(
+        self,
+        x,
+        seq_lengths=None,
+        *,
+        initial_carry=None,
+        return_carry=False,
+        reverse=False,
+        resets=None,
+    ):
+        """x: [batch, time, N] -> y [batch, time, N] (or (h_last [batch, N], y))."""
+        rglru.check_settings(self.width, self.num_heads, self.r_min, self.r_max)
+        _check_scan(self.scan_method, self.scan_table)
+        seq_lengths = check_sequence(x, seq_lengths)
+        _checks.feature_size("x", x.shape[-1], self.width, "features (width)")
+        params = _declare_params(
+            self,
+            rglru.PARAM_NAMES,
+            lambda key: rglru.init(key, self.width, self.num_heads, self.r_min, self.r_max),
+        )
+        return _call_forward(
+            rglru.forward,
+            params,
+            x,
+            seq_lengths,
+            initial_carry,
+            return_carry,
+            resets,
+            reverse=reverse,
+            method=self.scan_method,
+            scan_table=self.scan_table,
+        )
+
+    def initial_carry(self, batch_size: int):
+        return rglru.zero_state((batch_size,), self.width)
+
+    def step(self, carry, x):
+        """One step: x [batch, N] -> (h [batch, N], y = h), equal to the full call."""
+        return _checked_step(self, rglru.check_input, rglru.step, carry, x, "N")
+
+
+class RecurrentBlock(nn.Module):
+    """Griffin's recurrent block (`lru_jax.rglru`): a GeLU gate branch and a branch of a causal
+    depthwise convolution (`conv_width` steps) and the RG-LRU at width `lru_width`, multiplied
+    and projected back to the input width H.
+
+    Parameters: W_y, b_y, W_x, b_x, conv_w, conv_b, the RG-LRU's Lambda, W_r, b_r, W_i, b_i,
+    and W_out, b_out, made by `rglru.block_init` from the module's first "params" key
+    (`rglru.from_recurrentgemma` converts recurrentgemma's). The carry is an
+    `rglru.BlockState`: h [batch, N] and the convolution's window [batch, conv_width - 1, N].
+    `resets` (bool [batch, time]) marks document starts, as for `RGLRU`.
+    """
+
+    lru_width: int
+    num_heads: int = 1
+    conv_width: int = 4
+    r_min: float = 0.9
+    r_max: float = 0.999
+    scan_method: str = "auto"
+    scan_table: ScanTable | None = None
+
+    @nn.compact
+    def __call__(
+        self,
+        x,
+        seq_lengths=None,
+        *,
+        initial_carry=None,
+        return_carry=False,
+        reverse=False,
+        resets=None,
+    ):
+        """x: [batch, time, H] -> y [batch, time, H] (or (BlockState, y))."""
+        rglru.check_settings(self.lru_width, self.num_heads, self.r_min, self.r_max)
+        _check_scan(self.scan_method, self.scan_table)
+        seq_lengths = check_sequence(x, seq_lengths)
+        rglru.check_block_settings(x.shape[-1], self.conv_width)
+        if self.has_variable("params", "W_y"):
+            _checks.feature_size("x", x.shape[-1], self.get_variable("params", "W_y").shape[1])
+        settings = (self.lru_width, self.num_heads, self.conv_width, self.r_min, self.r_max)
+        params = _declare_params(
+            self, rglru.BLOCK_PARAM_NAMES, lambda key: rglru.block_init(key, x.shape[-1], *settings)
+        )
+        return _call_forward(
+            rglru.block_forward,
+            params,
+            x,
+            seq_lengths,
+            initial_carry,
+            return_carry,
+            resets,
+            reverse=reverse,
+            method=self.scan_method,
+            scan_table=self.scan_table,
+        )
+
+    def initial_carry(self, batch_size: int):
+        return rglru.block_zero_state((batch_size,), self.lru_width, self.conv_width)
+
+    def step(self, carry, x):
+        """One step: x [batch, H] -> (BlockState, y [batch, H]), equal to the full call."""
+        return _checked_step(self, rglru.check_block_input, rglru.block_step, carry, x)
 
 
 class Bidirectional(nn.Module):

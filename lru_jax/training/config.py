@@ -37,7 +37,8 @@ def default_config() -> ml_collections.ConfigDict:
     # Keys every mixer shares sit at the top of `model`; each mixer's own keys in its group.
     c.model = ml_collections.ConfigDict(
         {
-            "mixer": "lru",  # lru | lstm | gru | simple_rnn | mingru | minlstm | hgrn | attention
+            # lru | lstm | gru | simple_rnn | mingru | minlstm | hgrn | rglru | attention
+            "mixer": "lru",
             "d_model": 128,
             "num_layers": 2,
             "norm": "layer",  # layer | batch
@@ -77,6 +78,14 @@ def default_config() -> ml_collections.ConfigDict:
                 # block k of L starts with the forget gate's lower bound at k/L (the paper's);
                 # False: no lower bound
                 "lower_bound": True,
+                "scan_method": "auto",
+            },
+            "rglru": {  # Griffin's recurrent block around the RG-LRU (lru_jax.rglru)
+                "expansion": 1.0,  # RG-LRU width N = expansion * d_model
+                "num_heads": 4,  # blocks of the block-diagonal gates (a divisor of N)
+                "conv_width": 4,  # steps of the causal depthwise convolution
+                "r_min": 0.9,  # the ring the base decay σ(Λ) is initialised on
+                "r_max": 0.999,
                 "scan_method": "auto",
             },
             "attention": {  # the causal self-attention mixer
@@ -326,8 +335,8 @@ def _validate_model(config) -> None:
 
 
 def _validate_diagonal_mixers(config) -> None:
-    """The groups of minGRU, minLSTM and HGRN (models.OPTION_MIXERS' builders)."""
-    for name in ("mingru", "minlstm", "hgrn"):
+    """The groups of minGRU, minLSTM, HGRN and the RG-LRU (models.OPTION_MIXERS' builders)."""
+    for name in ("mingru", "minlstm", "hgrn", "rglru"):
         expansion = _key(f"model.{name}.expansion")
         _checks.positive_number(
             expansion, _get(config, f"model.{name}.expansion"), type_error=ValueError
@@ -346,6 +355,23 @@ def _validate_diagonal_mixers(config) -> None:
             )
     _choice(config, "model.hgrn.lower_bound", (True, False))
     _choice(config, "model.hgrn.scan_method", (*scan.METHODS, "auto"))
+    _validate_rglru(config)
+
+
+def _validate_rglru(config) -> None:
+    """model.rglru; the heads must divide the RG-LRU's width only where it is the mixer."""
+    group = config.model.rglru
+    _int(config, "model.rglru.num_heads")
+    _int(config, "model.rglru.conv_width")
+    _choice(config, "model.rglru.scan_method", (*scan.METHODS, "auto"))
+    try:
+        lru.check_radii(group.r_min, group.r_max)
+    except ValueError as err:
+        raise ValueError(f"config.model.rglru.{err}") from None
+    width = max(1, round(group.expansion * config.model.d_model))
+    if config.model.mixer == "rglru" and width % group.num_heads:
+        expected = f"a divisor of the RG-LRU width {width} (expansion x d_model)"
+        _fail("model.rglru.num_heads", expected, group.num_heads)
 
 
 def _validate_train(config) -> None:
