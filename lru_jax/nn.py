@@ -433,10 +433,8 @@ class S5(nn.Module):
 
         `resets`, optional bool [batch, time], restarts the state from zero at those steps.
         """
-        s5.check_options(
-            self.d_state, self.blocks, self.conj_sym, self.dt_min, self.dt_max,
-            self.discretization,
-        )  # fmt: skip
+        shape = (self.d_state, self.blocks, self.conj_sym, self.dt_min, self.dt_max)
+        s5.check_options(*shape, self.discretization)
         _check_scan(self.scan_method, self.scan_table)
         seq_lengths = check_sequence(x, seq_lengths)
         if self.has_variable("params", "D"):
@@ -444,10 +442,7 @@ class S5(nn.Module):
         params = _declare_params(
             self,
             list(s5.PARAM_NAMES),
-            lambda key: s5.init(
-                key, x.shape[-1], self.d_state, self.blocks, self.conj_sym, self.dt_min,
-                self.dt_max,
-            ),  # fmt: skip
+            lambda key: s5.init(key, x.shape[-1], *shape),
         )
         return _call_forward(
             s5.forward,
