@@ -433,8 +433,8 @@ class S5(nn.Module):
 
         `resets`, optional bool [batch, time], restarts the state from zero at those steps.
         """
-        shape = (self.d_state, self.blocks, self.conj_sym, self.dt_min, self.dt_max)
-        s5.check_options(*shape, self.discretization)
+        settings = (self.d_state, self.blocks, self.conj_sym, self.dt_min, self.dt_max)
+        s5.check_options(*settings, self.discretization)
         _check_scan(self.scan_method, self.scan_table)
         seq_lengths = check_sequence(x, seq_lengths)
         if self.has_variable("params", "D"):
@@ -442,7 +442,7 @@ class S5(nn.Module):
         params = _declare_params(
             self,
             list(s5.PARAM_NAMES),
-            lambda key: s5.init(key, x.shape[-1], *shape),
+            lambda key: s5.init(key, x.shape[-1], *settings),
         )
         return _call_forward(
             s5.forward,
