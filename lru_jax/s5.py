@@ -158,14 +158,9 @@ def _check_form(conj_sym, discretization) -> None:
     _checks.one_of("discretization", discretization, DISCRETIZATIONS)
 
 
-def check_input(params: Params, u, name: str = "u") -> None:
-    _checks.floating(name, u, allow_complex=False)
-    _checks.feature_size(name, u.shape[-1], params["D"].shape[0])
-
-
-def zero_state(batch_shape: tuple[int, ...], states: int) -> jax.Array:
-    """The zero state [..., P'] complex64 (P' = P/2 with conj_sym)."""
-    return jnp.zeros((*batch_shape, states), jnp.complex64)
+# the LRU's: real inputs whose width is D's; a complex64 zero state [..., P'] (P/2 with conj_sym)
+check_input = lru.check_input
+zero_state = lru.zero_state
 
 
 def forward(
