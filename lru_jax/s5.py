@@ -214,6 +214,7 @@ def step(
     params: Params, h, u, *, conj_sym: bool = True, discretization: str = "zoh"
 ) -> tuple[jax.Array, jax.Array]:
     """One step for generation: h [..., P'] complex, u [..., H] -> (h', y [..., H])."""
+    _check_form(conj_sym, discretization)
     lam_bar, bu = _terms(params, u, discretization)
     h = lam_bar * h + bu
     return h, readout(params, h, u, conj_sym)

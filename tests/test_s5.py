@@ -371,6 +371,10 @@ def test_bad_input_is_named():
         layer.apply(variables, layer.initial_carry(2), x, method="step")
     with pytest.raises(ValueError, match="discretization: expected one of"):
         s5.forward(variables["params"], x, discretization="euler")
+    with pytest.raises(ValueError, match="discretization: expected one of"):
+        lnn.S5(d_state=8, discretization="euler").apply(
+            variables, layer.initial_carry(2), x[:, 0], method="step"
+        )
     with pytest.raises(ValueError, match="blocks: expected a divisor of d_state 8"):
         lnn.S5(d_state=8, blocks=3).init(jax.random.key(0), x)
     with pytest.raises(ValueError, match="d_state: expected a multiple of 2 x blocks = 2"):
