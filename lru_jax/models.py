@@ -5,7 +5,7 @@ and an encoder-decoder with attention (`EncoderDecoder`, `greedy_decode`).
            -> LayerNorm -> pooling ("none" | "last" | "mean" | "attention") -> Dense head
 
 Any mixer: "lru", "lstm", "gru", "simple_rnn", "mingru", "minlstm", "hgrn", "rglru" (Griffin's
-recurrent block) or "attention" (causal multi-head self-attention with rotary positions: a
+recurrent block), "s5" or "attention" (causal multi-head self-attention with rotary positions: a
 Transformer baseline). A language model is the "none"-pooling model over tokens; `generate`
 samples from it one token at a time through every block's `step` (for attention, a key/value
 cache), so each new token costs one step, not a re-run of the prefix.
@@ -26,7 +26,9 @@ from lru_jax import _checks, lru, padding
 from lru_jax import nn as lnn
 from lru_jax.scan_table import ScanTable
 
-MIXERS = ("lru", "lstm", "gru", "simple_rnn", "mingru", "minlstm", "hgrn", "rglru", "attention")
+MIXERS = (
+    "lru", "lstm", "gru", "simple_rnn", "mingru", "minlstm", "hgrn", "rglru", "s5", "attention"
+)  # fmt: skip
 # Mixers configured by a group of their own: name -> builder(d_model, options, context)
 # returning the mixer module of one block. `options` is the model's `mixer_options` as a dict
 # (the config group `model.<name>`); `context` a `MixerContext`. A new recurrence registers
@@ -316,7 +318,7 @@ def _generate(model, variables, prompt, length, temperature, top_k, seed):
 
 # ---------------------------------------------------------------- encoder-decoder
 
-RECURRENT_MIXERS = ("lru", "lstm", "gru", "simple_rnn", "mingru", "minlstm", "hgrn", "rglru")
+RECURRENT_MIXERS = ("lru", "lstm", "gru", "simple_rnn", "mingru", "minlstm", "hgrn", "rglru", "s5")
 
 
 def _min_rnn(module):
@@ -362,10 +364,17 @@ def _rglru(d_model, options, context):
     )
 
 
+def _s5(d_model, options, context):
+    """The S5 with its group's options (d_state, blocks, dt_min, dt_max, discretization,
+    conj_sym, scan_method), the same in every block."""
+    return lnn.S5(**options, scan_table=context.scan_table)
+
+
 OPTION_MIXERS["mingru"] = _min_rnn(lnn.MinGRU)
 OPTION_MIXERS["minlstm"] = _min_rnn(lnn.MinLSTM)
 OPTION_MIXERS["hgrn"] = _hgrn
 OPTION_MIXERS["rglru"] = _rglru
+OPTION_MIXERS["s5"] = _s5
 
 
 def check_layer_rings(layer_rings: tuple, num_layers: int) -> None:

@@ -1,5 +1,5 @@
 """Flax Linen modules over the functional core: recurrent layers, the LRU, minGRU, minLSTM,
-HGRN, the RG-LRU and Griffin's recurrent block, bidirectional and stacked layers, and the
+HGRN, the RG-LRU and Griffin's recurrent block, the S5, bidirectional and stacked layers, and the
 residual sequence block.
 
 Modules are batch-major: x is [batch, time, features], as in `flax.linen.RNN`. Every sequence
@@ -28,7 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lru_jax import _checks, cells, hgrn, lru, mingru, padding, rglru, scan
+from lru_jax import _checks, cells, hgrn, lru, mingru, padding, rglru, s5, scan
 from lru_jax.attention_nn import (  # noqa: F401  (re-exported)
     AdditiveAttention,
     AttentionPooling,
@@ -392,6 +392,80 @@ class HGRN(nn.Module):
     def step(self, carry, x):
         """One step: x [batch, H] -> (h [batch, N], y [batch, H]), equal to the full call."""
         return _checked_step(self, hgrn.check_input, hgrn.step, carry, x)
+
+
+class S5(nn.Module):
+    """The S5 layer (Smith et al. 2023, `lru_jax.s5`); width H is x's last axis.
+
+    d_state is the paper's latent size P, split into `blocks` block-diagonal HiPPO-N blocks at
+    initialisation; with `conj_sym` (default) the state keeps one mode of each conjugate pair,
+    P' = P/2, and y = 2 Re(C̃ x) + D u. Parameters: Lambda_re, Lambda_im, B_re, B_im, C_re,
+    C_im, D, log_step (timescales drawn in [dt_min, dt_max]), made by `s5.init` from the
+    module's first "params" key. `discretization`: "zoh" | "bilinear". The carry is the
+    complex64 state [batch, P'].
+    """
+
+    d_state: int
+    blocks: int = 1
+    conj_sym: bool = True
+    dt_min: float = 0.001
+    dt_max: float = 0.1
+    discretization: str = "zoh"
+    scan_method: str = "auto"
+    scan_table: ScanTable | None = None
+
+    @property
+    def _form(self) -> dict:
+        return {"conj_sym": self.conj_sym, "discretization": self.discretization}
+
+    @nn.compact
+    def __call__(
+        self,
+        x,
+        seq_lengths=None,
+        *,
+        initial_carry=None,
+        return_carry=False,
+        reverse=False,
+        resets=None,
+    ):
+        """x: [batch, time, H] -> y [batch, time, H] (or (h_last [batch, P'], y)).
+
+        `resets`, optional bool [batch, time], restarts the state from zero at those steps.
+        """
+        settings = (self.d_state, self.blocks, self.conj_sym, self.dt_min, self.dt_max)
+        s5.check_options(*settings, self.discretization)
+        _check_scan(self.scan_method, self.scan_table)
+        seq_lengths = check_sequence(x, seq_lengths)
+        if self.has_variable("params", "D"):
+            _checks.feature_size("x", x.shape[-1], self.get_variable("params", "D").shape[0])
+        params = _declare_params(
+            self,
+            list(s5.PARAM_NAMES),
+            lambda key: s5.init(key, x.shape[-1], *settings),
+        )
+        return _call_forward(
+            s5.forward,
+            params,
+            x,
+            seq_lengths,
+            initial_carry,
+            return_carry,
+            resets,
+            reverse=reverse,
+            method=self.scan_method,
+            scan_table=self.scan_table,
+            **self._form,
+        )
+
+    def initial_carry(self, batch_size: int):
+        states = self.d_state // 2 if self.conj_sym else self.d_state
+        return s5.zero_state((batch_size,), states)
+
+    def step(self, carry, x):
+        """One step: x [batch, H] -> (h [batch, P'], y [batch, H]), equal to the full call."""
+        step = functools.partial(s5.step, **self._form)
+        return _checked_step(self, s5.check_input, step, carry, x)
 
 
 class RGLRU(nn.Module):

@@ -65,7 +65,7 @@ EXPERIMENTS = [
     ("stdlib-lru", "stdlib_text.py", {}, "bits_per_char", "unigram entropy"),
 ]
 # The diagonal recurrences of issue 19 on the adding problem, ListOps and associative recall.
-DIAGONAL_MIXERS = ("mingru", "minlstm", "hgrn", "rglru")
+DIAGONAL_MIXERS = ("mingru", "minlstm", "hgrn", "rglru", "s5")
 EXPERIMENTS += [
     (f"{task}-{mixer}", filename, {"model.mixer": mixer}, metric, reference)
     for mixer in DIAGONAL_MIXERS

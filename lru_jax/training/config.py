@@ -15,7 +15,7 @@ import os
 
 import ml_collections
 
-from lru_jax import _checks, lru, mingru, models, scan
+from lru_jax import _checks, lru, mingru, models, s5, scan
 from lru_jax.tasks.base import TaskSpec
 from lru_jax.training.optim import OPTIMIZERS
 
@@ -37,7 +37,7 @@ def default_config() -> ml_collections.ConfigDict:
     # Keys every mixer shares sit at the top of `model`; each mixer's own keys in its group.
     c.model = ml_collections.ConfigDict(
         {
-            # lru | lstm | gru | simple_rnn | mingru | minlstm | hgrn | rglru | attention
+            # lru | lstm | gru | simple_rnn | mingru | minlstm | hgrn | rglru | s5 | attention
             "mixer": "lru",
             "d_model": 128,
             "num_layers": 2,
@@ -86,6 +86,15 @@ def default_config() -> ml_collections.ConfigDict:
                 "conv_width": 4,  # steps of the causal depthwise convolution
                 "r_min": 0.9,  # the ring the base decay σ(Λ) is initialised on
                 "r_max": 0.999,
+                "scan_method": "auto",
+            },
+            "s5": {  # the S5 (lru_jax.s5)
+                "d_state": 128,  # latent size P (P/2 complex states with conj_sym)
+                "blocks": 1,  # block-diagonal HiPPO-N initialisation: blocks of P/blocks
+                "dt_min": 0.001,  # the learned timescales start uniform in log [dt_min, dt_max]
+                "dt_max": 0.1,
+                "discretization": "zoh",  # zoh | bilinear
+                "conj_sym": True,  # keep one mode of each conjugate pair, y = 2 Re(C x) + D u
                 "scan_method": "auto",
             },
             "attention": {  # the causal self-attention mixer
@@ -335,7 +344,8 @@ def _validate_model(config) -> None:
 
 
 def _validate_diagonal_mixers(config) -> None:
-    """The groups of minGRU, minLSTM, HGRN and the RG-LRU (models.OPTION_MIXERS' builders)."""
+    """The groups of minGRU, minLSTM, HGRN, the RG-LRU and the S5 (models.OPTION_MIXERS'
+    builders)."""
     for name in ("mingru", "minlstm", "hgrn", "rglru"):
         expansion = _key(f"model.{name}.expansion")
         _checks.positive_number(
@@ -356,6 +366,18 @@ def _validate_diagonal_mixers(config) -> None:
     _choice(config, "model.hgrn.lower_bound", (True, False))
     _choice(config, "model.hgrn.scan_method", (*scan.METHODS, "auto"))
     _validate_rglru(config)
+    _validate_s5(config)
+
+
+def _validate_s5(config) -> None:
+    """model.s5: its settings as `s5.check_options` names them, under the config key."""
+    group = config.model.s5
+    _choice(config, "model.s5.scan_method", (*scan.METHODS, "auto"))
+    settings = ("d_state", "blocks", "conj_sym", "dt_min", "dt_max", "discretization")
+    try:
+        s5.check_options(*(group[name] for name in settings))
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"config.model.s5.{err}") from None
 
 
 def _validate_rglru(config) -> None:
