@@ -106,9 +106,10 @@ def readout(params: Params, h, x):
     return dense(normed * gate, params["W_o"], params["b_o"])
 
 
-def check_input(params: Params, x, name: str = "x") -> None:
-    _checks.floating(name, x, allow_complex=False)
-    _checks.feature_size(name, x.shape[-1], params["W_f"].shape[1])
+def check_input(params: Params, x, name: str = "x"):
+    """x [..., features] as an array (a nested list is converted), checked against the
+    parameters' input size."""
+    return _checks.features(name, x, params["W_f"].shape[1])
 
 
 def zero_state(batch_shape: tuple[int, ...], d_state: int) -> jax.Array:
@@ -142,7 +143,7 @@ def forward(
     Returns:
       (y [time, ..., H], h_last [..., N] complex64).
     """
-    check_input(params, x)
+    x = check_input(params, x)
     if x.ndim < 2:
         raise ValueError(f"x: expected rank >= 2 [time, ..., H], got shape {x.shape}")
     if seq_lengths is not None:

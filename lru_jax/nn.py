@@ -41,10 +41,10 @@ from lru_jax.scan_table import ScanTable
 
 
 def check_sequence(x, seq_lengths, name: str = "x"):
-    """Checks x: float [batch, time, features] and seq_lengths; returns int32 lengths or None."""
-    _checks.rank(name, x, 3, "[batch, time, features]")
-    _checks.floating(name, x, allow_complex=False)
-    return _checks.seq_lengths(seq_lengths, x.shape[0], x.shape[1])
+    """Checks x: float [batch, time, features] (a nested list is converted) and seq_lengths;
+    returns (x as an array, int32 lengths or None)."""
+    x = _checks.sequence(name, x)
+    return x, _checks.seq_lengths(seq_lengths, x.shape[0], x.shape[1])
 
 
 def _time_major(x):
@@ -90,7 +90,7 @@ class RecurrentLayer(nn.Module):
     ):
         """x: [batch, time, in] -> y [batch, time, hidden] (or (carry, y))."""
         _checks.positive_int("hidden_size", self.hidden_size)
-        seq_lengths = check_sequence(x, seq_lengths)
+        x, seq_lengths = check_sequence(x, seq_lengths)
         if self.has_variable("params", "w_ih"):
             _checks.feature_size("x", x.shape[-1], self.get_variable("params", "w_ih").shape[0])
         cell = self.make_cell()
@@ -119,8 +119,7 @@ class RecurrentLayer(nn.Module):
         """One step: x [batch, in] -> (carry, y [batch, hidden]). Needs initialised variables."""
         params = self.variables["params"]
         _checks.rank("x", x, 2, "[batch, features]")
-        cells.check_input(params, x, "x")
-        return self.make_cell().step(params, carry, x)
+        return self.make_cell().step(params, carry, x)  # Cell.step checks x against params
 
 
 class SimpleRNN(RecurrentLayer):
@@ -179,7 +178,7 @@ class LRU(nn.Module):
         _checks.positive_int("d_state", self.d_state)
         lru.check_ring(self.r_min, self.r_max, self.max_phase)
         _check_scan(self.scan_method, self.scan_table)
-        seq_lengths = check_sequence(x, seq_lengths)
+        x, seq_lengths = check_sequence(x, seq_lengths)
         if self.has_variable("params", "D"):
             _checks.feature_size("x", x.shape[-1], self.get_variable("params", "D").shape[0])
         params = _declare_params(
@@ -210,7 +209,7 @@ class LRU(nn.Module):
         """One step: x [batch, H] -> (h [batch, N], y [batch, H]), equal to the parallel form."""
         params = self.variables["params"]
         _checks.rank("x", x, 2, "[batch, H]")
-        lru.check_input(params, x, "x")
+        x = lru.check_input(params, x, "x")
         return lru.step(params, carry, x)
 
 
@@ -280,7 +279,7 @@ class MinRNN(nn.Module):
         mingru.check_form(self.log_space, self.activation)
         methods = scan.LOG_METHODS if self.log_space else scan.METHODS
         _check_scan(self.scan_method, self.scan_table, methods)
-        seq_lengths = check_sequence(x, seq_lengths)
+        x, seq_lengths = check_sequence(x, seq_lengths)
         proj_out = mingru.check_cell(self.cell, x.shape[-1], self.d_state, self.proj_out)
         if self.has_variable("params", "W_h"):
             _checks.feature_size("x", x.shape[-1], self.get_variable("params", "W_h").shape[1])
@@ -313,7 +312,7 @@ class MinRNN(nn.Module):
         """One step: x [batch, H] -> (h [batch, N], y [batch, H]), equal to the full call."""
         params = self.variables["params"]
         _checks.rank("x", x, 2, "[batch, H]")
-        mingru.check_input(params, x, "x")
+        x = mingru.check_input(params, x, "x")
         return mingru.step(params, carry, x, self.activation)
 
 
@@ -362,7 +361,7 @@ class HGRN(nn.Module):
         _checks.positive_int("d_state", self.d_state)
         hgrn.check_lower_bound(self.lower_bound)
         _check_scan(self.scan_method, self.scan_table)
-        seq_lengths = check_sequence(x, seq_lengths)
+        x, seq_lengths = check_sequence(x, seq_lengths)
         if self.has_variable("params", "W_f"):
             _checks.feature_size("x", x.shape[-1], self.get_variable("params", "W_f").shape[1])
         params = _declare_params(
@@ -390,7 +389,7 @@ class HGRN(nn.Module):
         """One step: x [batch, H] -> (h [batch, N], y [batch, H]), equal to the full call."""
         params = self.variables["params"]
         _checks.rank("x", x, 2, "[batch, H]")
-        hgrn.check_input(params, x, "x")
+        x = hgrn.check_input(params, x, "x")
         return hgrn.step(params, carry, x)
 
 
@@ -561,7 +560,7 @@ class SequenceBlock(nn.Module):
         The arguments may be given by position, for `nn.remat(SequenceBlock,
         static_argnums=(4, 5))` (`self` counts as argument 0).
         """
-        seq_lengths = check_sequence(x, seq_lengths)
+        x, seq_lengths = check_sequence(x, seq_lengths)
         _checks.feature_size("x", x.shape[-1], self.d_model, "features (d_model)")
         mask = None
         if seq_lengths is not None:
