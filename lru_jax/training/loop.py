@@ -2,7 +2,8 @@
 
 Everything random is a function of (seed, step): the batch at step s is `task.batch("train",
 s, ...)` and the dropout key is `fold_in(key, s)`. So a run resumed from a checkpoint repeats
-exactly what an uninterrupted run would have done.
+exactly what an uninterrupted run would have done. A resume continues from the newest
+checkpoint that verifies (`checkpoints`), with a config the run's record accepts (`record`).
 
 On several devices or hosts (see lru_jax/training/sharding.py) the same loop runs in every
 process on a mesh from `config.sharding`: each process supplies its rows of every global batch,
@@ -22,7 +23,7 @@ import numpy as np
 from tqdm import tqdm
 
 from lru_jax import models, scan_choices, tasks
-from lru_jax.training import autotune, sharding
+from lru_jax.training import autotune, record, sharding
 from lru_jax.training import config as config_lib
 from lru_jax.training.checkpoints import Checkpointer
 from lru_jax.training.metrics import MetricsWriter
@@ -36,8 +37,16 @@ class NonFiniteLossError(FloatingPointError):
 
 
 def build_task(config):
+    """The task `config.task` names; its argument errors are ConfigErrors naming the key
+    ("config.task.seq_len: expected a positive int, got -3")."""
     kwargs = {k: v for k, v in config.task.items() if k != "name"}
-    return tasks.get_task(config.task.name, seed=config.seed, **kwargs)
+    try:
+        return tasks.get_task(config.task.name, seed=config.seed, **kwargs)
+    except (ValueError, TypeError) as err:
+        message = str(err)
+        argument = message.split(":", 1)[0]
+        where = f"config.task.{message}" if argument.isidentifier() else f"config.task: {message}"
+        raise config_lib.ConfigError(where) from None
 
 
 def _creator(model, tx, task, config):
@@ -121,8 +130,9 @@ class _PendingMetrics:
 def train_and_evaluate(config, workdir: str) -> dict:
     """Trains as `config` says, in `workdir` (resuming from its latest checkpoint).
 
-    Returns the final metrics: {"valid": {...}, "test": {...}, "steps": n, "train_time_s": t}.
-    Runs on the devices `config.sharding` asks for (all of them by default).
+    Returns the final metrics: {"valid": {...}, "test": {...}, "steps": the step the model
+    reached, "train_time_s": t (compilation apart), "compile_time_s": c}. Runs on the devices
+    `config.sharding` asks for (all of them by default).
     """
     config_lib.validate(config)
     task = build_task(config)
@@ -135,29 +145,38 @@ def train_and_evaluate(config, workdir: str) -> dict:
 def _train_and_evaluate(config, workdir: str, task, layout: sharding.Layout) -> dict:
     spec = task.spec
     tc = config.train
-    data_devices = layout.mesh.shape[sharding.DATA]
-    table, measure_scans = autotune.run_table(tc.get("scan_choices", "auto"), workdir, data_devices)
-    model = config_lib.build_model(config.model, spec, layout.sequence_axis, table)
-    batch_size = sharding.global_batch_size(tc, layout.mesh)
     main = jax.process_index() == 0  # the one process that writes logs and files
-    os.makedirs(workdir, exist_ok=True)
-    tx = make_optimizer(tc)
-    state, state_shardings = init_state(model, tx, task, config, layout)
-    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), tc.keep_checkpoints)
-    start = checkpointer.latest_step()
-    if start is not None:
-        try:
-            state = checkpointer.restore(state)
-        except ValueError:
-            checkpointer.close()
-            raise
-        if main:
-            print(f"Resuming from the checkpoint at step {start} in {workdir}")
-    if main:  # after the restore: a run refused for a mismatch keeps its own config.json
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
+    record.prepare_workdir(workdir)
+    checkpointer = Checkpointer(
+        os.path.join(workdir, "checkpoints"),
+        tc.keep_checkpoints,
+        tc.get("on_damaged_checkpoint", "fallback"),
+        writes=main,
+    )
+    try:
+        # the resume's checks first: a refused one compiles nothing
+        start = checkpointer.latest_step()
+        changes = None if start is None else record.check_resume(workdir, config, start)
+        data_devices = layout.mesh.shape[sharding.DATA]
+        scan_setting = tc.get("scan_choices", "auto")
+        table, measure_scans = autotune.run_table(scan_setting, workdir, data_devices)
+        model = config_lib.build_model(config.model, spec, layout.sequence_axis, table)
+        batch_size = sharding.global_batch_size(tc, layout.mesh)
+        tx = make_optimizer(tc)
+        state, state_shardings = init_state(model, tx, task, config, layout)
+        if start is not None:
+            state = checkpointer.restore(state, start)
+    except BaseException:
+        checkpointer.close()
+        raise
+    if main and start is not None:
+        print(f"Resuming from the checkpoint at step {start} in {workdir}")
+    if main:  # after the restore: a refused resume leaves the run's record as it was
+        record.write(workdir, config, start or 0, changes)
     writer = MetricsWriter(workdir, resume_step=start) if main else _NoWriter()
     start = start or 0
+    if start >= tc.num_steps and main:
+        print(f"the checkpoint at step {start} is at or past train.num_steps={tc.num_steps}")
 
     def next_batch(split, index):
         return layout.put_batch(task.batch(split, index, batch_size))
@@ -190,6 +209,14 @@ def _train_and_evaluate(config, workdir: str, task, layout: sharding.Layout) -> 
             compiled_eval, state, task, split, batch_size, tc.eval_batches, layout.put_batch
         )
 
+    # compiled before the clock starts: the first interval's tokens/s and the bar's ETA are
+    # the training's, not the compiler's
+    compile_time = 0.0
+    if start < tc.num_steps:
+        tick = time.perf_counter()
+        train_step = train_step.lower(state, next_batch("train", start)).compile()
+        compile_time = time.perf_counter() - tick
+
     lr = schedule(tc)
     tokens_per_batch = batch_size * spec.seq_len
     pending = _PendingMetrics()
@@ -197,10 +224,11 @@ def _train_and_evaluate(config, workdir: str, task, layout: sharding.Layout) -> 
         total=tc.num_steps, initial=start, desc="train", dynamic_ncols=True, disable=not main
     )
     tick, tick_step, train_time, valid = time.perf_counter(), start, 0.0, None
+    reached = start  # the step of `state`
     try:
         for step in range(start, tc.num_steps):
             state, metrics = train_step(state, next_batch("train", step))
-            done = step + 1
+            done = reached = step + 1
             pending.add(done, metrics)
             bar.update(1)
             log = done % tc.log_every == 0 or done == tc.num_steps
@@ -229,8 +257,9 @@ def _train_and_evaluate(config, workdir: str, task, layout: sharding.Layout) -> 
         checkpointer.close()
 
     final = {
-        "steps": tc.num_steps,
+        "steps": reached,
         "train_time_s": train_time,
+        "compile_time_s": compile_time,
         "valid": valid or run_eval(state, "valid"),
         "test": run_eval(state, "test"),
         "baseline": {spec.baseline_metric: spec.baseline},
