@@ -33,6 +33,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from lru_jax import _checks
+
 MANIFEST = "checksums.json"
 ON_DAMAGED = ("fallback", "stop")
 _ORBAX_METADATA = "_CHECKPOINT_METADATA"  # orbax writes it into every finished step folder
@@ -116,8 +118,7 @@ class Checkpointer:
     """
 
     def __init__(self, directory: str, keep: int, on_damaged: str = "fallback", writes=True):
-        if on_damaged not in ON_DAMAGED:
-            raise ValueError(f"on_damaged: expected one of {list(ON_DAMAGED)}, got {on_damaged!r}")
+        _checks.one_of("on_damaged", on_damaged, ON_DAMAGED)
         self.directory = os.path.abspath(directory)
         self.on_damaged = on_damaged
         self.writes = writes
@@ -147,9 +148,12 @@ class Checkpointer:
         if set_aside:
             _sync_processes("lru_jax checkpoints set aside")
             self.manager.reload()
+            if found is None:
+                message = f"warning: no checkpoint in {self.directory} verifies; starting afresh"
+                print(message, file=sys.stderr)
         if found is not None and not verified:
             print(
-                f"note: the checkpoints in {self.directory} have no {MANIFEST} (saved before "
+                f"note: no checkpoint in {self.directory} has a {MANIFEST} (saved before "
                 f"lru_jax wrote them); restoring step {found} unverified",
                 file=sys.stderr,
             )
@@ -167,8 +171,10 @@ class Checkpointer:
             target = _free_name(self._folder(step) + ".damaged")
             os.rename(self._folder(step), target)
             done = f"kept as {os.path.basename(target)}"
-        print(f"warning: {where} is damaged ({wrong}); {done}, trying the step before",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"warning: {where} is damaged ({wrong}); {done}, trying the step before",
+            file=sys.stderr,
+        )
 
     def save(self, step: int, state) -> None:
         if step in self.manager.all_steps():
