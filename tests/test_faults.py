@@ -1,7 +1,7 @@
 """Fault injection: a run killed at several points resumes bit for bit; every kind of checkpoint
 damage ends in a fallback to a checkpoint that verifies or in a one-line error, never in
 silently wrong numbers; a resume keeps the run's record honest; every command-line mistake is
-one short line with its exit code; every README code block runs as printed.
+one short line with its exit code. (The README's code blocks: test_readme.py.)
 
 One tiny run is trained once (the `trained` fixture) and copied for each case; every run here
 compiles the same small programs, which a persistent compilation cache (this module's only)
@@ -11,7 +11,6 @@ loads after the first time instead of compiling again.
 import importlib.util
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -245,6 +244,18 @@ def test_with_on_damaged_stop_a_damaged_checkpoint_stops_the_run(template, copy)
     assert "8" in os.listdir(os.path.join(copy, "checkpoints"))  # left where it was
 
 
+def test_unverified_checkpoints_fail_in_one_line_when_the_storage_layer_does(template, copy):
+    """A run saved before manifests restores unverified; a truncated file there is one
+    CheckpointError line, not tensorstore's dump."""
+    for step in ("4", "8"):
+        os.remove(os.path.join(copy, "checkpoints", step, checkpoints.MANIFEST))
+    truncate(copy)
+    with pytest.raises(CheckpointError) as failed:
+        restored(copy, template)
+    assert "\n" not in str(failed.value) and "step 8" in str(failed.value)
+    assert "could not be read" in str(failed.value)
+
+
 def test_a_resume_from_a_damaged_checkpoint_trains_to_the_same_numbers(trained, copy):
     """The overwritten Adam moment of the issue: the run resumes from step 4, not from the
     damaged step 8, and ends at the uninterrupted run's numbers instead of a NaN."""
@@ -393,18 +404,3 @@ def test_a_refused_resume_is_one_line_and_exit_code_2_in_a_fresh_process(copy):
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2 and len(lines) == 1, lines[:5]
     assert lines[0].startswith("error: config: model.d_model 8 -> 12")
-
-
-# ------------------------------------------------------------------ the README
-
-
-def readme_blocks():
-    with open(os.path.join(ROOT, "README.md")) as f:
-        return re.findall(r"```python\n(.*?)```", f.read(), re.S)
-
-
-@pytest.mark.parametrize("index", range(len(readme_blocks())))
-def test_every_readme_code_block_runs_as_printed(index, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # a block may write a file
-    code = readme_blocks()[index]
-    exec(compile(code, f"README.md python block {index + 1}", "exec"), {})
