@@ -225,6 +225,17 @@ def seq_lengths(seq_lengths, batch: int, time: int):
     return jnp.clip(jnp.asarray(seq_lengths, jnp.int32), 0, time)
 
 
+def time_major_lengths(name: str, x, lengths):
+    """Checks a recurrence's time-major input `x` [time, ..., H] (rank >= 2; [time, batch, H]
+    when `lengths` is given) and `lengths`; returns them as `seq_lengths` does."""
+    if x.ndim < 2:
+        raise ValueError(f"{name}: expected rank >= 2 [time, ..., H], got shape {x.shape}")
+    if lengths is None:
+        return None
+    rank(name, x, 3, "[time, batch, H] when seq_lengths is given")
+    return seq_lengths(lengths, x.shape[1], x.shape[0])
+
+
 def broadcastable(names: Sequence[str], shapes: Sequence[tuple]) -> tuple:
     """Returns the broadcast shape of `shapes`, or raises naming the arguments."""
     try:

@@ -144,11 +144,7 @@ def forward(
       (y [time, ..., H], h_last [..., N] complex64).
     """
     x = check_input(params, x)
-    if x.ndim < 2:
-        raise ValueError(f"x: expected rank >= 2 [time, ..., H], got shape {x.shape}")
-    if seq_lengths is not None:
-        _checks.rank("x", x, 3, "[time, batch, H] when seq_lengths is given")
-        seq_lengths = _checks.seq_lengths(seq_lengths, x.shape[1], x.shape[0])
+    seq_lengths = _checks.time_major_lengths("x", x, seq_lengths)
     h_empty = zero_state(x.shape[1:-1], params["theta"].shape[0]) if h0 is None else h0
 
     def run(u, resets, reverse):

@@ -170,11 +170,7 @@ def forward(
       (y [time, ..., H], h_last [..., N]): outputs and the final state.
     """
     u = check_input(params, u)
-    if u.ndim < 2:
-        raise ValueError(f"u: expected rank >= 2 [time, ..., H], got shape {u.shape}")
-    if seq_lengths is not None:
-        _checks.rank("u", u, 3, "[time, batch, H] when seq_lengths is given")
-        seq_lengths = _checks.seq_lengths(seq_lengths, u.shape[1], u.shape[0])
+    seq_lengths = _checks.time_major_lengths("u", u, seq_lengths)
     if h0 is None:
         h0 = zero_state(u.shape[1:-1], params["nu_log"].shape[0])
 

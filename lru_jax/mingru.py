@@ -212,11 +212,7 @@ def forward(
     """
     x = check_input(params, x)
     check_form(log_space, activation)
-    if x.ndim < 2:
-        raise ValueError(f"x: expected rank >= 2 [time, ..., H], got shape {x.shape}")
-    if seq_lengths is not None:
-        _checks.rank("x", x, 3, "[time, batch, H] when seq_lengths is given")
-        seq_lengths = _checks.seq_lengths(seq_lengths, x.shape[1], x.shape[0])
+    seq_lengths = _checks.time_major_lengths("x", x, seq_lengths)
     if h0 is not None and log_space:
         _check_log_h0(h0)
 
