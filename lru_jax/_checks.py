@@ -225,15 +225,16 @@ def seq_lengths(seq_lengths, batch: int, time: int):
     return jnp.clip(jnp.asarray(seq_lengths, jnp.int32), 0, time)
 
 
-def time_major_lengths(name: str, x, lengths):
-    """Checks a recurrence's time-major input `x` [time, ..., H] (rank >= 2; [time, batch, H]
-    when `lengths` is given) and `lengths`; returns them as `seq_lengths` does."""
-    if x.ndim < 2:
-        raise ValueError(f"{name}: expected rank >= 2 [time, ..., H], got shape {x.shape}")
+def time_major(name: str, x, lengths, features: str = "H"):
+    """Checks a time-major sequence x [time, ..., F] and, with `lengths`, that x is
+    [time, batch, F] and the lengths fit it (`seq_lengths`); returns them as int32 or None."""
+    shape, _ = _shape_dtype(name, x)
+    if len(shape) < 2:
+        raise ValueError(f"{name}: expected rank >= 2 [time, ..., {features}], got shape {shape}")
     if lengths is None:
         return None
-    rank(name, x, 3, "[time, batch, H] when seq_lengths is given")
-    return seq_lengths(lengths, x.shape[1], x.shape[0])
+    rank(name, x, 3, f"[time, batch, {features}] when seq_lengths is given")
+    return seq_lengths(lengths, shape[1], shape[0])
 
 
 def broadcastable(names: Sequence[str], shapes: Sequence[tuple]) -> tuple:

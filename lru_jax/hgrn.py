@@ -144,7 +144,7 @@ def forward(
       (y [time, ..., H], h_last [..., N] complex64).
     """
     x = check_input(params, x)
-    seq_lengths = _checks.time_major_lengths("x", x, seq_lengths)
+    seq_lengths = _checks.time_major("x", x, seq_lengths)
     h_empty = zero_state(x.shape[1:-1], params["theta"].shape[0]) if h0 is None else h0
 
     def run(u, resets, reverse):

@@ -38,11 +38,16 @@ PARAM_SHAPES = {
 }
 
 
-def check_ring(r_min: float, r_max: float, max_phase: float) -> None:
+def check_radii(r_min: float, r_max: float) -> None:
+    """The ring's radii: 0 <= r_min < r_max <= 1 (shared by the RG-LRU's decay ring)."""
     if not 0.0 <= r_min < r_max <= 1.0:
         raise ValueError(
             _checks.message("r_min, r_max", "0 <= r_min < r_max <= 1", f"{r_min}, {r_max}")
         )
+
+
+def check_ring(r_min: float, r_max: float, max_phase: float) -> None:
+    check_radii(r_min, r_max)
     _checks.positive_number("max_phase", max_phase)
 
 
@@ -104,22 +109,26 @@ def eigenvalues(params: Params) -> jax.Array:
     return jnp.exp(-jnp.exp(params["nu_log"]) + 1j * jnp.exp(params["theta_log"]))
 
 
-def input_term(params: Params, u: jax.Array) -> jax.Array:
-    """γ ⊙ (B u): u [..., H] real -> [..., N] complex64, by two real matmuls.
+def complex_input(u: jax.Array, w_re: jax.Array, w_im: jax.Array) -> jax.Array:
+    """(w_re + i w_im) u: u [..., H] real, w_re and w_im [N, H] -> [..., N] complex64, by two
+    real matmuls (also the S5's B̄ u).
 
     The leading axes are flattened first: XLA:CPU ran these matmuls (and their gradients) about
     twice as fast on [M, H] as on [time, batch, H] (docs/benchmarks.md).
     """
-    gamma = jnp.exp(params["gamma_log"])[:, None]
     flat = u.reshape(-1, u.shape[-1])
-    re = flat @ (params["B_re"] * gamma).T
-    im = flat @ (params["B_im"] * gamma).T
-    h = jax.lax.complex(re.astype(jnp.float32), im.astype(jnp.float32))
+    h = jax.lax.complex((flat @ w_re.T).astype(jnp.float32), (flat @ w_im.T).astype(jnp.float32))
     return h.reshape(u.shape[:-1] + (h.shape[-1],))
 
 
+def input_term(params: Params, u: jax.Array) -> jax.Array:
+    """γ ⊙ (B u): u [..., H] real -> [..., N] complex64."""
+    gamma = jnp.exp(params["gamma_log"])[:, None]
+    return complex_input(u, params["B_re"] * gamma, params["B_im"] * gamma)
+
+
 def readout(params: Params, h: jax.Array, u: jax.Array) -> jax.Array:
-    """Re(C h) + D ⊙ u: h [..., N] complex, u [..., H] -> [..., H] real.
+    """Re(C h) + D ⊙ u: h [..., N] complex, u [..., H] -> [..., H] real (also the S5's).
 
     One matmul of [Re h, Im h] [M, 2N] with [C_re, -C_im], leading axes flattened.
     """
@@ -170,7 +179,7 @@ def forward(
       (y [time, ..., H], h_last [..., N]): outputs and the final state.
     """
     u = check_input(params, u)
-    seq_lengths = _checks.time_major_lengths("u", u, seq_lengths)
+    seq_lengths = _checks.time_major("u", u, seq_lengths)
     if h0 is None:
         h0 = zero_state(u.shape[1:-1], params["nu_log"].shape[0])
 

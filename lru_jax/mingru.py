@@ -212,7 +212,7 @@ def forward(
     """
     x = check_input(params, x)
     check_form(log_space, activation)
-    seq_lengths = _checks.time_major_lengths("x", x, seq_lengths)
+    seq_lengths = _checks.time_major("x", x, seq_lengths)
     if h0 is not None and log_space:
         _check_log_h0(h0)
 

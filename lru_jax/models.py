@@ -4,11 +4,11 @@ and an encoder-decoder with attention (`EncoderDecoder`, `greedy_decode`).
     inputs -> encoder (Embed for tokens, Dense for floats) -> num_layers x SequenceBlock(mixer)
            -> LayerNorm -> pooling ("none" | "last" | "mean" | "attention") -> Dense head
 
-Any mixer: "lru", "lstm", "gru", "simple_rnn", "mingru", "minlstm", "hgrn" or "attention"
-(causal multi-head self-attention with rotary positions: a Transformer baseline). A language
-model is the "none"-pooling model over tokens; `generate` samples from it one token at a time
-through every block's `step` (for attention, a key/value cache), so each new token costs one
-step, not a re-run of the prefix.
+Any mixer: "lru", "lstm", "gru", "simple_rnn", "mingru", "minlstm", "hgrn", "rglru" (Griffin's
+recurrent block), "s5" or "attention" (causal multi-head self-attention with rotary positions: a
+Transformer baseline). A language model is the "none"-pooling model over tokens; `generate`
+samples from it one token at a time through every block's `step` (for attention, a key/value
+cache), so each new token costs one step, not a re-run of the prefix.
 """
 
 from __future__ import annotations
@@ -22,11 +22,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lru_jax import _checks, padding
+from lru_jax import _checks, lru, padding
 from lru_jax import nn as lnn
 from lru_jax.scan_table import ScanTable
 
-MIXERS = ("lru", "lstm", "gru", "simple_rnn", "mingru", "minlstm", "hgrn", "attention")
+MIXERS = (
+    "lru", "lstm", "gru", "simple_rnn", "mingru", "minlstm", "hgrn", "rglru", "s5", "attention"
+)  # fmt: skip
 # Mixers configured by a group of their own: name -> builder(d_model, options, context)
 # returning the mixer module of one block. `options` is the model's `mixer_options` as a dict
 # (the config group `model.<name>`); `context` a `MixerContext`. A new recurrence registers
@@ -75,6 +77,13 @@ class SequenceModel(nn.Module):
         None for the built-in rule.
       mixer_options: a mixer registered in `OPTION_MIXERS`: its options as sorted (key, value)
         pairs (hashable, so the model stays a valid static argument).
+      layer_rings: the LRU ring per block, ((r_min, r_max, max_phase), ...) of length
+        num_layers, or () for `r_min`, `r_max`, `max_phase` in every block; other mixers
+        ignore it. Lets a first block
+        keep fast modes (it sees each step's input) while later blocks hold long memory.
+      norm_bias: the blocks' norms learn a shift (see `nn.SequenceBlock`).
+      encoder_bias: the Dense encoder of float inputs has a bias. Without it (and without norm
+        bias) an input that is zero carries no constant into the recurrences.
     """
 
     num_outputs: int
@@ -100,16 +109,21 @@ class SequenceModel(nn.Module):
     sequence_axis: str | None = None
     scan_table: ScanTable | None = None
     mixer_options: tuple = ()
+    layer_rings: tuple = ()
+    norm_bias: bool = True
+    encoder_bias: bool = True
 
     def setup(self):
         _checks.one_of("mixer", self.mixer, MIXERS)
+        if self.mixer == "lru":
+            check_layer_rings(self.layer_rings, self.num_layers)
         if self.sequence_axis is not None and self.mixer != "lru":
             raise ValueError(
                 f"sequence_axis: sequence parallelism needs mixer 'lru', got mixer {self.mixer!r}"
             )
         _checks.one_of("pooling", self.pooling, POOLINGS)
         if self.vocab_size is None:
-            self.encoder = nn.Dense(self.d_model)
+            self.encoder = nn.Dense(self.d_model, use_bias=self.encoder_bias)
         else:
             self.encoder = nn.Embed(self.vocab_size, self.d_model)
         _checks.positive_int("remat_chunk", self.remat_chunk)
@@ -125,6 +139,7 @@ class SequenceModel(nn.Module):
                 prenorm=self.prenorm,
                 ffn=self.ffn,
                 dropout_rate=self.dropout_rate,
+                norm_bias=self.norm_bias,
             )
             for layer in range(self.num_layers)
         ]
@@ -137,9 +152,7 @@ class SequenceModel(nn.Module):
         if self.mixer == "lru":
             return lnn.LRU(
                 self.d_state,
-                self.r_min,
-                self.r_max,
-                self.max_phase,
+                *lru_ring(self, layer),
                 self.scan_method,
                 self.sequence_axis,
                 scan_table=self.scan_table,
@@ -305,7 +318,7 @@ def _generate(model, variables, prompt, length, temperature, top_k, seed):
 
 # ---------------------------------------------------------------- encoder-decoder
 
-RECURRENT_MIXERS = ("lru", "lstm", "gru", "simple_rnn", "mingru", "minlstm", "hgrn")
+RECURRENT_MIXERS = ("lru", "lstm", "gru", "simple_rnn", "mingru", "minlstm", "hgrn", "rglru", "s5")
 
 
 def _min_rnn(module):
@@ -336,9 +349,53 @@ def _hgrn(d_model, options, context):
     )
 
 
+def _rglru(d_model, options, context):
+    """Griffin's recurrent block with options expansion (RG-LRU width N = round(expansion *
+    d_model)), num_heads (the gates' blocks, a divisor of N), conv_width, r_min, r_max and
+    scan_method."""
+    return lnn.RecurrentBlock(
+        lru_width=max(1, round(options["expansion"] * d_model)),
+        num_heads=options["num_heads"],
+        conv_width=options["conv_width"],
+        r_min=options["r_min"],
+        r_max=options["r_max"],
+        scan_method=options["scan_method"],
+        scan_table=context.scan_table,
+    )
+
+
+def _s5(d_model, options, context):
+    """The S5 with its group's options (d_state, blocks, dt_min, dt_max, discretization,
+    conj_sym, scan_method), the same in every block."""
+    return lnn.S5(**options, scan_table=context.scan_table)
+
+
 OPTION_MIXERS["mingru"] = _min_rnn(lnn.MinGRU)
 OPTION_MIXERS["minlstm"] = _min_rnn(lnn.MinLSTM)
 OPTION_MIXERS["hgrn"] = _hgrn
+OPTION_MIXERS["rglru"] = _rglru
+OPTION_MIXERS["s5"] = _s5
+
+
+def check_layer_rings(layer_rings: tuple, num_layers: int) -> None:
+    """Refuses `layer_rings` that are not () or one valid (r_min, r_max, max_phase) per block."""
+    if not layer_rings:
+        return
+    if len(layer_rings) != num_layers or any(len(ring) != 3 for ring in layer_rings):
+        expected = f"() or {num_layers} (r_min, r_max, max_phase) triples (one per block)"
+        raise ValueError(_checks.message("layer_rings", expected, layer_rings))
+    for layer, ring in enumerate(layer_rings):
+        try:
+            lru.check_ring(*ring)
+        except ValueError as err:
+            raise ValueError(f"layer_rings[{layer}]: {err}") from None
+
+
+def lru_ring(model, layer: int) -> tuple[float, float, float]:
+    """(r_min, r_max, max_phase) of block `layer`'s LRU in `model`."""
+    if model.layer_rings:
+        return tuple(model.layer_rings[layer])
+    return model.r_min, model.r_max, model.max_phase
 
 
 def _make_recurrent_mixer(model, layer: int) -> nn.Module:
@@ -385,7 +442,8 @@ class EncoderDecoder(nn.Module):
       score: soft attention's score: "additive" (Bahdanau) | "dot" (Luong's "general").
       bidirectional: the encoder's blocks read the source both ways.
       hard_temperature: the Gumbel-softmax temperature of hard attention in training.
-      norm, prenorm, ffn, dropout_rate: of every `nn.SequenceBlock`.
+      norm, prenorm, ffn, dropout_rate, norm_bias: of every `nn.SequenceBlock`.
+      layer_rings: as `SequenceModel.layer_rings`.
       grad_chunk: as `SequenceModel.grad_chunk`.
       scan_table: as `SequenceModel.scan_table`.
       mixer_options: as `SequenceModel.mixer_options`.
@@ -411,9 +469,13 @@ class EncoderDecoder(nn.Module):
     grad_chunk: int | None = 16
     scan_table: ScanTable | None = None
     mixer_options: tuple = ()
+    layer_rings: tuple = ()
+    norm_bias: bool = True
 
     def setup(self):
         _checks.positive_int("vocab_size", self.vocab_size)
+        if self.mixer == "lru":
+            check_layer_rings(self.layer_rings, self.num_layers)
         _checks.one_of("mixer", self.mixer, RECURRENT_MIXERS)
         _checks.one_of("attention", self.attention, ATTENTIONS)
         _checks.one_of("score", self.score, SCORES)
@@ -447,11 +509,12 @@ class EncoderDecoder(nn.Module):
             prenorm=self.prenorm,
             ffn=self.ffn,
             dropout_rate=self.dropout_rate,
+            norm_bias=self.norm_bias,
         )
 
     def _make_mixer(self, layer: int) -> nn.Module:
         if self.mixer == "lru":
-            settings = (self.d_state, self.r_min, self.r_max, self.max_phase, self.scan_method)
+            settings = (self.d_state, *lru_ring(self, layer), self.scan_method)
             return lnn.LRU(*settings, scan_table=self.scan_table)
         return _make_recurrent_mixer(self, layer)
 

@@ -1,5 +1,6 @@
-"""Flax Linen modules over the functional core: recurrent layers, the LRU, minGRU, minLSTM and
-HGRN, bidirectional and stacked layers, and the residual sequence block.
+"""Flax Linen modules over the functional core: recurrent layers, the LRU, minGRU, minLSTM,
+HGRN, the RG-LRU and Griffin's recurrent block, the S5, bidirectional and stacked layers, and the
+residual sequence block.
 
 Modules are batch-major: x is [batch, time, features], as in `flax.linen.RNN`. Every sequence
 layer is called as
@@ -19,6 +20,7 @@ The attention modules (`MultiHeadAttention`, `DotProductAttention`, `AdditiveAtt
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -26,7 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lru_jax import _checks, cells, hgrn, lru, mingru, padding, scan
+from lru_jax import _checks, cells, hgrn, lru, mingru, padding, rglru, s5, scan
 from lru_jax.attention_nn import (  # noqa: F401  (re-exported)
     AdditiveAttention,
     AttentionPooling,
@@ -117,9 +119,7 @@ class RecurrentLayer(nn.Module):
 
     def step(self, carry, x):
         """One step: x [batch, in] -> (carry, y [batch, hidden]). Needs initialised variables."""
-        params = self.variables["params"]
-        _checks.rank("x", x, 2, "[batch, features]")
-        return self.make_cell().step(params, carry, x)  # Cell.step checks x against params
+        return _checked_step(self, cells.check_input, self.make_cell().step, carry, x, "features")
 
 
 class SimpleRNN(RecurrentLayer):
@@ -207,10 +207,16 @@ class LRU(nn.Module):
 
     def step(self, carry, x):
         """One step: x [batch, H] -> (h [batch, N], y [batch, H]), equal to the parallel form."""
-        params = self.variables["params"]
-        _checks.rank("x", x, 2, "[batch, H]")
-        x = lru.check_input(params, x, "x")
-        return lru.step(params, carry, x)
+        return _checked_step(self, lru.check_input, lru.step, carry, x)
+
+
+def _checked_step(module, check_input, step, carry, x, features: str = "H"):
+    """A layer's one step with its trained parameters: x [batch, features] checked against
+    them (`check_input(params, x, name)`), then `step(params, carry, x) -> (carry, y)`."""
+    params = module.variables["params"]
+    _checks.rank("x", x, 2, f"[batch, {features}]")
+    x = check_input(params, x, "x")  # as an array (a nested list is converted)
+    return step(params, carry, x)
 
 
 def _check_scan(scan_method: str, scan_table, methods=scan.METHODS) -> None:
@@ -310,10 +316,8 @@ class MinRNN(nn.Module):
 
     def step(self, carry, x):
         """One step: x [batch, H] -> (h [batch, N], y [batch, H]), equal to the full call."""
-        params = self.variables["params"]
-        _checks.rank("x", x, 2, "[batch, H]")
-        x = mingru.check_input(params, x, "x")
-        return mingru.step(params, carry, x, self.activation)
+        step = functools.partial(mingru.step, activation=self.activation)
+        return _checked_step(self, mingru.check_input, step, carry, x)
 
 
 class MinGRU(MinRNN):
@@ -387,10 +391,204 @@ class HGRN(nn.Module):
 
     def step(self, carry, x):
         """One step: x [batch, H] -> (h [batch, N], y [batch, H]), equal to the full call."""
-        params = self.variables["params"]
-        _checks.rank("x", x, 2, "[batch, H]")
-        x = hgrn.check_input(params, x, "x")
-        return hgrn.step(params, carry, x)
+        return _checked_step(self, hgrn.check_input, hgrn.step, carry, x)
+
+
+class S5(nn.Module):
+    """The S5 layer (Smith et al. 2023, `lru_jax.s5`); width H is x's last axis.
+
+    d_state is the paper's latent size P, split into `blocks` block-diagonal HiPPO-N blocks at
+    initialisation; with `conj_sym` (default) the state keeps one mode of each conjugate pair,
+    P' = P/2, and y = 2 Re(C̃ x) + D u. Parameters: Lambda_re, Lambda_im, B_re, B_im, C_re,
+    C_im, D, log_step (timescales drawn in [dt_min, dt_max]), made by `s5.init` from the
+    module's first "params" key. `discretization`: "zoh" | "bilinear". The carry is the
+    complex64 state [batch, P'].
+    """
+
+    d_state: int
+    blocks: int = 1
+    conj_sym: bool = True
+    dt_min: float = 0.001
+    dt_max: float = 0.1
+    discretization: str = "zoh"
+    scan_method: str = "auto"
+    scan_table: ScanTable | None = None
+
+    @property
+    def _form(self) -> dict:
+        return {"conj_sym": self.conj_sym, "discretization": self.discretization}
+
+    @nn.compact
+    def __call__(
+        self,
+        x,
+        seq_lengths=None,
+        *,
+        initial_carry=None,
+        return_carry=False,
+        reverse=False,
+        resets=None,
+    ):
+        """x: [batch, time, H] -> y [batch, time, H] (or (h_last [batch, P'], y)).
+
+        `resets`, optional bool [batch, time], restarts the state from zero at those steps.
+        """
+        settings = (self.d_state, self.blocks, self.conj_sym, self.dt_min, self.dt_max)
+        s5.check_options(*settings, self.discretization)
+        _check_scan(self.scan_method, self.scan_table)
+        x, seq_lengths = check_sequence(x, seq_lengths)
+        if self.has_variable("params", "D"):
+            _checks.feature_size("x", x.shape[-1], self.get_variable("params", "D").shape[0])
+        params = _declare_params(
+            self,
+            list(s5.PARAM_NAMES),
+            lambda key: s5.init(key, x.shape[-1], *settings),
+        )
+        return _call_forward(
+            s5.forward,
+            params,
+            x,
+            seq_lengths,
+            initial_carry,
+            return_carry,
+            resets,
+            reverse=reverse,
+            method=self.scan_method,
+            scan_table=self.scan_table,
+            **self._form,
+        )
+
+    def initial_carry(self, batch_size: int):
+        states = self.d_state // 2 if self.conj_sym else self.d_state
+        return s5.zero_state((batch_size,), states)
+
+    def step(self, carry, x):
+        """One step: x [batch, H] -> (h [batch, P'], y [batch, H]), equal to the full call."""
+        step = functools.partial(s5.step, **self._form)
+        return _checked_step(self, s5.check_input, step, carry, x)
+
+
+class RGLRU(nn.Module):
+    """The RG-LRU (De et al. 2024, Griffin; `lru_jax.rglru`): x [batch, time, width] to its
+    states h [batch, time, width].
+
+    Parameters: Lambda [N], W_r, W_i [num_heads, N/num_heads, N/num_heads] (block-diagonal
+    gates, as recurrentgemma's), b_r, b_i [N], made by `rglru.init` from the module's first
+    "params" key; the decay ring σ(Λ) in [r_min, r_max]. The carry is the float32 state
+    [batch, N]. `resets` (bool [batch, time]) marks document starts: the state restarts and
+    the input is not normalised there (recurrentgemma's segment_pos == 0).
+    """
+
+    width: int
+    num_heads: int = 1
+    r_min: float = 0.9
+    r_max: float = 0.999
+    scan_method: str = "auto"
+    scan_table: ScanTable | None = None
+
+    @nn.compact
+    def __call__(
+        self,
+        x,
+        seq_lengths=None,
+        *,
+        initial_carry=None,
+        return_carry=False,
+        reverse=False,
+        resets=None,
+    ):
+        """x: [batch, time, N] -> y [batch, time, N] (or (h_last [batch, N], y))."""
+        rglru.check_settings(self.width, self.num_heads, self.r_min, self.r_max)
+        _check_scan(self.scan_method, self.scan_table)
+        x, seq_lengths = check_sequence(x, seq_lengths)
+        _checks.feature_size("x", x.shape[-1], self.width, "features (width)")
+        params = _declare_params(
+            self,
+            rglru.PARAM_NAMES,
+            lambda key: rglru.init(key, self.width, self.num_heads, self.r_min, self.r_max),
+        )
+        return _call_forward(
+            rglru.forward,
+            params,
+            x,
+            seq_lengths,
+            initial_carry,
+            return_carry,
+            resets,
+            reverse=reverse,
+            method=self.scan_method,
+            scan_table=self.scan_table,
+        )
+
+    def initial_carry(self, batch_size: int):
+        return rglru.zero_state((batch_size,), self.width)
+
+    def step(self, carry, x):
+        """One step: x [batch, N] -> (h [batch, N], y = h), equal to the full call."""
+        return _checked_step(self, rglru.check_input, rglru.step, carry, x, "N")
+
+
+class RecurrentBlock(nn.Module):
+    """Griffin's recurrent block (`lru_jax.rglru`): a GeLU gate branch and a branch of a causal
+    depthwise convolution (`conv_width` steps) and the RG-LRU at width `lru_width`, multiplied
+    and projected back to the input width H.
+
+    Parameters: W_y, b_y, W_x, b_x, conv_w, conv_b, the RG-LRU's Lambda, W_r, b_r, W_i, b_i,
+    and W_out, b_out, made by `rglru.block_init` from the module's first "params" key
+    (`rglru.from_recurrentgemma` converts recurrentgemma's). The carry is an
+    `rglru.BlockState`: h [batch, N] and the convolution's window [batch, conv_width - 1, N].
+    `resets` (bool [batch, time]) marks document starts, as for `RGLRU`.
+    """
+
+    lru_width: int
+    num_heads: int = 1
+    conv_width: int = 4
+    r_min: float = 0.9
+    r_max: float = 0.999
+    scan_method: str = "auto"
+    scan_table: ScanTable | None = None
+
+    @nn.compact
+    def __call__(
+        self,
+        x,
+        seq_lengths=None,
+        *,
+        initial_carry=None,
+        return_carry=False,
+        reverse=False,
+        resets=None,
+    ):
+        """x: [batch, time, H] -> y [batch, time, H] (or (BlockState, y))."""
+        rglru.check_settings(self.lru_width, self.num_heads, self.r_min, self.r_max)
+        _check_scan(self.scan_method, self.scan_table)
+        x, seq_lengths = check_sequence(x, seq_lengths)
+        rglru.check_block_settings(x.shape[-1], self.conv_width)
+        if self.has_variable("params", "W_y"):
+            _checks.feature_size("x", x.shape[-1], self.get_variable("params", "W_y").shape[1])
+        settings = (self.lru_width, self.num_heads, self.conv_width, self.r_min, self.r_max)
+        params = _declare_params(
+            self, rglru.BLOCK_PARAM_NAMES, lambda key: rglru.block_init(key, x.shape[-1], *settings)
+        )
+        return _call_forward(
+            rglru.block_forward,
+            params,
+            x,
+            seq_lengths,
+            initial_carry,
+            return_carry,
+            resets,
+            reverse=reverse,
+            method=self.scan_method,
+            scan_table=self.scan_table,
+        )
+
+    def initial_carry(self, batch_size: int):
+        return rglru.block_zero_state((batch_size,), self.lru_width, self.conv_width)
+
+    def step(self, carry, x):
+        """One step: x [batch, H] -> (BlockState, y [batch, H]), equal to the full call."""
+        return _checked_step(self, rglru.check_block_input, rglru.block_step, carry, x)
 
 
 class Bidirectional(nn.Module):
@@ -519,7 +717,9 @@ class SequenceBlock(nn.Module):
 
     `mixer` is any sequence layer with the common call signature (LRU, LSTM, ...). Padded
     positions are masked out of BatchNorm statistics and are zero in the output. `deterministic`
-    turns dropout off and makes BatchNorm use its running averages.
+    turns dropout off and makes BatchNorm use its running averages. `norm_bias=False` drops the
+    norm's learned shift: a constant it adds reaches the mixer as a DC input, which a long-memory
+    LRU mode amplifies by up to γ/(1 - |λ|) (see docs/results.md, the adding problem).
     """
 
     d_model: int
@@ -528,13 +728,17 @@ class SequenceBlock(nn.Module):
     prenorm: bool = True
     ffn: str = "glu"
     dropout_rate: float = 0.0
+    norm_bias: bool = True
 
     def setup(self):
         _checks.positive_int("d_model", self.d_model)
         _checks.one_of("norm", self.norm, ("layer", "batch"))
         _checks.one_of("ffn", self.ffn, ("glu", "gelu"))
         _checks.rate("dropout_rate", self.dropout_rate)
-        self.norm_layer = nn.LayerNorm() if self.norm == "layer" else nn.BatchNorm(momentum=0.9)
+        if self.norm == "layer":
+            self.norm_layer = nn.LayerNorm(use_bias=self.norm_bias)
+        else:
+            self.norm_layer = nn.BatchNorm(momentum=0.9, use_bias=self.norm_bias)
         width = 2 * self.d_model if self.ffn == "glu" else self.d_model
         self.out = nn.Dense(width)
         self.dropout = nn.Dropout(self.dropout_rate)

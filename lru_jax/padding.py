@@ -50,7 +50,8 @@ def run_within_lengths(run, u, seq_lengths, h_empty, *, reverse=False, resets=No
     y [time, batch, features]. With `seq_lengths` (int [batch], checked), each sequence is
     reversed within its own length instead of the whole time axis, outputs past a length are
     zero and the final state is the one after the last valid step (`h_empty` [batch, ...state]
-    for a sequence of length 0).
+    for a sequence of length 0). A state of several arrays (e.g. a recurrence and a
+    convolution window) is a pytree: `hs` and `h_empty` then have the same structure.
 
     Returns (y [time, batch, features], h_last [batch, ...state]).
     """
@@ -59,12 +60,16 @@ def run_within_lengths(run, u, seq_lengths, h_empty, *, reverse=False, resets=No
         return y, jnp.broadcast_to(h_empty, hs.shape[1:])
     if seq_lengths is None:
         hs, y = run(u, resets, reverse)
-        return y, hs[0] if reverse else hs[-1]
+        return y, jax.tree.map(lambda h: h[0] if reverse else h[-1], hs)
     if reverse:
         u = reverse_within_lengths(u, seq_lengths)
         resets = None if resets is None else reverse_within_lengths(resets, seq_lengths)
     hs, y = run(u, resets, False)
-    h_last = last_valid(hs, seq_lengths, jnp.broadcast_to(h_empty, hs.shape[1:]))
+    h_last = jax.tree.map(
+        lambda h, empty: last_valid(h, seq_lengths, jnp.broadcast_to(empty, h.shape[1:])),
+        hs,
+        h_empty,
+    )
     y = jnp.where(step_mask(seq_lengths, u.shape[0])[..., None], y, 0.0)
     if reverse:
         y = reverse_within_lengths(y, seq_lengths)

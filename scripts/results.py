@@ -37,6 +37,7 @@ HEADLINE = ("adding-lru", "mnist1d-lru", "listops-lru", "stdlib-lru")  # run wit
 EXPERIMENTS = [
     ("adding-lru", "adding.py", {}, "mse", "baseline 0.167"),
     ("adding-lstm", "adding.py", {"model.mixer": "lstm"}, "mse", "baseline 0.167"),
+    ("adding-gru", "adding.py", {"model.mixer": "gru"}, "mse", "baseline 0.167"),
     ("mnist1d-lru", "mnist1d.py", {}, "accuracy", "GRU 91%, CNN 94% (MNIST-1D paper)"),
     ("mnist1d-gru", "mnist1d.py", {"model.mixer": "gru"}, "accuracy", "GRU 91% (paper)"),
     (
@@ -64,7 +65,7 @@ EXPERIMENTS = [
     ("stdlib-lru", "stdlib_text.py", {}, "bits_per_char", "unigram entropy"),
 ]
 # The diagonal recurrences of issue 19 on the adding problem, ListOps and associative recall.
-DIAGONAL_MIXERS = ("mingru", "minlstm", "hgrn")
+DIAGONAL_MIXERS = ("mingru", "minlstm", "hgrn", "rglru", "s5")
 EXPERIMENTS += [
     (f"{task}-{mixer}", filename, {"model.mixer": mixer}, metric, reference)
     for mixer in DIAGONAL_MIXERS

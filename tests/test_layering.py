@@ -21,7 +21,15 @@ LAYERS = (
     ("lru_jax.kernels.",),  # the Pallas scan kernel
     ("lru_jax.scan",),  # the linear recurrence
     ("lru_jax.scan_choices",),  # measuring the scan methods into a table
-    ("lru_jax.cells", "lru_jax.lru", "lru_jax.mingru", "lru_jax.hgrn", "lru_jax.attention"),
+    (
+        "lru_jax.cells",
+        "lru_jax.lru",
+        "lru_jax.mingru",
+        "lru_jax.hgrn",
+        "lru_jax.rglru",
+        "lru_jax.s5",
+        "lru_jax.attention",
+    ),  # pure functions
     ("lru_jax.attention_nn", "lru_jax.nn"),  # Flax layers
     ("lru_jax.models",),
     ("lru_jax.tasks.",),

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lru_jax import models, tasks
+from lru_jax import lru, models, tasks
 from lru_jax.training import config as config_lib
 
 
@@ -145,3 +145,27 @@ def test_config_grad_chunk_zero_selects_autodiff_with_the_same_gradient():
     jax.jvp(loss(autodiff), (variables["params"],), (tangent,))
     with pytest.raises(TypeError, match="custom_vjp"):
         jax.jvp(loss(chunked), (variables["params"],), (tangent,))
+
+
+def test_layer_rings_and_bias_free_options_shape_the_parameters():
+    rings = ((0.0, 0.5, 6.0), (0.99, 0.999, 0.01))
+    model = models.SequenceModel(
+        num_outputs=1, d_model=8, d_state=16, num_layers=2, pooling="last",
+        layer_rings=rings, norm_bias=False, encoder_bias=False,
+    )  # fmt: skip
+    params = model.init(jax.random.key(0), jnp.ones((2, 5, 3)))["params"]
+    assert "bias" not in params["encoder"]
+    for layer, (r_min, r_max, max_phase) in enumerate(rings):
+        block = params[f"blocks_{layer}"]
+        assert "bias" not in block["norm_layer"]
+        lam = np.asarray(lru.eigenvalues(block["mixer"]))
+        assert np.all((np.abs(lam) >= r_min - 1e-6) & (np.abs(lam) <= r_max + 1e-6))
+        assert np.all(np.exp(block["mixer"]["theta_log"]) <= max_phase + 1e-6)
+    assert "bias" in params["final_norm"]  # after the recurrences: kept
+    with pytest.raises(ValueError, match=r"layer_rings: expected \(\) or 2 .* got \(\(0.0, 0.5"):
+        models.SequenceModel(num_outputs=1, num_layers=2, layer_rings=rings[:1]).init(
+            jax.random.key(0), jnp.ones((1, 3, 2))
+        )
+    bad = models.SequenceModel(num_outputs=1, num_layers=2, layer_rings=(rings[0], (0.9, 0.5, 1)))
+    with pytest.raises(ValueError, match=r"layer_rings\[1\]: r_min, r_max: expected 0 <= r_min"):
+        bad.init(jax.random.key(0), jnp.ones((1, 3, 2)))

@@ -17,10 +17,19 @@ from tiny_configs import tiny_config
 from lru_jax import scan, scan_choices, tasks
 from lru_jax.training import autotune, loop, steps
 from lru_jax.training import config as config_lib
+from lru_jax.training.metrics import read_jsonl
 from lru_jax.training.optim import make_optimizer, param_groups
 from lru_jax.training.state import TrainState
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _train_losses(workdir):
+    return {
+        r["step"]: r["loss"]
+        for r in read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+        if r["split"] == "train"
+    }
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
@@ -178,6 +187,9 @@ def test_truncated_bptt_trains_end_to_end(tmp_path):
         ("train", "batch_size", 0, "config.train.batch_size"),
         ("generate", "temperature", -0.5, "config.generate.temperature"),
         ("train", "scan_choices", "no/such.json", "config.train.scan_choices: expected 'auto'"),
+        ("model.lru", "layer_rings", ((0.0, 1.0, 1.0),) * 2, r"layer_rings: expected \(\) or 1"),
+        ("model.lru", "layer_rings", ((0.0, 1.0),), "layer_rings: expected a tuple of 3-tuples"),
+        ("train", "length_curriculum", ((10, 0),), r"length_curriculum\[0\].steps: expected"),
     ],
 )
 def test_bad_config_values_are_named(section, key, value, match):
@@ -214,14 +226,53 @@ def test_a_config_saved_before_the_model_keys_were_grouped_upgrades_key_by_key()
     m = config.model
     assert (m.mixer, m.d_model, m.num_layers, m.ffn, m.remat_chunk) == ("gru", 16, 1, "gelu", 32)
     assert m.lru.to_dict() == {"d_state": 8, "r_min": 0.5, "r_max": 0.9, "max_phase": 1.0,
-                               "scan_method": "sequential"}  # fmt: skip
+                               "layer_rings": (), "scan_method": "sequential"}  # fmt: skip
     assert m.attention.to_dict() == {"num_heads": 2, "max_len": 64}
     assert m.seq2seq.to_dict() == {"attention": "hard", "attention_score": "dot",
                                    "bidirectional": False, "hard_temperature": 0.5}  # fmt: skip
     assert m.rnn.grad_chunk == 16  # the default, as before the key existed
     assert sorted(m.keys()) == sorted(config_lib.default_config().model.keys())
-    assert config.train.to_dict() == saved["train"]  # the other sections as saved
+    # the other sections as saved, tuple-valued keys tuples again after JSON's lists
+    assert config.train.to_dict() == {**saved["train"], "length_curriculum": ()}
     assert config_lib.upgrade(config).to_dict() == config.to_dict()  # today's layout: as is
+
+
+def test_a_saved_config_gets_the_keys_added_since():
+    saved = json.loads(tiny_config().to_json())
+    del saved["model"]["norm_bias"], saved["model"]["lru"]["layer_rings"]
+    del saved["train"]["length_curriculum"]
+    config = config_lib.upgrade(saved)
+    config_lib.validate(config)
+    assert config.model.norm_bias is True and config.model.lru.layer_rings == ()
+    assert config.train.length_curriculum == ()
+    assert config.model.lru.d_state == saved["model"]["lru"]["d_state"]
+
+
+def test_a_length_curriculum_draws_each_stage_from_its_seq_len():
+    config = tiny_config(length_curriculum=((6, 3), (12, 2)))
+    config.task = {"name": "adding", "seq_len": 20}
+    task = loop.build_task(config)
+    stages = loop.curriculum_stages(config)
+    lengths = [loop.train_task_at(stages, task, step).spec.seq_len for step in range(7)]
+    assert lengths == [6, 6, 6, 12, 12, 20, 20]
+    stage = loop.train_task_at(stages, task, 4)
+    expected = tasks.get_task("adding", seq_len=12, seed=config.seed).batch("train", 4, 3)
+    np.testing.assert_array_equal(stage.batch("train", 4, 3)["inputs"], expected["inputs"])
+    config.task = {"name": "text", "corpus": "jokes"}
+    with pytest.raises(ValueError, match="config.train.length_curriculum: expected \\(\\) for"):
+        config_lib.check_against_task(config, task.spec)
+
+
+def test_training_with_a_curriculum_starts_as_a_run_at_its_first_length(tmp_path):
+    settings = {"num_steps": 3, "log_every": 1, "eval_every": 3, "checkpoint_every": 3}
+    curriculum = tiny_config(length_curriculum=((8, 2),), **settings)
+    loop.train_and_evaluate(curriculum, str(tmp_path / "curriculum"))
+    short = tiny_config(**settings)
+    short.task.seq_len = 8
+    loop.train_and_evaluate(short, str(tmp_path / "short"))
+    first, second = _train_losses(tmp_path / "curriculum"), _train_losses(tmp_path / "short")
+    assert [first[1], first[2]] == [second[1], second[2]]
+    assert first[3] != second[3]  # step 3 trains at the task's own seq_len, 24
 
 
 def test_choices_that_depend_on_the_task():

@@ -6,7 +6,8 @@ Suites (`--suite`, repeatable; `all` runs every CPU-sized one):
   layers  our SimpleRNN/LSTM/GRU against flax.linen's nn.RNN cells (and PyTorch's nn.RNN/LSTM/
           GRU on CPU where torch is installed), and our LRU (each method) against an
           associative-scan-only LRU written from the paper's pseudocode; fwd+bwd; and every
-          recurrent mixer (LRU, LSTM, minGRU, minLSTM, HGRN), fwd and fwd+bwd.
+          recurrent mixer (LRU, LSTM, minGRU, minLSTM, HGRN, Griffin's RG-LRU block), fwd and
+          fwd+bwd.
   train   train-step throughput (tokens/s) and compile time for configs in configs/.
   memory  peak memory and time of BPTT with and without rematerialisation (4-layer models).
   gpu     the scan suite at accelerator sizes (lengths up to 65,536), meant for a GPU.

@@ -3,6 +3,8 @@ LRU, forward+backward."""
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -152,6 +154,10 @@ def mixer_modules(width: int) -> dict:
         "lru_jax minlstm": lnn.MinLSTM(width),
         "lru_jax minlstm (log space)": lnn.MinLSTM(width, log_space=True),
         "lru_jax hgrn": lnn.HGRN(width, lower_bound=0.5),
+        # Griffin's block as the rglru mixer runs it (models: config.model.rglru's defaults)
+        "lru_jax rglru (recurrent block)": lnn.RecurrentBlock(width, num_heads=math.gcd(width, 4)),
+        # latent size P = 2 x width: with conjugate symmetry, width complex states like the LRU's
+        "lru_jax s5": lnn.S5(2 * width),
     }
 
 

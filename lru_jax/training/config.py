@@ -16,7 +16,7 @@ import os
 
 import ml_collections
 
-from lru_jax import _checks, lru, mingru, models, scan
+from lru_jax import _checks, lru, mingru, models, s5, scan
 from lru_jax.tasks.base import TaskSpec
 from lru_jax.training.checkpoints import ON_DAMAGED
 from lru_jax.training.optim import OPTIMIZERS
@@ -55,7 +55,8 @@ def default_config() -> ml_collections.ConfigDict:
     # Keys every mixer shares sit at the top of `model`; each mixer's own keys in its group.
     c.model = ml_collections.ConfigDict(
         {
-            "mixer": "lru",  # lru | lstm | gru | simple_rnn | mingru | minlstm | hgrn | attention
+            # lru | lstm | gru | simple_rnn | mingru | minlstm | hgrn | rglru | s5 | attention
+            "mixer": "lru",
             "d_model": 128,
             "num_layers": 2,
             "norm": "layer",  # layer | batch
@@ -65,11 +66,18 @@ def default_config() -> ml_collections.ConfigDict:
             "pooling": "none",  # none (per-step outputs) | last | mean | attention
             "remat": False,  # rematerialised BPTT over time chunks (see SequenceModel)
             "remat_chunk": 256,
+            # False: no learned constant before the mixers (the blocks' norm shift, the Dense
+            # encoder's bias); a constant input is what long LRU modes amplify most
+            "norm_bias": True,
+            "encoder_bias": True,
             "lru": {  # the LRU mixer
                 "d_state": 128,  # state size N
                 "r_min": 0.0,  # the ring |lambda| is initialised on
                 "r_max": 1.0,
                 "max_phase": 2 * math.pi,
+                # per block: ((r_min, r_max, max_phase), ...), one triple per layer; () uses
+                # the ring above in every block
+                "layer_rings": (),
                 "scan_method": "auto",
             },
             "rnn": {  # the LSTM, GRU and SimpleRNN mixers
@@ -88,6 +96,23 @@ def default_config() -> ml_collections.ConfigDict:
                 # block k of L starts with the forget gate's lower bound at k/L (the paper's);
                 # False: no lower bound
                 "lower_bound": True,
+                "scan_method": "auto",
+            },
+            "rglru": {  # Griffin's recurrent block around the RG-LRU (lru_jax.rglru)
+                "expansion": 1.0,  # RG-LRU width N = expansion * d_model
+                "num_heads": 4,  # blocks of the block-diagonal gates (a divisor of N)
+                "conv_width": 4,  # steps of the causal depthwise convolution
+                "r_min": 0.9,  # the ring the base decay σ(Λ) is initialised on
+                "r_max": 0.999,
+                "scan_method": "auto",
+            },
+            "s5": {  # the S5 (lru_jax.s5)
+                "d_state": 128,  # latent size P (P/2 complex states with conj_sym)
+                "blocks": 1,  # block-diagonal HiPPO-N initialisation: blocks of P/blocks
+                "dt_min": 0.001,  # the learned timescales start uniform in log [dt_min, dt_max]
+                "dt_max": 0.1,
+                "discretization": "zoh",  # zoh | bilinear
+                "conj_sym": True,  # keep one mode of each conjugate pair, y = 2 Re(C x) + D u
                 "scan_method": "auto",
             },
             "attention": {  # the causal self-attention mixer
@@ -115,6 +140,9 @@ def default_config() -> ml_collections.ConfigDict:
             "lru_lr_factor": 0.5,  # ν, θ, γ, B learn at lr * factor, without weight decay
             "grad_clip_norm": 1.0,  # 0 turns clipping off
             "tbptt_length": 0,  # > 0: truncated BPTT with segments of this many steps
+            # a length curriculum: ((seq_len, steps), ...) trains that many steps at each
+            # seq_len in turn, then the task's own seq_len (tasks with a seq_len key)
+            "length_curriculum": (),
             "log_every": 50,
             "eval_every": 250,
             "eval_batches": 0,  # 0: the whole split once (or one batch if generated)
@@ -186,22 +214,53 @@ def upgrade(config) -> ml_collections.ConfigDict:
     A run saved before the model section was grouped has `model.cell` and flat LRU, RNN,
     attention and encoder-decoder keys: each moves to its place (MOVED_MODEL_KEYS), and model
     keys it lacks get today's defaults. A config already in today's layout is returned as is,
-    except that mixer groups added since it was saved (e.g. `model.hgrn`) get their defaults.
+    except that model and train keys added since it was saved (e.g. `model.hgrn`,
+    `train.length_curriculum`) get their defaults.
     """
     config = ml_collections.ConfigDict(config)
     old = _old_model_keys(config.model)
-    if not old:
-        for key, group in default_config().model.items():
-            if isinstance(group, ml_collections.ConfigDict) and key not in config.model:
-                config.model[key] = group
-        return config
-    model = default_config().model
-    for key, value in config.model.items():
-        path = MOVED_MODEL_KEYS.get(key, key) if key in old else key
-        group, _, name = path.rpartition(".")
-        (model[group] if group else model)[name] = value
-    config.model = model
-    return config
+    if old:
+        model = default_config().model
+        for key, value in config.model.items():
+            path = MOVED_MODEL_KEYS.get(key, key) if key in old else key
+            group, _, name = path.rpartition(".")
+            (model[group] if group else model)[name] = value
+        config.model = model
+    config = config.to_dict()
+    defaults = default_config().to_dict()
+    for section in ("model", "train"):
+        _fill_missing(config[section], defaults[section])
+    return ml_collections.ConfigDict(config)
+
+
+def _pairs(value, key: str, size: int = 3) -> tuple:
+    """`value` (tuples or, from JSON, lists) as a tuple of `size`-tuples; refused by `key`."""
+    rows = value if isinstance(value, (tuple, list)) else None
+    if rows is None or any(not isinstance(r, (tuple, list)) or len(r) != size for r in rows):
+        _fail(key, f"a tuple of {size}-tuples", value)
+    return tuple(tuple(row) for row in rows)
+
+
+def length_curriculum(config) -> tuple[tuple[int, int], ...]:
+    """`config.train.length_curriculum` as ((seq_len, steps), ...)."""
+    return _pairs(config.train.length_curriculum, "train.length_curriculum", 2)
+
+
+def _fill_missing(group, defaults) -> None:
+    """Adds to dict `group` (in place) every key of `defaults` it lacks, groups included; turns
+    back into tuples the lists that JSON made of tuple-valued keys."""
+    for key, value in defaults.items():
+        if key not in group:
+            group[key] = value
+        elif isinstance(value, dict):
+            _fill_missing(group[key], value)
+        elif isinstance(value, tuple) and isinstance(group[key], list):
+            group[key] = _tuples(group[key])
+
+
+def _tuples(value):
+    """Nested lists (a tuple-valued key read from JSON) as nested tuples."""
+    return tuple(map(_tuples, value)) if isinstance(value, (list, tuple)) else value
 
 
 def _key(name: str) -> str:
@@ -299,16 +358,22 @@ def _validate_model(config) -> None:
             f"a divisor of d_model={m.d_model} leaving an even head size (rotary positions)",
             heads,
         )
+    _choice(config, "model.norm_bias", (True, False))
+    _choice(config, "model.encoder_bias", (True, False))
+    rings = _pairs(m.lru.layer_rings, "model.lru.layer_rings")
     try:
         lru.check_ring(m.lru.r_min, m.lru.r_max, m.lru.max_phase)
+        if m.mixer == "lru":  # the other mixers ignore the rings
+            models.check_layer_rings(rings, m.num_layers)
     except ValueError as err:
         raise ValueError(f"config.model.lru.{err}") from None
     _validate_diagonal_mixers(config)
 
 
 def _validate_diagonal_mixers(config) -> None:
-    """The groups of minGRU, minLSTM and HGRN (models.OPTION_MIXERS' builders)."""
-    for name in ("mingru", "minlstm", "hgrn"):
+    """The groups of minGRU, minLSTM, HGRN, the RG-LRU and the S5 (models.OPTION_MIXERS'
+    builders)."""
+    for name in ("mingru", "minlstm", "hgrn", "rglru"):
         expansion = _key(f"model.{name}.expansion")
         _checks.positive_number(
             expansion, _get(config, f"model.{name}.expansion"), type_error=ValueError
@@ -327,6 +392,35 @@ def _validate_diagonal_mixers(config) -> None:
             )
     _choice(config, "model.hgrn.lower_bound", (True, False))
     _choice(config, "model.hgrn.scan_method", (*scan.METHODS, "auto"))
+    _validate_rglru(config)
+    _validate_s5(config)
+
+
+def _validate_s5(config) -> None:
+    """model.s5: its settings as `s5.check_options` names them, under the config key."""
+    group = config.model.s5
+    _choice(config, "model.s5.scan_method", (*scan.METHODS, "auto"))
+    settings = ("d_state", "blocks", "conj_sym", "dt_min", "dt_max", "discretization")
+    try:
+        s5.check_options(*(group[name] for name in settings))
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"config.model.s5.{err}") from None
+
+
+def _validate_rglru(config) -> None:
+    """model.rglru; the heads must divide the RG-LRU's width only where it is the mixer."""
+    group = config.model.rglru
+    _int(config, "model.rglru.num_heads")
+    _int(config, "model.rglru.conv_width")
+    _choice(config, "model.rglru.scan_method", (*scan.METHODS, "auto"))
+    try:
+        lru.check_radii(group.r_min, group.r_max)
+    except ValueError as err:
+        raise ValueError(f"config.model.rglru.{err}") from None
+    width = max(1, round(group.expansion * config.model.d_model))
+    if config.model.mixer == "rglru" and width % group.num_heads:
+        expected = f"a divisor of the RG-LRU width {width} (expansion x d_model)"
+        _fail("model.rglru.num_heads", expected, group.num_heads)
 
 
 def _validate_train(config) -> None:
@@ -340,6 +434,10 @@ def _validate_train(config) -> None:
     if not (isinstance(t.learning_rate, float) and t.learning_rate > 0):
         _fail("train.learning_rate", "a positive float", t.learning_rate)
     _number(config, "train.min_lr_ratio", 0, 1)
+    for index, (seq_len, steps) in enumerate(length_curriculum(config)):
+        for name, value in (("seq_len", seq_len), ("steps", steps)):
+            key = _key(f"train.length_curriculum[{index}].{name}")
+            _checks.integer(key, value, 1, type_error=ValueError)
     for name in ("lru_lr_factor", "weight_decay", "grad_clip_norm"):
         _number(config, f"train.{name}", 0)
     choices = t.get("scan_choices", "auto")
@@ -358,6 +456,8 @@ def check_against_task(config, spec: TaskSpec) -> None:
 
 def _check_against_task(config, spec: TaskSpec) -> None:
     m = config.model
+    if length_curriculum(config) and "seq_len" not in config.task:
+        _fail("train.length_curriculum", "() for a task without a seq_len key", "a curriculum")
     per_step = spec.kind in ("per_step", "seq2seq")
     if per_step and m.pooling != "none":
         _fail("model.pooling", f"'none' for the {spec.kind} task {spec.name}", m.pooling)
@@ -429,6 +529,8 @@ def build_model(
         "grad_chunk": m.rnn.grad_chunk or None,  # 0 means autodiff
         "scan_table": scan_table,
         "mixer_options": _mixer_options(m),
+        "layer_rings": _pairs(m.lru.layer_rings, "model.lru.layer_rings"),
+        "norm_bias": m.norm_bias,
     }
     if spec.kind == "seq2seq":
         s2s = m.seq2seq
@@ -449,5 +551,6 @@ def build_model(
         num_heads=m.attention.num_heads,
         max_len=m.attention.max_len,
         sequence_axis=sequence_axis,
+        encoder_bias=m.encoder_bias,
         **shared,
     )

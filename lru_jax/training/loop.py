@@ -1,7 +1,8 @@
 """The training loop, top to bottom: config -> task -> model -> state -> steps -> logs.
 
 Everything random is a function of (seed, step): the batch at step s is `task.batch("train",
-s, ...)` and the dropout key is `fold_in(key, s)`. So a run resumed from a checkpoint repeats
+s, ...)` (during a `train.length_curriculum` stage, that of the task at the stage's seq_len) and
+the dropout key is `fold_in(key, s)`. So a run resumed from a checkpoint repeats
 exactly what an uninterrupted run would have done. A resume continues from the newest
 checkpoint that verifies (`checkpoints`), with a config the run's record accepts (`record`).
 
@@ -36,10 +37,10 @@ class NonFiniteLossError(FloatingPointError):
     """Training produced a NaN or infinite loss; the last good checkpoint is kept."""
 
 
-def build_task(config):
-    """The task `config.task` names; its argument errors are ConfigErrors naming the key
-    ("config.task.seq_len: expected a positive int, got -3")."""
-    kwargs = {k: v for k, v in config.task.items() if k != "name"}
+def build_task(config, **overrides):
+    """The task `config.task` names (with `overrides` of its arguments); its argument errors
+    are ConfigErrors naming the key ("config.task.seq_len: expected a positive int, got -3")."""
+    kwargs = {k: v for k, v in config.task.items() if k != "name"} | overrides
     try:
         return tasks.get_task(config.task.name, seed=config.seed, **kwargs)
     except (ValueError, TypeError) as err:
@@ -47,6 +48,20 @@ def build_task(config):
         argument = message.split(":", 1)[0]
         where = f"config.task.{message}" if argument.isidentifier() else f"config.task: {message}"
         raise config_lib.ConfigError(where) from None
+
+
+def curriculum_stages(config) -> list[tuple[int, object]]:
+    """(the step the stage ends before, its task) for each stage of `train.length_curriculum`."""
+    stages, end = [], 0
+    for seq_len, steps in config_lib.length_curriculum(config):
+        end += steps
+        stages.append((end, build_task(config, seq_len=seq_len)))
+    return stages
+
+
+def train_task_at(stages, task, step: int):
+    """The task training draws step `step`'s batch from: its curriculum stage's, else `task`."""
+    return next((stage for end, stage in stages if step < end), task)
 
 
 def _creator(model, tx, task, config):
@@ -104,6 +119,26 @@ def evaluate(eval_step, state, task, split: str, batch_size: int, num_batches: i
         sums = eval_step(state, put(batch))
         total = sums if total is None else jax.tree.map(jnp.add, total, sums)
     return {k: float(v) for k, v in summarise(task.spec, total).items()}
+
+
+class AheadOfTime:
+    """A jitted step compiled ahead of time for each batch shape it meets (one, or one per
+    `train.length_curriculum` stage), the seconds spent compiling kept apart in `seconds`."""
+
+    def __init__(self, step):
+        self.step, self.programs, self.seconds = step, {}, 0.0
+
+    def program(self, state, batch):
+        """The compiled program for `batch`'s shapes (compiled now if new)."""
+        key = tuple((leaf.shape, leaf.dtype) for leaf in jax.tree.leaves(batch))
+        if key not in self.programs:
+            start = time.perf_counter()
+            self.programs[key] = self.step.lower(state, batch).compile()
+            self.seconds += time.perf_counter() - start
+        return self.programs[key]
+
+    def __call__(self, state, batch):
+        return self.program(state, batch)(state, batch)
 
 
 class _PendingMetrics:
@@ -178,8 +213,11 @@ def _train_and_evaluate(config, workdir: str, task, layout: sharding.Layout) -> 
     if start >= tc.num_steps and main:
         print(f"the checkpoint at step {start} is at or past train.num_steps={tc.num_steps}")
 
+    stages = curriculum_stages(config)
+
     def next_batch(split, index):
-        return layout.put_batch(task.batch(split, index, batch_size))
+        source = train_task_at(stages, task, index) if split == "train" else task
+        return layout.put_batch(source.batch(split, index, batch_size))
 
     batch_shardings = layout.batch_shardings(task.batch("train", 0, batch_size))
 
@@ -209,21 +247,19 @@ def _train_and_evaluate(config, workdir: str, task, layout: sharding.Layout) -> 
             compiled_eval, state, task, split, batch_size, tc.eval_batches, layout.put_batch
         )
 
-    # compiled before the clock starts: the first interval's tokens/s and the bar's ETA are
-    # the training's, not the compiler's
-    compile_time = 0.0
+    # compiled before the clock starts, and each curriculum stage's shape apart from the
+    # clock: the logged tokens/s and the bar's ETA are the training's, not the compiler's
+    train_step = AheadOfTime(train_step)
     if start < tc.num_steps:
-        tick = time.perf_counter()
-        train_step = train_step.lower(state, next_batch("train", start)).compile()
-        compile_time = time.perf_counter() - tick
+        train_step.program(state, next_batch("train", start))
 
     lr = schedule(tc)
-    tokens_per_batch = batch_size * spec.seq_len
     pending = _PendingMetrics()
     bar = tqdm(
         total=tc.num_steps, initial=start, desc="train", dynamic_ncols=True, disable=not main
     )
     tick, tick_step, train_time, valid = time.perf_counter(), start, 0.0, None
+    tick_compiling = train_step.seconds
     reached = start  # the step of `state`
     try:
         for step in range(start, tc.num_steps):
@@ -235,9 +271,10 @@ def _train_and_evaluate(config, workdir: str, task, layout: sharding.Layout) -> 
             save = done % tc.checkpoint_every == 0 or done == tc.num_steps
             if log or save or done % tc.eval_every == 0:
                 means = pending.flush()  # raises before any save of a non-finite state
-                elapsed = time.perf_counter() - tick
+                elapsed = time.perf_counter() - tick - (train_step.seconds - tick_compiling)
                 train_time += elapsed
-                means["tokens_per_s"] = tokens_per_batch * (done - tick_step) / elapsed
+                seq_len = train_task_at(stages, task, step).spec.seq_len
+                means["tokens_per_s"] = batch_size * seq_len * (done - tick_step) / elapsed
                 means["learning_rate"] = float(lr(done - 1))
                 writer.write(done, "train", means)
                 bar.set_postfix(loss=f"{means['loss']:.4f}", tok_s=f"{means['tokens_per_s']:.0f}")
@@ -250,7 +287,7 @@ def _train_and_evaluate(config, workdir: str, task, layout: sharding.Layout) -> 
             if save:
                 checkpointer.save(done, state)
             if log or save or done % tc.eval_every == 0:  # time evaluation and saving apart
-                tick, tick_step = time.perf_counter(), done
+                tick, tick_step, tick_compiling = time.perf_counter(), done, train_step.seconds
     finally:
         bar.close()
         writer.close()
@@ -259,7 +296,7 @@ def _train_and_evaluate(config, workdir: str, task, layout: sharding.Layout) -> 
     final = {
         "steps": reached,
         "train_time_s": train_time,
-        "compile_time_s": compile_time,
+        "compile_time_s": train_step.seconds,
         "valid": valid or run_eval(state, "valid"),
         "test": run_eval(state, "test"),
         "baseline": {spec.baseline_metric: spec.baseline},
