@@ -6,96 +6,79 @@ fresh directory under runs/. A --workdir that holds a checkpoint resumes from it
 Several hosts: start the same command on every host with --distributed (TPU pods and SLURM
 find each other), or with --coordinator_address=HOST:PORT --num_processes=N --process_id=I,
 and a shared --workdir. `config.sharding` says how the devices are used (docs/scaling.md).
+
+Exit codes: 0 done, 2 a usage error (a flag, config key or value, or path), 1 a failure while
+training (a damaged checkpoint with train.on_damaged_checkpoint='stop', a non-finite loss);
+either is one line on stderr (lru_jax/training/commands.py).
 """
 
 import os
-import sys
 import time
 
 import jax
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import logging
 
-from lru_jax.training.config import MOVED_MODEL_KEYS
-from lru_jax.training.loop import NonFiniteLossError, train_and_evaluate
-
-
-def refuse_moved_keys(argv) -> None:
-    """Exits with one line for an override of a model key that moved to a group."""
-    for arg in argv[1:]:
-        key = arg.split("=", 1)[0].removeprefix("--config.model.")
-        if arg.startswith("--config.model.") and key in MOVED_MODEL_KEYS:
-            sys.exit(f"error: --config.model.{key}: renamed --config.model.{MOVED_MODEL_KEYS[key]}")
-
-
-if __name__ == "__main__":  # before the config flag, which applies the overrides it is given
-    refuse_moved_keys(sys.argv)
+from lru_jax.training import commands
+from lru_jax.training.loop import train_and_evaluate
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-_CONFIG = config_flags.DEFINE_config_file(
-    "config",
-    os.path.join(HERE, "configs", "default.py"),
-    "Experiment config file.",
-    lock_config=True,
-)
-_WORKDIR = flags.DEFINE_string(
-    "workdir", None, "Run directory (checkpoints, metrics); default: runs/<config>-<time>."
-)
-
-_DISTRIBUTED = flags.DEFINE_bool(
-    "distributed",
-    False,
-    "Run as one of several processes: call jax.distributed.initialize() first (it finds the "
-    "others on TPU pods and under SLURM; elsewhere give the three flags below).",
-)
-_COORDINATOR = flags.DEFINE_string(
-    "coordinator_address", None, "HOST:PORT of process 0 (implies --distributed)."
-)
-_NUM_PROCESSES = flags.DEFINE_integer(
-    "num_processes", None, "How many processes in all (implies --distributed)."
-)
-_PROCESS_ID = flags.DEFINE_integer(
-    "process_id", None, "This process's index, 0..num_processes-1 (implies --distributed)."
-)
 
 
-def initialize_distributed() -> bool:
+def parser() -> commands.Parser:
+    p = commands.Parser(prog="train.py", description=__doc__.split("\n\n")[0])
+    commands.add_config_flag(p, os.path.join(HERE, "configs", "default.py"))
+    p.add_argument(
+        "--workdir", help="run directory (checkpoints, metrics); default: runs/<config>-<time>"
+    )
+    p.add_argument(
+        "--distributed",
+        action="store_true",
+        help="run as one of several processes: call jax.distributed.initialize() first (it "
+        "finds the others on TPU pods and under SLURM; elsewhere give the three flags below)",
+    )
+    p.add_argument("--coordinator_address", help="HOST:PORT of process 0 (implies --distributed)")
+    p.add_argument("--num_processes", type=int, help="processes in all (implies --distributed)")
+    p.add_argument("--process_id", type=int, help="this process's index (implies --distributed)")
+    return p
+
+
+def initialize_distributed(args) -> bool:
     """Joins the other processes if asked to (before JAX touches any device)."""
-    given = (_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    if not _DISTRIBUTED.value and all(v is None for v in given):
+    given = (args.coordinator_address, args.num_processes, args.process_id)
+    if not args.distributed and all(v is None for v in given):
         return False
     jax.distributed.initialize(
-        coordinator_address=_COORDINATOR.value,
-        num_processes=_NUM_PROCESSES.value,
-        process_id=_PROCESS_ID.value,
+        coordinator_address=args.coordinator_address,
+        num_processes=args.num_processes,
+        process_id=args.process_id,
     )
     return True
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logging.set_verbosity(logging.WARNING)  # orbax reports every file it writes at INFO
+def train(args, overrides) -> None:
+    """The tool `commands.run` calls: config, workdir, then training."""
     if os.environ.get("LRU_JAX_SCAN_CHOICES"):  # the variable earlier versions read
-        raise app.UsageError(
+        raise commands.UsageError(
             "LRU_JAX_SCAN_CHOICES: no longer read; pass the table as "
             "--config.train.scan_choices=PATH instead"
         )
-    workdir = _WORKDIR.value
-    if initialize_distributed() and workdir is None:
-        raise app.UsageError("--workdir: required with several processes (one shared directory)")
+    config = commands.config_from_file(args.config, overrides)
+    logging.set_verbosity(logging.ERROR)  # orbax reports every file it reads and writes
+    workdir = args.workdir
+    if initialize_distributed(args) and workdir is None:
+        raise commands.UsageError("--workdir: required with several processes (one shared one)")
     if workdir is None:
-        name = os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0]
+        name = os.path.splitext(os.path.basename(args.config))[0]
         workdir = os.path.join("runs", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
     if jax.process_index() == 0:
         print(f"workdir: {workdir}")
-    try:
-        train_and_evaluate(_CONFIG.value, workdir)
-    except (ValueError, TypeError, NonFiniteLossError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    return 0
+    train_and_evaluate(config, workdir)
+
+
+def main(argv=None) -> int:
+    """Trains as `argv` (default: the command line) says; returns the exit code."""
+    return commands.run(train, parser(), argv)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    commands.exit_with(train, parser())

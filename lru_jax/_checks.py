@@ -27,15 +27,39 @@ def fail(name: str, expected: str, value, error: type[Exception] = ValueError) -
     raise error(message(name, expected, repr(value)))
 
 
+def _is_array(x) -> bool:
+    return hasattr(x, "shape") and hasattr(x, "dtype")
+
+
+def _numeric(name: str, x) -> np.ndarray:
+    """A list, tuple or scalar as a numpy array, refused unless it is numbers (or bools)."""
+    try:
+        converted = np.asarray(x)
+    except Exception as err:  # e.g. a ragged list
+        raise TypeError(f"{name}: expected an array, got {type(x).__name__}") from err
+    if converted.dtype.kind not in "biufc":  # objects, strings, ragged nests
+        raise TypeError(f"{name}: expected a numeric array, got {type(x).__name__}")
+    return converted
+
+
+def array(name: str, x):
+    """`x` as an array: arrays (numpy, JAX, tracers) as they are; nested lists, tuples and
+    scalars of numbers converted with `jnp.asarray`; anything else a TypeError naming `name`."""
+    return x if _is_array(x) else jnp.asarray(_numeric(name, x))
+
+
 def _shape_dtype(name: str, x):
-    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
-        try:
-            x = np.asarray(x)
-        except Exception as err:  # e.g. a ragged list
-            raise TypeError(f"{name}: expected an array, got {type(x).__name__}") from err
-        if x.dtype == object:
-            raise TypeError(f"{name}: expected a numeric array, got {type(x).__name__}")
+    if not _is_array(x):
+        x = _numeric(name, x)
     return tuple(x.shape), np.dtype(x.dtype)
+
+
+def non_empty_axis(name: str, shape: tuple, axis: int, what: str, layout: str = "") -> None:
+    """A ValueError unless axis `axis` of `shape` has at least one `what` (e.g. "feature");
+    `layout` (e.g. "[batch, time, features]") goes into the message."""
+    if shape[axis] == 0:
+        where = f" (axis {axis} of {layout})" if layout else f" (axis {axis})"
+        raise ValueError(message(name, f"at least one {what}{where}", f"shape {shape}"))
 
 
 def floating(name: str, x, *, allow_complex: bool = True):
@@ -91,6 +115,25 @@ def positive_int(name: str, value, *, type_error=TypeError) -> int:
 
 def non_negative_int(name: str, value, *, type_error=TypeError) -> int:
     return integer(name, value, 0, type_error=type_error)
+
+
+def features(name: str, x, expected: int):
+    """A real float input `x` (converted by `array`) whose last axis has the `expected` size
+    the parameters take; returns it."""
+    x = array(name, x)
+    floating(name, x, allow_complex=False)
+    feature_size(name, x.shape[-1], expected)
+    return x
+
+
+def sequence(name: str, x, layout: str = "[batch, time, features]"):
+    """A batch-major float sequence `x` (converted by `array`) of rank 3 with at least one
+    feature; returns it."""
+    x = array(name, x)
+    rank(name, x, 3, layout)
+    floating(name, x, allow_complex=False)
+    non_empty_axis(name, tuple(x.shape), 2, "feature", layout)
+    return x
 
 
 def _is_real(value) -> bool:
@@ -161,7 +204,9 @@ def is_concrete(x) -> bool:
 def seq_lengths(seq_lengths, batch: int, time: int):
     """Checks `seq_lengths: int [batch]` with values in [0, time]; returns it as an int32 array.
 
-    Values are checked whenever they are concrete (always outside jit).
+    Values are checked whenever they are concrete (always outside jit). Under `jax.jit` they
+    are not known, and the returned lengths are clamped to [0, time]: a length below 0 acts as
+    0 and one above `time` as `time`.
     """
     if seq_lengths is None:
         return None
@@ -177,7 +222,7 @@ def seq_lengths(seq_lengths, batch: int, time: int):
                 f"seq_lengths: expected values in [0, {time}] (the time axis), "
                 f"got min {values.min()} and max {values.max()}"
             )
-    return jnp.asarray(seq_lengths, jnp.int32)
+    return jnp.clip(jnp.asarray(seq_lengths, jnp.int32), 0, time)
 
 
 def time_major(name: str, x, lengths, features: str = "H"):

@@ -117,21 +117,23 @@ def dot_product_scores(query, key, *, scale: float | None = None) -> jax.Array:
     return jnp.einsum("bqhd,bkhd->bhqk", query * scale, key)
 
 
-def additive_scores(query, key, v) -> jax.Array:
-    """Bahdanau's additive scores [batch, heads, Tq, Tk] = v_h . tanh(query_i + key_j).
+def additive_scores(query, key, score_vector) -> jax.Array:
+    """Bahdanau's additive scores [batch, heads, Tq, Tk] = w_h . tanh(query_i + key_j).
 
     query [batch, Tq, heads, D] and key [batch, Tk, heads, D] are the already projected
-    W_q q and W_k k; v [heads, D] is the score vector. Memory is O(batch Tq Tk heads D).
+    W_q q and W_k k; score_vector w [heads, D] turns each tanh into a score (Bahdanau's v_a,
+    named apart from the values). Memory is O(batch Tq Tk heads D).
     """
     _check_qk(query, key)
-    _checks.rank("v", v, 2, "[heads, head_dim]")
-    if query.shape[-1] != key.shape[-1] or v.shape != (query.shape[2], query.shape[3]):
+    _checks.rank("score_vector", score_vector, 2, "[heads, head_dim]")
+    w = score_vector
+    if query.shape[-1] != key.shape[-1] or w.shape != (query.shape[2], query.shape[3]):
         raise ValueError(
-            f"query, key and v: expected head_dim to agree and v of shape "
-            f"{(query.shape[2], query.shape[3])}, got {query.shape}, {key.shape}, {v.shape}"
+            f"query, key and score_vector: expected head_dim to agree and score_vector of "
+            f"shape {(query.shape[2], query.shape[3])}, got {query.shape}, {key.shape}, {w.shape}"
         )
     hidden = jnp.tanh(query[:, :, None] + key[:, None, :])  # [batch, Tq, Tk, heads, D]
-    return jnp.einsum("bqkhd,hd->bhqk", hidden, v)
+    return jnp.einsum("bqkhd,hd->bhqk", hidden, w)
 
 
 def masked_softmax(scores, mask=None) -> jax.Array:
@@ -198,15 +200,17 @@ def dot_product_attention(
     return attend(weights, value, dropout_rate=dropout_rate, dropout_rng=dropout_rng), weights
 
 
-def additive_attention(query, key, value, v, *, mask=None, dropout_rate=0.0, dropout_rng=None):
+def additive_attention(
+    query, key, value, score_vector, *, mask=None, dropout_rate=0.0, dropout_rng=None
+):
     """Bahdanau attention: `additive_scores`, masked softmax, weighted values.
 
-    query [batch, Tq, heads, D] and key [batch, Tk, heads, D] already projected, v
-    [heads, D], value [batch, Tk, heads, Dv] -> (out [batch, Tq, heads, Dv], weights
-    [batch, heads, Tq, Tk]).
+    query [batch, Tq, heads, D] and key [batch, Tk, heads, D] already projected,
+    score_vector [heads, D], value [batch, Tk, heads, Dv] -> (out [batch, Tq, heads, Dv],
+    weights [batch, heads, Tq, Tk]).
     """
     _check_value(value, key)
-    scores = additive_scores(query, key, v)
+    scores = additive_scores(query, key, score_vector)
     check_mask(mask, scores.shape)
     weights = masked_softmax(scores, mask)
     return attend(weights, value, dropout_rate=dropout_rate, dropout_rng=dropout_rng), weights
@@ -354,7 +358,7 @@ def update_baseline(state: Baseline, reward, decay: float = 0.9) -> Baseline:
 def reinforce(
     log_prob,
     reward,
-    baseline: Baseline,
+    baseline: Baseline | None,
     *,
     decay: float = 0.9,
     entropy=None,
@@ -365,7 +369,8 @@ def reinforce(
     Args:
       log_prob: [...] log-probability of each sampled choice (differentiable in the logits).
       reward: [...] reward of each sample (treated as a constant).
-      baseline: the `Baseline` state before this batch (so it is independent of the samples).
+      baseline: the `Baseline` state before this batch (so it is independent of the samples);
+        None: no rewards seen yet, the same as `init_baseline()`.
       decay: moving-average decay of the baseline.
       entropy: optional [...] entropy of each sampling distribution, for the bonus.
       entropy_weight: the bonus's weight (encourages exploration).
@@ -378,6 +383,12 @@ def reinforce(
     _checks.broadcastable(("log_prob", "reward"), (jnp.shape(log_prob), jnp.shape(reward)))
     if entropy_weight and entropy is None:
         raise ValueError("entropy: needed when entropy_weight is non-zero, got None")
+    if baseline is None:
+        baseline = init_baseline()
+    if not isinstance(baseline, Baseline):
+        _checks.fail(
+            "baseline", "a Baseline (attention.init_baseline()) or None", baseline, TypeError
+        )
     advantage = jax.lax.stop_gradient(reward - baseline_value(baseline, decay))
     loss = -jnp.mean(advantage * log_prob)
     if entropy is not None and entropy_weight:

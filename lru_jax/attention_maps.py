@@ -2,11 +2,12 @@
 
     python -m lru_jax.attention_maps --workdir=runs/reverse [--out=DIR] [--max_images=4]
 
-Loads the run's config and latest checkpoint, decodes `num_examples` held-out examples
-greedily step by step and writes a PNG for each of the first `max_images` (rows: output
-steps, columns: source steps, colour: attention weight; for hard attention the distribution
-its positions are drawn from, whose argmax it reads at evaluation) into `out` (default:
-WORKDIR/attention).
+Loads the run's config (its config.json) and newest checkpoint that verifies, decodes
+`num_examples` held-out examples greedily step by step and writes a PNG for each of the first
+`max_images` (rows: output steps, columns: source steps, colour: attention weight; for hard
+attention the distribution its positions are drawn from, whose argmax it reads at evaluation)
+into `out` (default: WORKDIR/attention). Exit codes and errors as train.py's
+(lru_jax/training/commands.py).
 
 A task can add to both (the cocktail party does: each source column tinted by the speaker who
 really said it, and the share of attention on the cued speaker in `summary.json`):
@@ -29,7 +30,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from lru_jax import models  # noqa: E402
 from lru_jax.tasks.seq2seq import BOS, EOS, NUM_SPECIAL, PAD  # noqa: E402
-from lru_jax.training import runs  # noqa: E402
+from lru_jax.training import commands, record, runs  # noqa: E402
 
 
 def load_run(workdir: str):
@@ -37,12 +38,12 @@ def load_run(workdir: str):
     config = runs.read_config(workdir)
     model, task, state, step = runs.load(config, workdir)
     if task.spec.kind != "seq2seq":
-        raise ValueError(
+        raise record.WorkdirError(
             f"workdir: expected a run of a seq2seq task (an encoder-decoder), got the "
             f"{task.spec.kind} task {task.spec.name!r}"
         )
     if step == 0:
-        raise ValueError(f"workdir: no checkpoint in {workdir!r}")
+        raise record.WorkdirError(f"workdir: expected a run with a checkpoint, got {workdir!r}")
     return config, task, model, jax.device_get(state.variables())
 
 
@@ -92,7 +93,9 @@ def attention_maps(
     """
     config, task, model, variables = load_run(workdir)
     if config.model.seq2seq.attention == "none":
-        raise ValueError("workdir: the model has no attention (model.seq2seq.attention 'none')")
+        raise record.WorkdirError(
+            "workdir: the model has no attention (model.seq2seq.attention 'none')"
+        )
     out = out or os.path.join(workdir, "attention")
     os.makedirs(out, exist_ok=True)
     batch = task.batch(split, 0, num_examples)
@@ -135,19 +138,30 @@ def attention_maps(
     return summary
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+def parser() -> commands.Parser:
+    p = commands.Parser(
+        prog="python -m lru_jax.attention_maps",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--workdir", required=True, help="a training run of a seq2seq task")
-    parser.add_argument("--out", default=None, help="where the PNGs go (WORKDIR/attention)")
-    parser.add_argument("--num_examples", type=int, default=64, help="decoded for the summary")
-    parser.add_argument("--max_images", type=int, default=4, help="PNGs written")
-    parser.add_argument("--split", default="test", choices=("train", "valid", "test"))
-    args = parser.parse_args(argv)
+    p.add_argument("--workdir", required=True, help="a training run of a seq2seq task")
+    p.add_argument("--out", default=None, help="where the PNGs go (WORKDIR/attention)")
+    p.add_argument("--num_examples", type=int, default=64, help="decoded for the summary")
+    p.add_argument("--max_images", type=int, default=4, help="PNGs written")
+    p.add_argument("--split", default="test", choices=("train", "valid", "test"))
+    return p
+
+
+def command(args, overrides) -> None:
+    """The command (`commands.run` calls it): the maps of `args.workdir`, summary printed."""
     summary = attention_maps(args.workdir, args.out, args.num_examples, args.max_images, args.split)
     print(json.dumps(summary, indent=2))
 
 
+def main(argv=None) -> int:
+    """Writes the maps `argv` (default: the command line) asks for; returns the exit code."""
+    return commands.run(command, parser(), argv, overrides=False)
+
+
 if __name__ == "__main__":
-    main()
+    commands.exit_with(command, parser(), overrides=False)

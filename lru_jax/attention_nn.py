@@ -26,11 +26,6 @@ from lru_jax import attention as att
 HARD_ESTIMATORS = ("reinforce", "gumbel")
 
 
-def _check_inputs(name, x):
-    _checks.rank(name, x, 3, "[batch, time, features]")
-    _checks.floating(name, x, allow_complex=False)
-
-
 def _length_masks(q, kv, query_lengths, key_lengths):
     """Padding masks [batch, 1, Tq or 1, Tk or 1] from lengths (None where not given)."""
     key_mask = query_mask = None
@@ -91,8 +86,8 @@ class MultiHeadAttention(nn.Module):
         `return_weights`. Outputs of padded queries are zero.
         """
         inputs_kv = inputs_q if inputs_kv is None else inputs_kv
-        _check_inputs("inputs_q", inputs_q)
-        _check_inputs("inputs_kv", inputs_kv)
+        inputs_q = _checks.sequence("inputs_q", inputs_q)
+        inputs_kv = _checks.sequence("inputs_kv", inputs_kv)
         _checks.rate("dropout_rate", self.dropout_rate)
         heads = _checks.positive_int("num_heads", self.num_heads)
         features = self.qkv_features or inputs_q.shape[-1]
@@ -144,8 +139,10 @@ class _SingleHead(nn.Module):
 
     def _prepare(self, query, key, value, mask, query_lengths, key_lengths):
         value = key if value is None else value
-        for name, x in (("query", query), ("key", key), ("value", value)):
-            _check_inputs(name, x)
+        query, key, value = (
+            _checks.sequence(name, x)
+            for name, x in (("query", query), ("key", key), ("value", value))
+        )
         if value.shape[:2] != key.shape[:2]:
             raise ValueError(
                 f"value: expected batch and time {key.shape[:2]} (key's), got {value.shape}"
@@ -238,13 +235,14 @@ class AdditiveAttention(_SingleHead):
         value, query_mask, mask = self._prepare(query, key, value, mask, query_lengths, key_lengths)
         q = nn.Dense(hidden, use_bias=False, name="W_q")(query)
         k = nn.Dense(hidden, name="W_k")(key)
-        v = self.param("v", nn.initializers.lecun_normal(), (hidden, 1))[:, 0]
+        # the score vector; its parameter keeps the name "v" that trained runs were saved with
+        score_vector = self.param("v", nn.initializers.lecun_normal(), (hidden, 1))[:, 0]
         rng = self.make_rng("dropout") if not deterministic and self.dropout_rate else None
         out, weights = att.additive_attention(
             q[:, :, None],
             k[:, :, None],
             value[:, :, None],
-            v[None],
+            score_vector[None],
             mask=mask,
             dropout_rate=self.dropout_rate,
             dropout_rng=rng,
@@ -261,7 +259,7 @@ class AttentionPooling(nn.Module):
 
     @nn.compact
     def __call__(self, x, seq_lengths=None):
-        _check_inputs("x", x)
+        x = _checks.sequence("x", x)
         mask = None
         if seq_lengths is not None:
             _checks.seq_lengths(seq_lengths, x.shape[0], x.shape[1])
@@ -327,8 +325,10 @@ class HardAttention(nn.Module):
         _checks.one_of("estimator", self.estimator, HARD_ESTIMATORS)
         k = _checks.positive_int("k", self.k)
         value = key if value is None else value
-        for name, x in (("query", query), ("key", key), ("value", value)):
-            _check_inputs(name, x)
+        query, key, value = (
+            _checks.sequence(name, x)
+            for name, x in (("query", query), ("key", key), ("value", value))
+        )
         if k > key.shape[1]:
             raise ValueError(f"k: expected at most {key.shape[1]} (the keys), got {k}")
         mask = _single_head_mask(mask, query, key)
@@ -425,7 +425,7 @@ class CausalSelfAttention(nn.Module):
         """
         if reverse:
             raise ValueError("reverse: causal self-attention runs forwards only; got True")
-        _check_inputs("x", x)
+        x = _checks.sequence("x", x)
         _checks.feature_size("x", x.shape[-1], self.d_model, "features (d_model)")
         batch, time = x.shape[:2]
         seq_lengths = _checks.seq_lengths(seq_lengths, batch, time)

@@ -77,7 +77,7 @@ class Cell(NamedTuple):
 
     def step(self, params: Params, carry: Carry, x: jax.Array) -> tuple[Carry, jax.Array]:
         """One time step: x [..., in] -> (carry, y [..., hidden])."""
-        return self.recur(params, carry, self.project(params, x))
+        return self.recur(params, carry, self.project(params, check_input(params, x, "x")))
 
 
 def _inits(in_dim: int, hidden: int, gates: int, biases: dict[str, float]):
@@ -199,10 +199,10 @@ def hidden_size(params: Params) -> int:
     return params["w_hh"].shape[0]
 
 
-def check_input(params: Params, xs, name: str = "xs") -> None:
-    """Checks a float input whose last axis matches the parameters' input size."""
-    _checks.floating(name, xs, allow_complex=False)
-    _checks.feature_size(name, xs.shape[-1], params["w_ih"].shape[0])
+def check_input(params: Params, xs, name: str = "xs"):
+    """xs [..., features] as an array (a nested list is converted), checked against the
+    parameters' input size."""
+    return _checks.features(name, xs, params["w_ih"].shape[0])
 
 
 def unroll(
@@ -236,8 +236,8 @@ def unroll(
     Returns:
       (carry, ys) with ys: [time, batch, hidden].
     """
+    xs = check_input(params, xs)
     _checks.rank("xs", xs, 3, "[time, batch, features]")
-    check_input(params, xs)
     time, batch, _ = xs.shape
     seq_lengths = _checks.seq_lengths(seq_lengths, batch, time)
     _checks.positive_int("unroll", unroll)
@@ -340,7 +340,8 @@ def _bptt_backward(cell, unroll, chunk, saved, cotangents):
     dcarry, dys = cotangents
     sequences = (dys, *residuals, valid, xs)  # each [time, ...] (or None)
     time = xs.shape[0]
-    n_chunks, head = divmod(time, min(chunk, time))
+    size = max(1, min(chunk, time))  # steps per chunk (1 when there are none: no chunks)
+    n_chunks, head = divmod(time, size)
     step_back = _bptt_step(cell, params)
 
     def chunk_back(state, inputs):
@@ -359,9 +360,10 @@ def _bptt_backward(cell, unroll, chunk, saved, cotangents):
 
     zeros = functools.partial(jax.tree.map, jnp.zeros_like)
     state = (dcarry, zeros(_elementwise_params(params)), zeros(params))
-    body = jax.tree.map(lambda a: a[head:].reshape(n_chunks, -1, *a.shape[1:]), sequences)
+    # explicit sizes, not -1, which cannot be inferred when the batch is empty
+    body = jax.tree.map(lambda a: a[head:].reshape(n_chunks, size, *a.shape[1:]), sequences)
     state, dxs = jax.lax.scan(chunk_back, state, body, reverse=True)
-    dxs = dxs.reshape(-1, *xs.shape[1:])
+    dxs = dxs.reshape(n_chunks * size, *xs.shape[1:])
     if head:
         state, dx_head = chunk_back(state, jax.tree.map(lambda a: a[:head], sequences))
         dxs = jnp.concatenate([dx_head, dxs])

@@ -1,11 +1,13 @@
 """Gradient-flow diagnostics of a fresh or trained model, as JSON and PNG plots.
 
     python -m lru_jax.diagnose --config=configs/adding.py --config.task.seq_len=200 --out=DIR
-    python -m lru_jax.diagnose --config=configs/adding.py --workdir=runs/x --out=DIR
+    python -m lru_jax.diagnose --workdir=runs/x --out=DIR [--config.task.seq_len=400]
 
-With --workdir holding a checkpoint (from train.py), the trained parameters are restored (give
-the run's config and model overrides; the optimiser settings do not matter); otherwise the model
-is freshly initialised exactly as training would start. Writes to --out:
+With --workdir (a run of train.py) the run's own config.json is read and the parameters of its
+newest checkpoint that verifies are restored; --config.KEY=VALUE may change its task (e.g. a
+longer seq_len) but not its model. With --config instead, the model is freshly initialised
+exactly as training would start. Exit codes and errors as train.py's
+(lru_jax/training/commands.py). Writes to --out:
 
   diagnostics.json            everything below, per recurrent layer
   grad_per_step.png           ‖∂L/∂h_t‖ against t (batch mean)
@@ -20,12 +22,12 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 import jax.numpy as jnp
 import numpy as np
 
 from lru_jax import _checks, diagnostics
+from lru_jax.training import commands
 from lru_jax.training.metrics import read_jsonl
 from lru_jax.training.runs import load
 from lru_jax.training.steps import loss_sums
@@ -166,53 +168,45 @@ def write_outputs(result: dict, out: str, workdir: str | None = None) -> list[st
     return paths
 
 
-def main(argv):
-    from absl import app, flags
+def diagnose(args, overrides) -> None:
+    """The command (`commands.run` calls it): load, diagnose, write, report."""
+    from absl import logging
 
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    flag = flags.FLAGS
-    try:
-        model, task, state, step = load(_CONFIG.value, flag.workdir)
-        result = diagnose_state(
-            model,
-            task,
-            state.variables(),
-            batch_size=flag.batch_size,
-            num_examples=flag.num_examples,
-            spectrum_every=flag.spectrum_every,
-        )
-    except (ValueError, TypeError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    logging.set_verbosity(logging.ERROR)  # orbax reports every file it reads
+    config = commands.run_config(args.config, args.workdir, overrides)
+    model, task, state, step = load(config, args.workdir)
+    result = diagnose_state(
+        model,
+        task,
+        state.variables(),
+        batch_size=args.batch_size,
+        num_examples=args.num_examples,
+        spectrum_every=args.spectrum_every,
+    )
     result["step"] = step
-    out = flag.out or os.path.join(flag.workdir or "runs", "diagnostics")
-    for path in write_outputs(result, out, flag.workdir):
+    out = args.out or os.path.join(args.workdir or "runs", "diagnostics")
+    for path in write_outputs(result, out, args.workdir):
         print(path)
     print(f"diagnosed the model at step {step} ({'trained' if step else 'fresh'})")
-    return 0
 
 
-_CONFIG = None
+def parser() -> commands.Parser:
+    p = commands.Parser(prog="python -m lru_jax.diagnose", description=__doc__.split("\n\n")[0])
+    commands.add_config_flag(
+        p, None, "config file of a fresh model (not with --workdir, whose config.json is read)"
+    )
+    p.add_argument("--workdir", help="a training run whose latest checkpoint to diagnose")
+    p.add_argument("--out", help="output directory (default: <workdir>/diagnostics)")
+    p.add_argument("--batch_size", type=int, default=16, help="sequences in the diagnosed batch")
+    p.add_argument("--num_examples", type=int, default=4, help="sequences for the Jacobians")
+    p.add_argument("--spectrum_every", type=int, default=10, help="spectra every this many steps")
+    return p
 
 
-def _define_flags():
-    global _CONFIG
-    from absl import flags
-    from ml_collections import config_flags
-
-    _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
-    flags.DEFINE_string("workdir", None, "Run directory whose latest checkpoint to restore.")
-    flags.DEFINE_string("out", None, "Output directory (default: <workdir>/diagnostics).")
-    flags.DEFINE_integer("batch_size", 16, "Sequences in the diagnosed batch.")
-    flags.DEFINE_integer("num_examples", 4, "Sequences used for the Jacobian diagnostics.")
-    flags.DEFINE_integer("spectrum_every", 10, "One-step spectra at every this many steps.")
-    flags.mark_flag_as_required("config")
+def main(argv=None) -> int:
+    """Diagnoses as `argv` (default: the command line) says; returns the exit code."""
+    return commands.run(diagnose, parser(), argv)
 
 
 if __name__ == "__main__":
-    from absl import app, logging
-
-    _define_flags()
-    logging.set_verbosity(logging.ERROR)  # orbax warns about the optimiser state it skips
-    app.run(main)
+    commands.exit_with(diagnose, parser())

@@ -106,9 +106,10 @@ def readout(params: Params, h, x):
     return dense(normed * gate, params["W_o"], params["b_o"])
 
 
-def check_input(params: Params, x, name: str = "x") -> None:
-    _checks.floating(name, x, allow_complex=False)
-    _checks.feature_size(name, x.shape[-1], params["W_f"].shape[1])
+def check_input(params: Params, x, name: str = "x"):
+    """x [..., features] as an array (a nested list is converted), checked against the
+    parameters' input size."""
+    return _checks.features(name, x, params["W_f"].shape[1])
 
 
 def zero_state(batch_shape: tuple[int, ...], d_state: int) -> jax.Array:
@@ -142,7 +143,7 @@ def forward(
     Returns:
       (y [time, ..., H], h_last [..., N] complex64).
     """
-    check_input(params, x)
+    x = check_input(params, x)
     seq_lengths = _checks.time_major("x", x, seq_lengths)
     h_empty = zero_state(x.shape[1:-1], params["theta"].shape[0]) if h0 is None else h0
 

@@ -138,9 +138,10 @@ def readout(params: Params, h: jax.Array, u: jax.Array) -> jax.Array:
     return y.reshape(h.shape[:-1] + (y.shape[-1],)) + params["D"] * u
 
 
-def check_input(params: Params, u, name: str = "u") -> None:
-    _checks.floating(name, u, allow_complex=False)
-    _checks.feature_size(name, u.shape[-1], params["D"].shape[0])
+def check_input(params: Params, u, name: str = "u"):
+    """u [..., features] as an array (a nested list is converted), checked against the
+    parameters' input size."""
+    return _checks.features(name, u, params["D"].shape[0])
 
 
 def zero_state(batch_shape: tuple[int, ...], d_state: int) -> jax.Array:
@@ -177,7 +178,7 @@ def forward(
     Returns:
       (y [time, ..., H], h_last [..., N]): outputs and the final state.
     """
-    check_input(params, u)
+    u = check_input(params, u)
     seq_lengths = _checks.time_major("u", u, seq_lengths)
     if h0 is None:
         h0 = zero_state(u.shape[1:-1], params["nu_log"].shape[0])

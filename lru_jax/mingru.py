@@ -147,9 +147,10 @@ def readout(params: Params, h):
     return dense(h, params["W_out"]) if "W_out" in params else h
 
 
-def check_input(params: Params, x, name: str = "x") -> None:
-    _checks.floating(name, x, allow_complex=False)
-    _checks.feature_size(name, x.shape[-1], params["W_h"].shape[1])
+def check_input(params: Params, x, name: str = "x"):
+    """x [..., features] as an array (a nested list is converted), checked against the
+    parameters' input size."""
+    return _checks.features(name, x, params["W_h"].shape[1])
 
 
 def check_form(log_space: bool, activation: str) -> None:
@@ -209,7 +210,7 @@ def forward(
     Returns:
       (y [time, ..., H], h_last [..., N]): outputs and the final state.
     """
-    check_input(params, x)
+    x = check_input(params, x)
     check_form(log_space, activation)
     seq_lengths = _checks.time_major("x", x, seq_lengths)
     if h0 is not None and log_space:

@@ -43,10 +43,10 @@ from lru_jax.scan_table import ScanTable
 
 
 def check_sequence(x, seq_lengths, name: str = "x"):
-    """Checks x: float [batch, time, features] and seq_lengths; returns int32 lengths or None."""
-    _checks.rank(name, x, 3, "[batch, time, features]")
-    _checks.floating(name, x, allow_complex=False)
-    return _checks.seq_lengths(seq_lengths, x.shape[0], x.shape[1])
+    """Checks x: float [batch, time, features] (a nested list is converted) and seq_lengths;
+    returns (x as an array, int32 lengths or None)."""
+    x = _checks.sequence(name, x)
+    return x, _checks.seq_lengths(seq_lengths, x.shape[0], x.shape[1])
 
 
 def _time_major(x):
@@ -92,7 +92,7 @@ class RecurrentLayer(nn.Module):
     ):
         """x: [batch, time, in] -> y [batch, time, hidden] (or (carry, y))."""
         _checks.positive_int("hidden_size", self.hidden_size)
-        seq_lengths = check_sequence(x, seq_lengths)
+        x, seq_lengths = check_sequence(x, seq_lengths)
         if self.has_variable("params", "w_ih"):
             _checks.feature_size("x", x.shape[-1], self.get_variable("params", "w_ih").shape[0])
         cell = self.make_cell()
@@ -178,7 +178,7 @@ class LRU(nn.Module):
         _checks.positive_int("d_state", self.d_state)
         lru.check_ring(self.r_min, self.r_max, self.max_phase)
         _check_scan(self.scan_method, self.scan_table)
-        seq_lengths = check_sequence(x, seq_lengths)
+        x, seq_lengths = check_sequence(x, seq_lengths)
         if self.has_variable("params", "D"):
             _checks.feature_size("x", x.shape[-1], self.get_variable("params", "D").shape[0])
         params = _declare_params(
@@ -215,7 +215,7 @@ def _checked_step(module, check_input, step, carry, x, features: str = "H"):
     them (`check_input(params, x, name)`), then `step(params, carry, x) -> (carry, y)`."""
     params = module.variables["params"]
     _checks.rank("x", x, 2, f"[batch, {features}]")
-    check_input(params, x, "x")
+    x = check_input(params, x, "x")  # as an array (a nested list is converted)
     return step(params, carry, x)
 
 
@@ -285,7 +285,7 @@ class MinRNN(nn.Module):
         mingru.check_form(self.log_space, self.activation)
         methods = scan.LOG_METHODS if self.log_space else scan.METHODS
         _check_scan(self.scan_method, self.scan_table, methods)
-        seq_lengths = check_sequence(x, seq_lengths)
+        x, seq_lengths = check_sequence(x, seq_lengths)
         proj_out = mingru.check_cell(self.cell, x.shape[-1], self.d_state, self.proj_out)
         if self.has_variable("params", "W_h"):
             _checks.feature_size("x", x.shape[-1], self.get_variable("params", "W_h").shape[1])
@@ -365,7 +365,7 @@ class HGRN(nn.Module):
         _checks.positive_int("d_state", self.d_state)
         hgrn.check_lower_bound(self.lower_bound)
         _check_scan(self.scan_method, self.scan_table)
-        seq_lengths = check_sequence(x, seq_lengths)
+        x, seq_lengths = check_sequence(x, seq_lengths)
         if self.has_variable("params", "W_f"):
             _checks.feature_size("x", x.shape[-1], self.get_variable("params", "W_f").shape[1])
         params = _declare_params(
@@ -436,7 +436,7 @@ class S5(nn.Module):
         settings = (self.d_state, self.blocks, self.conj_sym, self.dt_min, self.dt_max)
         s5.check_options(*settings, self.discretization)
         _check_scan(self.scan_method, self.scan_table)
-        seq_lengths = check_sequence(x, seq_lengths)
+        x, seq_lengths = check_sequence(x, seq_lengths)
         if self.has_variable("params", "D"):
             _checks.feature_size("x", x.shape[-1], self.get_variable("params", "D").shape[0])
         params = _declare_params(
@@ -500,7 +500,7 @@ class RGLRU(nn.Module):
         """x: [batch, time, N] -> y [batch, time, N] (or (h_last [batch, N], y))."""
         rglru.check_settings(self.width, self.num_heads, self.r_min, self.r_max)
         _check_scan(self.scan_method, self.scan_table)
-        seq_lengths = check_sequence(x, seq_lengths)
+        x, seq_lengths = check_sequence(x, seq_lengths)
         _checks.feature_size("x", x.shape[-1], self.width, "features (width)")
         params = _declare_params(
             self,
@@ -562,7 +562,7 @@ class RecurrentBlock(nn.Module):
         """x: [batch, time, H] -> y [batch, time, H] (or (BlockState, y))."""
         rglru.check_settings(self.lru_width, self.num_heads, self.r_min, self.r_max)
         _check_scan(self.scan_method, self.scan_table)
-        seq_lengths = check_sequence(x, seq_lengths)
+        x, seq_lengths = check_sequence(x, seq_lengths)
         rglru.check_block_settings(x.shape[-1], self.conv_width)
         if self.has_variable("params", "W_y"):
             _checks.feature_size("x", x.shape[-1], self.get_variable("params", "W_y").shape[1])
@@ -764,7 +764,7 @@ class SequenceBlock(nn.Module):
         The arguments may be given by position, for `nn.remat(SequenceBlock,
         static_argnums=(4, 5))` (`self` counts as argument 0).
         """
-        seq_lengths = check_sequence(x, seq_lengths)
+        x, seq_lengths = check_sequence(x, seq_lengths)
         _checks.feature_size("x", x.shape[-1], self.d_model, "features (d_model)")
         mask = None
         if seq_lengths is not None:

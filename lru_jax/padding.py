@@ -55,6 +55,9 @@ def run_within_lengths(run, u, seq_lengths, h_empty, *, reverse=False, resets=No
 
     Returns (y [time, batch, features], h_last [batch, ...state]).
     """
+    if u.shape[0] == 0:  # no steps: the state stays the initial one
+        hs, y = run(u, resets, reverse)
+        return y, jnp.broadcast_to(h_empty, hs.shape[1:])
     if seq_lengths is None:
         hs, y = run(u, resets, reverse)
         return y, jax.tree.map(lambda h: h[0] if reverse else h[-1], hs)

@@ -197,9 +197,9 @@ def _states(params, x, h0, resets, reverse, method, scan_table):
     )
 
 
-def check_input(params: Params, x, name: str = "x") -> None:
-    _checks.floating(name, x, allow_complex=False)
-    _checks.feature_size(name, x.shape[-1], params["Lambda"].shape[0])
+def check_input(params: Params, x, name: str = "x"):
+    """x [..., N] as an array (a nested list is converted), checked against the parameters."""
+    return _checks.features(name, x, params["Lambda"].shape[0])
 
 
 def _check_sequence(name: str, x, seq_lengths, resets, features: str):
@@ -248,7 +248,7 @@ def forward(
     Returns:
       (y [time, ..., N], h_last [..., N]): the outputs (every state) and the final state.
     """
-    check_input(params, x)
+    x = check_input(params, x)
     seq_lengths = _check_sequence("x", x, seq_lengths, resets, "N")
     h_empty = zero_state(x.shape[1:-1], x.shape[-1]) if h0 is None else h0
 
@@ -308,9 +308,9 @@ def _block_gate(params: Params, u):
     return jax.nn.gelu(dense(u, params["W_y"], params["b_y"]))
 
 
-def check_block_input(params: Params, u, name: str = "u") -> None:
-    _checks.floating(name, u, allow_complex=False)
-    _checks.feature_size(name, u.shape[-1], params["W_y"].shape[1])
+def check_block_input(params: Params, u, name: str = "u"):
+    """u [..., H] as an array (a nested list is converted), checked against the parameters."""
+    return _checks.features(name, u, params["W_y"].shape[1])
 
 
 def _check_block_state(params: Params, state, batch_shape) -> None:
@@ -356,7 +356,7 @@ def block_forward(
     Returns:
       (y [time, ..., H], the final `BlockState`).
     """
-    check_block_input(params, u)
+    u = check_block_input(params, u)
     seq_lengths = _check_sequence("u", u, seq_lengths, resets, "H")
     batch_shape = u.shape[1:-1]
     if state0 is None:

@@ -195,7 +195,7 @@ def forward(
       (y [time, ..., H], h_last [..., P'] complex64).
     """
     _check_form(conj_sym, discretization)
-    check_input(params, u)
+    u = check_input(params, u)
     seq_lengths = _checks.time_major("u", u, seq_lengths)
     h_empty = zero_state(u.shape[1:-1], params["log_step"].shape[0]) if h0 is None else h0
 

@@ -78,9 +78,10 @@ def linear_scan(
 
     Args:
       a: the decay, real or complex, broadcastable against `b` (numpy rules, trailing axes
-        aligned). If it has no time axis (e.g. the LRU's λ of shape [N] against b [T, B, N]),
-        it is time-invariant and methods that allow it never copy it to every step.
-      b: [time, ...] the input term, real or complex.
+        aligned) and with at most as many axes. If it has no time axis (e.g. the LRU's λ of
+        shape [N] against b [T, B, N]), it is time-invariant and methods that allow it never
+        copy it to every step.
+      b: [time, ...] the input term, real or complex. time may be 0 (h is then empty).
       h0: optional [...] state before the first step (after the last one if `reverse`),
         broadcastable to the state shape `out.shape[1:]`. Zero if None.
       method: "sequential" | "associative" | "chunked" | "pallas" | "auto".
@@ -110,6 +111,8 @@ def linear_scan(
         check_sequence_axis(sequence_axis, out_shape[0])
         if method == "pallas":
             raise ValueError("method: 'pallas' does not take a sequence_axis yet; use another")
+    if out_shape[0] == 0:  # no steps: nothing to scan (and no method to choose)
+        return jnp.zeros(out_shape, jnp.result_type(a, b, *(() if h0 is None else (h0,))))
 
     kw = dict(out_shape=out_shape, reverse=reverse, chunk_size=chunk_size)
     if method == "auto" and sequence_axis is None:
@@ -271,15 +274,21 @@ def _default_chunk(time: int) -> int:
 
 
 def _validate(a, b, h0, resets, names=("a", "b", "h0"), allow_complex=True):
+    """(a, b, h0, resets) as arrays (nested lists converted) after checking their dtypes and
+    shapes, and the output shape [time, ...]."""
     a_name, b_name, h0_name = names
+    a, b = _checks.array(a_name, a), _checks.array(b_name, b)
     a_shape = _checks.floating(a_name, a, allow_complex=allow_complex)
     b_shape = _checks.floating(b_name, b, allow_complex=allow_complex)
     if len(b_shape) == 0:
         raise ValueError(f"{b_name}: expected at least rank 1 [time, ...], got a scalar")
+    if len(a_shape) > len(b_shape):  # broadcasting would move b's time axis off axis 0
+        raise ValueError(
+            _checks.message(a_name, f"at most {b_name}'s {len(b_shape)} axes", f"shape {a_shape}")
+        )
     out_shape = _checks.broadcastable((a_name, b_name), (a_shape, b_shape))
-    if out_shape[0] == 0:
-        raise ValueError(f"{b_name}: expected at least one time step, got shape {b_shape}")
     if h0 is not None:
+        h0 = _checks.array(h0_name, h0)
         h0_shape = _checks.floating(h0_name, h0, allow_complex=allow_complex)
         try:
             fits = np.broadcast_shapes(h0_shape, out_shape[1:]) == tuple(out_shape[1:])
@@ -291,7 +300,7 @@ def _validate(a, b, h0, resets, names=("a", "b", "h0"), allow_complex=True):
                 f"{out_shape[1:]}, got {h0_shape}"
             )
     if resets is not None:
-        resets = jnp.asarray(resets) if not hasattr(resets, "dtype") else resets
+        resets = _checks.array("resets", resets)
         if resets.dtype != jnp.bool_:
             raise TypeError(f"resets: expected a bool array, got dtype {resets.dtype}")
         r = resets.shape
@@ -481,9 +490,11 @@ def log_linear_scan(
     _checks.boolean("return_log", return_log)
     if method == "cumsum" and resets is not None:
         raise ValueError("resets: method 'cumsum' cannot restart the state; use another method")
+    dtype = jnp.result_type(log_a, log_b, *(() if log_h0 is None else (log_h0,)))
+    if out_shape[0] == 0:  # no steps: nothing to scan (h = 0, log h = -inf: never used)
+        return jnp.full(out_shape, -jnp.inf if return_log else 0.0, dtype)
     if method == "auto":
         method = choose_method(out_shape[0], math.prod(out_shape[1:]), allow_pallas=False)
-    dtype = jnp.result_type(log_a, log_b, *(() if log_h0 is None else (log_h0,)))
     log_a = jnp.broadcast_to(jnp.asarray(log_a, dtype), out_shape)
     log_b = jnp.broadcast_to(jnp.asarray(log_b, dtype), out_shape)
     if log_h0 is not None:

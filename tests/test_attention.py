@@ -434,3 +434,18 @@ def test_config_checks_for_the_attention_mixer():
     spec = tasks.get_task("text", corpus="jokes", seq_len=24).spec
     with pytest.raises(ValueError, match="config.model.attention.max_len: expected at least"):
         config_lib.check_against_task(config, spec)
+
+
+def test_reinforce_without_a_baseline_yet_and_the_score_vector_by_name():
+    """baseline=None is the fresh baseline (no rewards seen): the same loss and update."""
+    log_p, reward = jnp.log(jnp.array([0.2, 0.5])), jnp.array([1.0, 3.0])
+    loss, baseline = att.reinforce(log_p, reward, None)
+    want_loss, want_baseline = att.reinforce(log_p, reward, att.init_baseline())
+    assert float(loss) == float(want_loss) == pytest.approx(-np.mean(np.array(reward) * log_p))
+    assert baseline == want_baseline
+    with pytest.raises(TypeError, match="baseline: expected a Baseline"):
+        att.reinforce(log_p, reward, 0.5)
+    q, k, v = _normal(0, 1, 2, 1, 4), _normal(1, 1, 3, 1, 4), _normal(2, 1, 3, 1, 2)
+    w = _normal(3, 1, 4)
+    by_name = att.additive_attention(q, k, v, score_vector=w)
+    np.testing.assert_array_equal(by_name[0], att.additive_attention(q, k, v, w)[0])

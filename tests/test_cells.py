@@ -652,3 +652,38 @@ def test_init_recurrent_blocks_are_orthogonal(kind):
     for g in range(w_hh.shape[1] // hidden):
         block = w_hh[:, g * hidden : (g + 1) * hidden]
         np.testing.assert_allclose(block.T @ block, np.eye(hidden), atol=1e-5, err_msg=f"{g=}")
+
+
+@pytest.mark.parametrize("time, batch", [(5, 0), (0, 2)], ids=["no sequences", "no steps"])
+def test_empty_batches_and_sequences_run_forwards_and_backwards(time, batch):
+    """With no sequences or no steps nothing is computed: the outputs are empty, the carry is
+    the initial one and passes its cotangent straight back, and the parameters' gradients
+    are zero (the chunked backward pass once divided by the number of steps)."""
+
+    def loss(params, carry, cell):
+        last, ys = cells.unroll(cell, params, jnp.ones((time, batch, IN)), carry)
+        assert ys.shape == (time, batch, HIDDEN)
+        return jnp.sum(ys) + sum(jnp.sum(c) for c in jax.tree.leaves(last))
+
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)
+    for kind in ("tanh", "lstm", "gru"):
+        cell = make_cell(kind)
+        params = cell.init(jax.random.key(0), IN, HIDDEN)
+        carry = jax.tree.map(jnp.ones_like, cell.zero_carry((batch,), HIDDEN))
+        d_params, d_carry = grad(params, carry, cell)
+        for g in jax.tree.leaves(d_params):
+            np.testing.assert_array_equal(g, np.zeros_like(g))
+        for g in jax.tree.leaves(d_carry):  # 0 steps: the carry is returned as it came
+            assert g.shape == (batch, HIDDEN)
+            np.testing.assert_array_equal(g, np.ones_like(g))
+
+
+def test_a_nested_list_input_is_converted():
+    cell = cells.lstm()
+    params = cell.init(jax.random.key(0), 2, HIDDEN)
+    xs = [[[0.5, -1.0]], [[1.0, 2.0]]]  # [time 2, batch 1, in 2]
+    carry, ys = cells.unroll(cell, params, xs)
+    want_carry, want = cells.unroll(cell, params, jnp.asarray(xs))
+    np.testing.assert_array_equal(ys, want)
+    with pytest.raises(TypeError, match="xs: expected a numeric array, got list"):
+        cells.unroll(cell, params, [["a", "b"]])

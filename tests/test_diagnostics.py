@@ -2,9 +2,6 @@
 finite differences."""
 
 import json
-import os
-import subprocess
-import sys
 
 import flax.linen as nn
 import jax
@@ -17,8 +14,6 @@ from lru_jax.training import config as config_lib
 from lru_jax.training import optim
 from lru_jax.training.loop import train_and_evaluate
 from scripts.results import load_config
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_linear_rnn_jacobians_are_matrix_powers():
@@ -181,7 +176,7 @@ def _tiny_overrides(cell="gru"):
     }
 
 
-def test_diagnose_command_on_a_trained_run(tmp_path):
+def test_diagnose_command_on_a_trained_run(tmp_path, capsys):
     overrides = _tiny_overrides()
     workdir, out = tmp_path / "run", tmp_path / "diag"
     train_and_evaluate(load_config("adding.py", overrides), str(workdir))
@@ -192,18 +187,10 @@ def test_diagnose_command_on_a_trained_run(tmp_path):
         assert len(groups) == 2  # a GRU model: matrices (default) and vectors (no_decay)
         np.testing.assert_allclose(np.sqrt(np.sum(np.square(groups))), r["grad_norm"], rtol=1e-5)
 
-    flags = [f"--config.{k}={v}" for k, v in overrides.items()]
-    command = [sys.executable, "-m", "lru_jax.diagnose", f"--config={ROOT}/configs/adding.py"]
-    command += [
-        *flags,
-        f"--workdir={workdir}",
-        f"--out={out}",
-        "--batch_size=3",
-        "--num_examples=2",
-    ]
-    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert done.returncode == 0, done.stderr
-    assert "at step 3 (trained)" in done.stdout
+    # the run's config comes from its config.json: no --config, no overrides to repeat
+    argv = [f"--workdir={workdir}", f"--out={out}", "--batch_size=3", "--num_examples=2"]
+    assert diagnose.main(argv) == 0
+    assert "at step 3 (trained)" in capsys.readouterr().out
     names = ["diagnostics.json", "grad_per_step.png", "jacobian_by_distance.png", "spectrum.png"]
     for name in [*names, "grad_norms_training.png"]:
         assert (out / name).stat().st_size > 0

@@ -204,3 +204,32 @@ def test_bad_input_is_named():
         lnn.LRU(d_state=4, scan_method="fast").init(jax.random.key(0), x)
     with pytest.raises(ValueError, match="d_state"):
         lnn.LRU(d_state=0).init(jax.random.key(0), x)
+
+
+def test_no_steps_return_the_initial_state_and_lists_are_arrays():
+    """time 0 runs (an empty output, the given state back, in both directions); a nested list
+    is the array it spells."""
+    p = _params()
+    h0 = jnp.full((2, 5), 0.5 + 0.25j, jnp.complex64)
+    y, h_last = lru.forward(p, jnp.ones((0, 2, 3)), h0)
+    assert y.shape == (0, 2, 3)
+    np.testing.assert_array_equal(h_last, h0)
+    grad = jax.grad(lambda h0: jnp.sum(jnp.abs(lru.forward(p, jnp.ones((0, 2, 3)), h0)[1]) ** 2))
+    np.testing.assert_allclose(grad(h0), 2 * np.conj(h0), rtol=1e-6)  # d|h|^2/dh* = 2h, as JAX
+    u = [[[0.5, -1.0, 2.0]], [[1.0, 0.0, -0.5]]]  # [time 2, batch 1, H 3]
+    y, h_last = lru.forward(p, u)
+    want_y, want_h = numpy_lru(p, np.asarray(u))
+    np.testing.assert_allclose(y, want_y, atol=1e-5)
+    np.testing.assert_allclose(h_last, want_h, atol=1e-5)
+
+
+def test_under_jit_lengths_outside_the_time_axis_are_clamped():
+    """Concrete lengths outside [0, time] are refused; traced ones cannot be, and act as the
+    nearest valid length (documented in _checks.seq_lengths and the README)."""
+    p, u = _params(), jax.random.normal(jax.random.key(1), (5, 2, 3))
+    run = jax.jit(lambda lengths: lru.forward(p, u, seq_lengths=lengths, reverse=True))
+    outside, inside = run(jnp.array([-2, 9])), run(jnp.array([0, 5]))
+    for got, want in zip(outside, inside, strict=True):
+        np.testing.assert_array_equal(got, want)
+    with pytest.raises(ValueError, match=r"seq_lengths: expected values in \[0, 5\]"):
+        lru.forward(p, u, seq_lengths=jnp.array([-2, 9]))

@@ -174,3 +174,14 @@ def test_bad_arguments_are_named():
         stack.apply(stack.init(jax.random.key(0), x), None, x[:, 0], method="step")
     with pytest.raises(ValueError, match="merge: expected one of"):
         lnn.Bidirectional(lnn.GRU(3), lnn.GRU(3), merge="avg").init(jax.random.key(0), x)
+
+
+def test_inputs_without_features_are_refused_and_lists_converted():
+    layer = lnn.GRU(3)
+    with pytest.raises(
+        ValueError, match=r"x: expected at least one feature .*got shape \(2, 5, 0\)"
+    ):
+        layer.init(jax.random.key(0), jnp.ones((2, 5, 0)))
+    x = [[[1.0, -1.0], [0.5, 2.0]]]  # [batch 1, time 2, features 2]
+    variables = layer.init(jax.random.key(0), x)
+    np.testing.assert_array_equal(layer.apply(variables, x), layer.apply(variables, jnp.asarray(x)))

@@ -189,7 +189,7 @@ def test_available_only_on_gpu_and_never_auto():
         ({"a": np.ones((6,), np.int32)}, TypeError, "a: expected a floating"),
         ({"a": np.ones((4,), np.float32)}, ValueError, "a and b must broadcast"),
         ({"a": np.ones((2, 5, 6), np.float32)}, ValueError, "a: expected a shape that leaves"),
-        ({"b": np.ones((0, 6), np.float32)}, ValueError, "b: expected shape"),
+        ({"b": np.float32(1.0)}, ValueError, "b: expected shape"),
         ({"h0": np.ones((3,), np.float32)}, ValueError, "h0"),
         ({"resets": np.ones((5,), np.float32)}, TypeError, "resets: expected a bool"),
         ({"resets": np.ones((4,), bool)}, ValueError, "resets: expected shape"),
@@ -235,3 +235,9 @@ def test_time_invariant_a_is_not_materialised():
     assert not _broadcasts_to(forward_and_backward("pallas"), (500, 8))
     # The check does see a materialised a: the associative scan needs one.
     assert _broadcasts_to(forward_and_backward("associative"), (500, 8))
+
+
+def test_no_sequences_or_no_steps_give_an_empty_scan():
+    for shape in ((5, 0, 6), (0, 2, 6)):
+        h = pallas_linear_scan(jnp.full((6,), 0.5), jnp.ones(shape))
+        assert h.shape == shape and h.dtype == jnp.float32

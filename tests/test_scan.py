@@ -169,7 +169,7 @@ def test_time_invariant_a_is_not_materialised():
         ({"b": np.ones((5, 3), np.int32)}, TypeError, "b: expected a floating"),
         ({"a": np.ones((4,), np.float32)}, ValueError, "a and b must broadcast"),
         ({"b": np.float32(1.0)}, ValueError, "b: expected at least rank 1"),
-        ({"b": np.ones((0, 3), np.float32)}, ValueError, "at least one time step"),
+        ({"a": np.ones((2, 5, 3), np.float32)}, ValueError, "a: expected at most b.s 2 axes"),
         ({"h0": np.ones((2,), np.float32)}, ValueError, "h0: "),
         ({"method": "parallel"}, ValueError, "method: expected one of"),
         ({"resets": np.ones((5, 3), np.float32)}, TypeError, "resets: expected a bool"),
@@ -184,3 +184,24 @@ def test_bad_input_is_named(kwargs, error, match):
     a, b = args.pop("a"), args.pop("b")
     with pytest.raises(error, match=match):
         linear_scan(a, b, **args)
+
+
+@pytest.mark.parametrize("method", [*METHODS, "pallas"])
+def test_no_steps_give_no_states_and_zero_gradients(method):
+    """time 0 (a batch of empty sequences): an empty h of the state shape, in both directions."""
+    a, b, h0 = jnp.full((3,), 0.5), jnp.ones((0, 2, 3)), jnp.ones((2, 3))
+    h = linear_scan(a, b, h0, method=method)
+    assert h.shape == (0, 2, 3) and h.dtype == jnp.float32
+    grads = jax.grad(lambda a, h0: jnp.sum(linear_scan(a, b, h0, method=method)), (0, 1))(a, h0)
+    for g in grads:
+        np.testing.assert_array_equal(g, np.zeros_like(g))
+
+
+def test_nested_lists_are_arrays_and_a_with_more_axes_than_b_is_refused():
+    a, b = [0.5, -0.25], [[1.0, 2.0], [3.0, 4.0], [-1.0, 0.5]]
+    np.testing.assert_allclose(linear_scan(a, b), numpy_scan(a, b), rtol=1e-6)
+    # broadcasting a [3, 6, 2, 4] against b [6, 2, 4] would scan a's 3 steps, b's time a batch
+    with pytest.raises(
+        ValueError, match=r"a: expected at most b's 3 axes, got shape \(3, 6, 2, 4\)"
+    ):
+        linear_scan(jnp.ones((3, 6, 2, 4)), jnp.ones((6, 2, 4)))

@@ -193,11 +193,14 @@ def test_two_processes_train_like_one_device_and_only_process_0_writes(two_proce
     assert sorted(os.listdir(workdir)) == [
         "checkpoints",
         "config.json",
+        "config_history.jsonl",
         "final_metrics.json",
         "metrics.jsonl",
         "scan_choices.json",
         "tensorboard",
     ]
+    for step in os.listdir(workdir / "checkpoints"):  # process 0's manifest of all the shards
+        assert (workdir / "checkpoints" / step / "checksums.json").exists()
     with open(workdir / "scan_choices.json") as f:  # the tiny LRU's one scan, both passes:
         entries = json.load(f)["entries"]  # 24 steps, global batch 8 x d_state 8, split 4 ways
     assert {(e["time"], e["state_size"], e["mode"], e["devices"]) for e in entries} == {

@@ -1,5 +1,6 @@
-"""Training: resume after a crash, truncated BPTT, non-finite losses, config checks, optimiser
-groups and train.py's command line."""
+"""Training: truncated BPTT, non-finite losses, scan choices, config checks, optimiser groups
+and a run of train.py (resumes after kills, damaged checkpoints and train.py's mistakes are
+in test_faults.py)."""
 
 import json
 import os
@@ -23,63 +24,12 @@ from lru_jax.training.state import TrainState
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-class _Crash(Exception):
-    pass
-
-
-def _crash_at(monkeypatch, step_index):
-    original = loop.build_task
-
-    def build(config):
-        task = original(config)
-        batch = task.batch
-
-        def failing(split, index, batch_size):
-            if split == "train" and index == step_index:
-                raise _Crash(f"killed before step {index}")
-            return batch(split, index, batch_size)
-
-        task.batch = failing
-        return task
-
-    monkeypatch.setattr(loop, "build_task", build)
-
-
 def _train_losses(workdir):
     return {
         r["step"]: r["loss"]
         for r in read_jsonl(os.path.join(workdir, "metrics.jsonl"))
         if r["split"] == "train"
     }
-
-
-def test_resuming_with_another_model_names_the_checkpoint(tmp_path):
-    workdir = str(tmp_path / "run")
-    loop.train_and_evaluate(tiny_config(num_steps=4, eval_every=4), workdir)
-    other = tiny_config(num_steps=8)
-    other.model.d_model = 12
-    with pytest.raises(ValueError, match="checkpoint: the one at step 4 .* does not fit"):
-        loop.train_and_evaluate(other, workdir)
-    with open(os.path.join(workdir, "config.json")) as f:
-        assert json.load(f)["model"]["d_model"] == 16  # the run's own config is kept
-
-
-def test_resume_after_crash_reaches_the_same_losses(tmp_path, monkeypatch):
-    config = tiny_config()
-    straight = loop.train_and_evaluate(config, str(tmp_path / "straight"))
-
-    crashed = str(tmp_path / "crashed")
-    with monkeypatch.context() as m:
-        _crash_at(m, 9)  # after the checkpoint at step 8, mid-way to the next one
-        with pytest.raises(_Crash):
-            loop.train_and_evaluate(config, crashed)
-    assert max(_train_losses(crashed)) == 8
-    resumed = loop.train_and_evaluate(config, crashed)
-
-    assert _train_losses(crashed) == _train_losses(str(tmp_path / "straight"))
-    assert resumed["test"] == straight["test"]
-    steps_logged = [r["step"] for r in read_jsonl(os.path.join(crashed, "metrics.jsonl"))]
-    assert steps_logged == sorted(steps_logged)  # no duplicates left by the crashed run
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
@@ -373,34 +323,6 @@ def _train_py(*args, cwd):
         text=True,
         timeout=300,
     )
-
-
-def test_train_py_rejects_bad_overrides_before_compiling(tmp_path):
-    bad_value = _train_py("--config.model.d_model=-4", f"--workdir={tmp_path}/a", cwd=tmp_path)
-    assert bad_value.returncode != 0
-    assert "config.model.d_model: expected a positive int, got -4" in bad_value.stderr
-    assert not os.path.exists(tmp_path / "a" / "checkpoints")
-    typo = _train_py("--config.model.dmodel=4", f"--workdir={tmp_path}/b", cwd=tmp_path)
-    assert typo.returncode != 0 and "dmodel" in typo.stderr
-    moved = _train_py("--config.model.cell=lstm", f"--workdir={tmp_path}/c", cwd=tmp_path)
-    assert moved.returncode != 0
-    assert moved.stderr.strip() == "error: --config.model.cell: renamed --config.model.mixer"
-
-
-def test_train_py_refuses_the_scan_table_variable_it_no_longer_reads(tmp_path):
-    """LRU_JAX_SCAN_CHOICES chose the scan methods of earlier versions; set, it would now be
-    ignored, so train.py stops and names the flag that replaced it."""
-    env = {**os.environ, "LRU_JAX_SCAN_CHOICES": str(tmp_path / "scan_choices.json")}
-    run = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "train.py"), f"--workdir={tmp_path}/a"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert run.returncode != 0 and not os.path.exists(tmp_path / "a")
-    assert "--config.train.scan_choices=PATH" in run.stderr
 
 
 def test_train_py_runs_a_config_file_with_overrides(tmp_path):

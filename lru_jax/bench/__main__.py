@@ -17,6 +17,8 @@ from lru_jax.bench import layer_suite, report, scan_suite, train_suite
 from lru_jax.bench.report import Row
 
 SUITES = ("scan", "layers", "train", "memory", "gpu")
+SCAN_DTYPES = ("float32", "complex64", "float64", "complex128", "bfloat16", "float16")
+WIDE_DTYPES = {"float64": "float32", "complex128": "complex64"}  # what JAX runs without x64
 
 
 def _ints(text: str) -> list[int]:
@@ -57,6 +59,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.repeats < 1:
         p.error(f"--repeats: expected a positive int, got {args.repeats}")
+    for dtype in args.dtypes.split(","):
+        if dtype not in SCAN_DTYPES:
+            p.error(f"--dtypes: expected a comma-separated subset of {SCAN_DTYPES}, got {dtype!r}")
+        if dtype in WIDE_DTYPES and not jax.config.jax_enable_x64:
+            p.error(
+                f"--dtypes: {dtype} needs 64-bit JAX (JAX_ENABLE_X64=1); without it JAX "
+                f"computes in {WIDE_DTYPES[dtype]}"
+            )
     for mode in args.modes.split(","):
         if mode not in scan_choices.MODES:
             p.error(

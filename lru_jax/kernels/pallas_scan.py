@@ -128,7 +128,7 @@ def pallas_linear_scan(
     Args:
       a: [time, ...] or [...] (time-invariant, never copied over time), real or complex,
         broadcastable against `b`.
-      b: [time, ...] the input term.
+      b: [time, ...] the input term; time or the state may be empty (h is then empty).
       h0: optional [...] state before the first step (after the last if `reverse`).
       reverse: run from the last step to the first.
       resets: optional bool [time, *leading state axes]: where true, h_t = b_t.
@@ -147,6 +147,8 @@ def pallas_linear_scan(
     compute = _compute_dtype(dtype)
     time, state = out_shape[0], out_shape[1:]
     lanes = math.prod(state)
+    if time == 0 or lanes == 0:  # nothing to scan: no program to launch (and no plan)
+        return jnp.zeros(out_shape, dtype)
 
     a = jnp.asarray(a, compute)
     if a.ndim == len(out_shape) and a.shape[0] == time and time > 1:
@@ -207,8 +209,8 @@ def _check(a, b, h0, resets, reverse, chunk_size, block_size, unroll, interpret)
     """Names the argument of any mistake; returns the output shape [time, ...]."""
     a_shape = _checks.floating("a", a)
     b_shape = _checks.floating("b", b)
-    if len(b_shape) == 0 or b_shape[0] == 0:
-        raise ValueError(f"b: expected shape [time >= 1, ...], got {b_shape}")
+    if len(b_shape) == 0:
+        raise ValueError(f"b: expected shape [time, ...], got {b_shape}")
     out_shape = _checks.broadcastable(("a", "b"), (a_shape, b_shape))
     if len(out_shape) != len(b_shape) or out_shape[0] != b_shape[0]:
         raise ValueError(f"a: expected a shape that leaves b's time axis alone, got {a_shape}")

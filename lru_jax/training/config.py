@@ -2,13 +2,14 @@
 
 A config (see configs/default.py) has sections `task` (name + the task's keyword arguments),
 `model`, `train`, `sharding` (how devices are used: lru_jax/training/sharding.py) and
-`generate`, plus `seed`. Every bad value is a ValueError naming its key, e.g.
-"config.model.d_model: expected a positive int, got -4". A run's saved config from before the
-model section was grouped converts with `upgrade`.
+`generate`, plus `seed`. Every bad value is a `ConfigError` (a ValueError) naming its key,
+e.g. "config.model.d_model: expected a positive int, got -4". A run's saved config from
+before the model section was grouped converts with `upgrade`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import math
 import os
@@ -17,9 +18,26 @@ import ml_collections
 
 from lru_jax import _checks, lru, mingru, models, s5, scan
 from lru_jax.tasks.base import TaskSpec
+from lru_jax.training.checkpoints import ON_DAMAGED
 from lru_jax.training.optim import OPTIMIZERS
 
 SECTIONS = ("task", "model", "train", "sharding", "generate")
+
+
+class ConfigError(ValueError):
+    """A config key or value that cannot be used, named (a usage error on the command line)."""
+
+
+@contextlib.contextmanager
+def named_errors():
+    """Raises the ValueErrors of the checks inside as ConfigErrors (same message)."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
 
 # The LRU paper's initialisation for long-range tasks: eigenvalues near the unit circle
 # (slow decay) with small phases.
@@ -135,6 +153,9 @@ def default_config() -> ml_collections.ConfigDict:
             # resume); "auto": measure only where the built-in rule is not itself measured (not
             # on CPU); "": the built-in rule; or a scan_choices.json file
             "scan_choices": "auto",
+            # a damaged or incomplete latest checkpoint: "fallback" sets it aside (as
+            # <step>.damaged) and resumes from the newest one that verifies; "stop" stops
+            "on_damaged_checkpoint": "fallback",
         }
     )
     c.sharding = ml_collections.ConfigDict(
@@ -272,7 +293,13 @@ def _fail(key: str, expected: str, got) -> None:
 
 
 def validate(config) -> None:
-    """Checks every value that does not depend on the task."""
+    """Checks every value that does not depend on the task; a ConfigError names the first bad
+    one."""
+    with named_errors():
+        _validate(config)
+
+
+def _validate(config) -> None:
     for section in SECTIONS:
         if section not in config:
             _fail(section, f"a section (the sections are {list(SECTIONS)})", None)
@@ -417,10 +444,17 @@ def _validate_train(config) -> None:
     settings = ("auto", "measure", "")
     if not isinstance(choices, str) or not (choices in settings or os.path.isfile(choices)):
         _fail("train.scan_choices", "'auto', 'measure', '' or a scan_choices.json file", choices)
+    damaged = t.get("on_damaged_checkpoint", "fallback")  # runs saved before the key
+    _checks.one_of(_key("train.on_damaged_checkpoint"), damaged, ON_DAMAGED)
 
 
 def check_against_task(config, spec: TaskSpec) -> None:
-    """Checks the choices that depend on what the task is."""
+    """Checks the choices that depend on what the task is (ConfigError)."""
+    with named_errors():
+        _check_against_task(config, spec)
+
+
+def _check_against_task(config, spec: TaskSpec) -> None:
     m = config.model
     if length_curriculum(config) and "seq_len" not in config.task:
         _fail("train.length_curriculum", "() for a task without a seq_len key", "a curriculum")

@@ -3,7 +3,8 @@
 Everything random is a function of (seed, step): the batch at step s is `task.batch("train",
 s, ...)` (during a `train.length_curriculum` stage, that of the task at the stage's seq_len) and
 the dropout key is `fold_in(key, s)`. So a run resumed from a checkpoint repeats
-exactly what an uninterrupted run would have done.
+exactly what an uninterrupted run would have done. A resume continues from the newest
+checkpoint that verifies (`checkpoints`), with a config the run's record accepts (`record`).
 
 On several devices or hosts (see lru_jax/training/sharding.py) the same loop runs in every
 process on a mesh from `config.sharding`: each process supplies its rows of every global batch,
@@ -23,7 +24,7 @@ import numpy as np
 from tqdm import tqdm
 
 from lru_jax import models, scan_choices, tasks
-from lru_jax.training import autotune, sharding
+from lru_jax.training import autotune, record, sharding
 from lru_jax.training import config as config_lib
 from lru_jax.training.checkpoints import Checkpointer
 from lru_jax.training.metrics import MetricsWriter
@@ -37,8 +38,16 @@ class NonFiniteLossError(FloatingPointError):
 
 
 def build_task(config, **overrides):
+    """The task `config.task` names (with `overrides` of its arguments); its argument errors
+    are ConfigErrors naming the key ("config.task.seq_len: expected a positive int, got -3")."""
     kwargs = {k: v for k, v in config.task.items() if k != "name"} | overrides
-    return tasks.get_task(config.task.name, seed=config.seed, **kwargs)
+    try:
+        return tasks.get_task(config.task.name, seed=config.seed, **kwargs)
+    except (ValueError, TypeError) as err:
+        message = str(err)
+        argument = message.split(":", 1)[0]
+        where = f"config.task.{message}" if argument.isidentifier() else f"config.task: {message}"
+        raise config_lib.ConfigError(where) from None
 
 
 def curriculum_stages(config) -> list[tuple[int, object]]:
@@ -112,6 +121,26 @@ def evaluate(eval_step, state, task, split: str, batch_size: int, num_batches: i
     return {k: float(v) for k, v in summarise(task.spec, total).items()}
 
 
+class AheadOfTime:
+    """A jitted step compiled ahead of time for each batch shape it meets (one, or one per
+    `train.length_curriculum` stage), the seconds spent compiling kept apart in `seconds`."""
+
+    def __init__(self, step):
+        self.step, self.programs, self.seconds = step, {}, 0.0
+
+    def program(self, state, batch):
+        """The compiled program for `batch`'s shapes (compiled now if new)."""
+        key = tuple((leaf.shape, leaf.dtype) for leaf in jax.tree.leaves(batch))
+        if key not in self.programs:
+            start = time.perf_counter()
+            self.programs[key] = self.step.lower(state, batch).compile()
+            self.seconds += time.perf_counter() - start
+        return self.programs[key]
+
+    def __call__(self, state, batch):
+        return self.program(state, batch)(state, batch)
+
+
 class _PendingMetrics:
     """Train metrics kept on device until a log point, then checked and averaged at once."""
 
@@ -136,8 +165,9 @@ class _PendingMetrics:
 def train_and_evaluate(config, workdir: str) -> dict:
     """Trains as `config` says, in `workdir` (resuming from its latest checkpoint).
 
-    Returns the final metrics: {"valid": {...}, "test": {...}, "steps": n, "train_time_s": t}.
-    Runs on the devices `config.sharding` asks for (all of them by default).
+    Returns the final metrics: {"valid": {...}, "test": {...}, "steps": the step the model
+    reached, "train_time_s": t (compilation apart), "compile_time_s": c}. Runs on the devices
+    `config.sharding` asks for (all of them by default).
     """
     config_lib.validate(config)
     task = build_task(config)
@@ -150,29 +180,38 @@ def train_and_evaluate(config, workdir: str) -> dict:
 def _train_and_evaluate(config, workdir: str, task, layout: sharding.Layout) -> dict:
     spec = task.spec
     tc = config.train
-    data_devices = layout.mesh.shape[sharding.DATA]
-    table, measure_scans = autotune.run_table(tc.get("scan_choices", "auto"), workdir, data_devices)
-    model = config_lib.build_model(config.model, spec, layout.sequence_axis, table)
-    batch_size = sharding.global_batch_size(tc, layout.mesh)
     main = jax.process_index() == 0  # the one process that writes logs and files
-    os.makedirs(workdir, exist_ok=True)
-    tx = make_optimizer(tc)
-    state, state_shardings = init_state(model, tx, task, config, layout)
-    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), tc.keep_checkpoints)
-    start = checkpointer.latest_step()
-    if start is not None:
-        try:
-            state = checkpointer.restore(state)
-        except ValueError:
-            checkpointer.close()
-            raise
-        if main:
-            print(f"Resuming from the checkpoint at step {start} in {workdir}")
-    if main:  # after the restore: a run refused for a mismatch keeps its own config.json
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
+    record.prepare_workdir(workdir)
+    checkpointer = Checkpointer(
+        os.path.join(workdir, "checkpoints"),
+        tc.keep_checkpoints,
+        tc.get("on_damaged_checkpoint", "fallback"),
+        writes=main,
+    )
+    try:
+        # the resume's checks first: a refused one compiles nothing
+        start = checkpointer.latest_step()
+        changes = None if start is None else record.check_resume(workdir, config, start)
+        data_devices = layout.mesh.shape[sharding.DATA]
+        scan_setting = tc.get("scan_choices", "auto")
+        table, measure_scans = autotune.run_table(scan_setting, workdir, data_devices)
+        model = config_lib.build_model(config.model, spec, layout.sequence_axis, table)
+        batch_size = sharding.global_batch_size(tc, layout.mesh)
+        tx = make_optimizer(tc)
+        state, state_shardings = init_state(model, tx, task, config, layout)
+        if start is not None:
+            state = checkpointer.restore(state, start)
+    except BaseException:
+        checkpointer.close()
+        raise
+    if main and start is not None:
+        print(f"Resuming from the checkpoint at step {start} in {workdir}")
+    if main:  # after the restore: a refused resume leaves the run's record as it was
+        record.write(workdir, config, start or 0, changes)
     writer = MetricsWriter(workdir, resume_step=start) if main else _NoWriter()
     start = start or 0
+    if start >= tc.num_steps and main:
+        print(f"the checkpoint at step {start} is at or past train.num_steps={tc.num_steps}")
 
     stages = curriculum_stages(config)
 
@@ -208,23 +247,31 @@ def _train_and_evaluate(config, workdir: str, task, layout: sharding.Layout) -> 
             compiled_eval, state, task, split, batch_size, tc.eval_batches, layout.put_batch
         )
 
+    # compiled before the clock starts, and each curriculum stage's shape apart from the
+    # clock: the logged tokens/s and the bar's ETA are the training's, not the compiler's
+    train_step = AheadOfTime(train_step)
+    if start < tc.num_steps:
+        train_step.program(state, next_batch("train", start))
+
     lr = schedule(tc)
     pending = _PendingMetrics()
     bar = tqdm(
         total=tc.num_steps, initial=start, desc="train", dynamic_ncols=True, disable=not main
     )
     tick, tick_step, train_time, valid = time.perf_counter(), start, 0.0, None
+    tick_compiling = train_step.seconds
+    reached = start  # the step of `state`
     try:
         for step in range(start, tc.num_steps):
             state, metrics = train_step(state, next_batch("train", step))
-            done = step + 1
+            done = reached = step + 1
             pending.add(done, metrics)
             bar.update(1)
             log = done % tc.log_every == 0 or done == tc.num_steps
             save = done % tc.checkpoint_every == 0 or done == tc.num_steps
             if log or save or done % tc.eval_every == 0:
                 means = pending.flush()  # raises before any save of a non-finite state
-                elapsed = time.perf_counter() - tick
+                elapsed = time.perf_counter() - tick - (train_step.seconds - tick_compiling)
                 train_time += elapsed
                 seq_len = train_task_at(stages, task, step).spec.seq_len
                 means["tokens_per_s"] = batch_size * seq_len * (done - tick_step) / elapsed
@@ -240,15 +287,16 @@ def _train_and_evaluate(config, workdir: str, task, layout: sharding.Layout) -> 
             if save:
                 checkpointer.save(done, state)
             if log or save or done % tc.eval_every == 0:  # time evaluation and saving apart
-                tick, tick_step = time.perf_counter(), done
+                tick, tick_step, tick_compiling = time.perf_counter(), done, train_step.seconds
     finally:
         bar.close()
         writer.close()
         checkpointer.close()
 
     final = {
-        "steps": tc.num_steps,
+        "steps": reached,
         "train_time_s": train_time,
+        "compile_time_s": train_step.seconds,
         "valid": valid or run_eval(state, "valid"),
         "test": run_eval(state, "test"),
         "baseline": {spec.baseline_metric: spec.baseline},
