@@ -538,3 +538,180 @@ def _log_cumsum(log_a, log_b, log_h0):
     if log_h0 is not None:
         log_h = jnp.logaddexp(a_star + log_h0, log_h)
     return log_h
+
+
+# ---------------------------------------------------------------- the selective scan
+
+# the methods of `selective_scan`: "sequential" reads out inside the loop body, the others
+# run `linear_scan`'s method over each block's states and read out per block
+SELECTIVE_METHODS = ("sequential", "associative", "chunked")
+
+
+def selective_scan(
+    x,
+    delta,
+    A,
+    B,
+    C,
+    D=None,
+    h0=None,
+    *,
+    method="auto",
+    reverse=False,
+    resets=None,
+    chunk_size=None,
+    scan_table=None,
+):
+    """Mamba's selective scan (Gu and Dao 2023, eqs. 2a-2b with ZOH for A and Euler for B):
+
+        h_t = exp(Δ_t A) ⊙ h_{t-1} + (Δ_t x_t) B_tᵀ        [batch, D, N]
+        y_t = h_t C_t + D ⊙ x_t                            [batch, D]
+
+    a diagonal linear recurrence per channel d and state n, read out through C_t as it runs:
+    no [time, batch, D, N] array is ever made, forwards or backwards. Time is cut into blocks
+    of `chunk_size` steps scanned one after the other; each block's states exist only while
+    that block runs ("sequential": one step at a time, the readout inside the loop body; the
+    other methods: the block's states by that `linear_scan` method, then contracted with C).
+    Under differentiation each block is rematerialised (`jax.checkpoint`): the forward pass
+    keeps only the state entering each block, and the backward pass recomputes one block's
+    states at a time, so memory grows with time x D (plus one block's time x D x N), never
+    time x D x N. (The adjoint of the recurrence is the reverse recurrence
+    g_t = exp(Δ_{t+1} A) ⊙ g_{t+1} + dy_t C_tᵀ, which JAX's transpose of each block computes.)
+
+    Args:
+      x: [time, batch, D] real inputs.
+      delta: [time, batch, D] step sizes Δ (positive; Mamba's softplus output).
+      A: [D, N] the continuous-time state matrix (diagonal per channel; negative in Mamba).
+      B, C: [time, batch, N] the input and output projections of each step.
+      D: optional [D] skip connection (None: no skip).
+      h0: optional [batch, D, N] state before the first step (after the last if `reverse`);
+        zero if None.
+      method: "sequential" | "associative" | "chunked" | "auto" (`choose_method` at the
+        block's shape; never "pallas", whose kernel does not read out).
+      reverse: run from the last step to the first: h_t = exp(Δ_t A) ⊙ h_{t+1} + ...
+      resets: optional bool [time, batch]: the state restarts from zero at those steps
+        (h_t = (Δ_t x_t) B_tᵀ).
+      chunk_size: steps per block, default about sqrt(time).
+      scan_table: optional `ScanTable` that "auto" chooses from.
+
+    Returns:
+      (y [time, batch, D], h_last [batch, D, N]): the outputs and the state after the last step
+      (the first if `reverse`).
+    """
+    x, delta, A, B, C, D, h0, resets = _validate_selective(x, delta, A, B, C, D, h0, resets)
+    _checks.one_of("method", method, (*SELECTIVE_METHODS, "auto"))
+    _checks.boolean("reverse", reverse)
+    if chunk_size is not None:
+        _checks.positive_int("chunk_size", chunk_size)
+    check_scan_table(scan_table)
+    time, batch, channels = x.shape
+    dtype = jnp.result_type(x, delta, A, B, C, *(v for v in (D, h0) if v is not None))
+    x, delta, A, B, C = (jnp.asarray(v, dtype) for v in (x, delta, A, B, C))
+    h0 = jnp.zeros((batch, channels, A.shape[1]), dtype) if h0 is None else jnp.asarray(h0, dtype)
+    if time == 0:  # no steps: no outputs, the state as it was
+        return jnp.zeros(x.shape, dtype), h0
+    chunk = min(chunk_size or _default_chunk(time), time)
+    inputs = (x, delta, B, C, resets)
+    if reverse:
+        inputs = tuple(_flip_time(v) for v in inputs)
+    if method == "auto":  # marked like linear_scan's: each block is a scan of chunk steps
+        size = batch * channels * A.shape[1]
+        with _auto_scope(chunk, size, dtype):
+            method = choose_method(
+                chunk, size, dtype=dtype, allow_pallas=False, scan_table=scan_table
+            )
+            y, h_last = _selective_blocks(method, chunk, A, h0, *inputs)
+    else:
+        y, h_last = _selective_blocks(method, chunk, A, h0, *inputs)
+    y = jnp.flip(y, 0) if reverse else y
+    return (y if D is None else y + jnp.asarray(D, dtype) * x), h_last
+
+
+def selective_step(h, x, delta, A, B, C, D=None, reset=None):
+    """One step of `selective_scan`: h [..., D, N], x and delta [..., D], A [D, N], B and C
+    [..., N], D optional [D], reset optional bool [...] -> (h' [..., D, N], y [..., D])."""
+    decay = jnp.exp(delta[..., None] * A)
+    if reset is not None:  # restart: nothing of the previous state is kept
+        decay = jnp.where(reset[..., None, None], jnp.zeros((), decay.dtype), decay)
+    h = decay * h + (delta * x)[..., None] * B[..., None, :]
+    y = jnp.sum(h * C[..., None, :], axis=-1)
+    return h, y if D is None else y + D * x
+
+
+def _flip_time(v):
+    return None if v is None else jnp.flip(v, 0)
+
+
+def _selective_blocks(method, chunk, A, h0, x, delta, B, C, resets):
+    """The selective scan (without skip) over blocks of `chunk` steps, one block at a time,
+    each rematerialised under differentiation. Returns (y [time, batch, D], h_last)."""
+    time = x.shape[0]
+    n_blocks = -(-time // chunk)
+    pad = n_blocks * chunk - time  # padded steps have Δ = 0: decay 1 and input 0 keep h
+
+    def blocks(v):
+        v = jnp.pad(v, [(0, pad)] + [(0, 0)] * (v.ndim - 1))
+        return v.reshape((n_blocks, chunk) + v.shape[1:])
+
+    if resets is None:
+        resets = jnp.zeros(x.shape[:2], bool)  # a mask of [time, batch] only: small
+    xs = tuple(blocks(v) for v in (x, delta, B, C, resets))
+
+    def block(h, inputs):
+        return _selective_block(method, A, h, *inputs)
+
+    h_last, y = jax.lax.scan(jax.checkpoint(block, prevent_cse=False), h0, xs)
+    return y.reshape((n_blocks * chunk,) + y.shape[2:])[:time], h_last
+
+
+def _selective_block(method, A, h, x, delta, B, C, resets):
+    """One block: h [batch, D, N] and the block's inputs [chunk, batch, ...] -> (h after the
+    block, y [chunk, batch, D])."""
+    if method == "sequential":
+
+        def step(h, inputs):
+            return selective_step(h, *inputs[:2], A, *inputs[2:4], reset=inputs[4])
+
+        return jax.lax.scan(step, h, (x, delta, B, C, resets))
+    decay = jnp.exp(delta[..., None] * A)
+    decay = jnp.where(resets[..., None, None], jnp.zeros((), decay.dtype), decay)
+    inputs = (delta * x)[..., None] * B[..., None, :]  # [chunk, batch, D, N]
+    hs = _run(decay, inputs, h, True, method, None)
+    return hs[-1], jnp.einsum("tbdn,tbn->tbd", hs, C)
+
+
+def _validate_selective(x, delta, A, B, C, D, h0, resets):
+    """The selective scan's arguments as arrays (nested lists converted), checked."""
+    names = ("x", "delta", "A", "B", "C")
+    x, delta, A, B, C = (
+        _checks.array(n, v) for n, v in zip(names, (x, delta, A, B, C), strict=True)
+    )
+    _checks.rank("x", x, 3, "[time, batch, D]")
+    for name, v in (("x", x), ("delta", delta), ("A", A), ("B", B), ("C", C)):
+        _checks.floating(name, v, allow_complex=False)
+    time, batch, channels = x.shape
+    _checks.rank("A", A, 2, "[D, N]")
+    state = A.shape[1]
+    wanted = {
+        "delta": (delta, (time, batch, channels), "[time, batch, D] as x"),
+        "A": (A, (channels, state), "[D, N] with x's D"),
+        "B": (B, (time, batch, state), "[time, batch, N] with x's time and batch and A's N"),
+        "C": (C, (time, batch, state), "[time, batch, N] with x's time and batch and A's N"),
+    }
+    if D is not None:
+        D = _checks.array("D", D)
+        _checks.floating("D", D, allow_complex=False)
+        wanted["D"] = (D, (channels,), "[D] with x's D")
+    if h0 is not None:
+        h0 = _checks.array("h0", h0)
+        _checks.floating("h0", h0, allow_complex=False)
+        wanted["h0"] = (h0, (batch, channels, state), "[batch, D, N]")
+    if resets is not None:
+        resets = _checks.array("resets", resets)
+        if resets.dtype != jnp.bool_:
+            raise TypeError(f"resets: expected a bool array, got dtype {resets.dtype}")
+        wanted["resets"] = (resets, (time, batch), "[time, batch]")
+    for name, (v, shape, layout) in wanted.items():
+        if tuple(v.shape) != shape:
+            raise ValueError(_checks.message(name, f"shape {shape} {layout}", f"{v.shape}"))
+    return x, delta, A, B, C, D, h0, resets
