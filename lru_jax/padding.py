@@ -42,7 +42,7 @@ def last_valid(hs: jax.Array, seq_lengths: jax.Array, h0: jax.Array) -> jax.Arra
     return jnp.where(empty, h0, last)
 
 
-def run_within_lengths(run, u, seq_lengths, h_empty, *, reverse=False, resets=None):
+def run_within_lengths(run, u, seq_lengths, h_empty, *, reverse=False, resets=None, final=False):
     """A recurrent layer's whole-sequence forward with `seq_lengths`, `reverse` and `resets`.
 
     `run(u, resets, reverse) -> (hs, y)` runs the layer's recurrence over u [time, batch, ...]
@@ -53,23 +53,34 @@ def run_within_lengths(run, u, seq_lengths, h_empty, *, reverse=False, resets=No
     for a sequence of length 0). A state of several arrays (e.g. a recurrence and a
     convolution window) is a pytree: `hs` and `h_empty` then have the same structure.
 
+    With `final`, for a layer whose every state would be too large to keep (Mamba's
+    [time, batch, D, N]), `run(u, resets, reverse, seq_lengths) -> (h_last, y)` returns the
+    state after each sequence's last valid step itself (`seq_lengths` None: after the last
+    step; it is then never asked to reverse within lengths).
+
     Returns (y [time, batch, features], h_last [batch, ...state]).
     """
     if u.shape[0] == 0:  # no steps: the state stays the initial one
-        hs, y = run(u, resets, reverse)
-        return y, jnp.broadcast_to(h_empty, hs.shape[1:])
+        hs, y = run(u, resets, reverse, None) if final else run(u, resets, reverse)
+        return y, (hs if final else jnp.broadcast_to(h_empty, hs.shape[1:]))
     if seq_lengths is None:
+        if final:
+            h_last, y = run(u, resets, reverse, None)
+            return y, h_last
         hs, y = run(u, resets, reverse)
         return y, jax.tree.map(lambda h: h[0] if reverse else h[-1], hs)
     if reverse:
         u = reverse_within_lengths(u, seq_lengths)
         resets = None if resets is None else reverse_within_lengths(resets, seq_lengths)
-    hs, y = run(u, resets, False)
-    h_last = jax.tree.map(
-        lambda h, empty: last_valid(h, seq_lengths, jnp.broadcast_to(empty, h.shape[1:])),
-        hs,
-        h_empty,
-    )
+    if final:
+        h_last, y = run(u, resets, False, seq_lengths)
+    else:
+        hs, y = run(u, resets, False)
+        h_last = jax.tree.map(
+            lambda h, empty: last_valid(h, seq_lengths, jnp.broadcast_to(empty, h.shape[1:])),
+            hs,
+            h_empty,
+        )
     y = jnp.where(step_mask(seq_lengths, u.shape[0])[..., None], y, 0.0)
     if reverse:
         y = reverse_within_lengths(y, seq_lengths)

@@ -202,9 +202,9 @@ def check_input(params: Params, x, name: str = "x"):
     return _checks.features(name, x, params["Lambda"].shape[0])
 
 
-def _check_sequence(name: str, x, seq_lengths, resets, features: str):
-    """Checks the input `name` x [time, ..., F], seq_lengths and resets; returns the int32
-    lengths or None."""
+def check_sequence(name: str, x, seq_lengths, resets, features: str):
+    """Checks the input `name` x [time, ..., F], seq_lengths and resets (bool [time, ...]
+    leading x's axes); returns the int32 lengths or None."""
     seq_lengths = _checks.time_major(name, x, seq_lengths, features)
     if resets is not None:
         shape, dtype = _checks._shape_dtype("resets", resets)
@@ -249,7 +249,7 @@ def forward(
       (y [time, ..., N], h_last [..., N]): the outputs (every state) and the final state.
     """
     x = check_input(params, x)
-    seq_lengths = _check_sequence("x", x, seq_lengths, resets, "N")
+    seq_lengths = check_sequence("x", x, seq_lengths, resets, "N")
     h_empty = zero_state(x.shape[1:-1], x.shape[-1]) if h0 is None else h0
 
     def run(u, resets, reverse):
@@ -357,7 +357,7 @@ def block_forward(
       (y [time, ..., H], the final `BlockState`).
     """
     u = check_block_input(params, u)
-    seq_lengths = _check_sequence("u", u, seq_lengths, resets, "H")
+    seq_lengths = check_sequence("u", u, seq_lengths, resets, "H")
     batch_shape = u.shape[1:-1]
     if state0 is None:
         state0 = block_zero_state(batch_shape, params["Lambda"].shape[0], params["conv_w"].shape[0])
@@ -381,12 +381,18 @@ def block_forward(
 def block_step(params: Params, state: BlockState, u) -> tuple[BlockState, jax.Array]:
     """One step for generation: state, u [..., H] -> (state', y [..., H])."""
     h, window = state
-    v = dense(u, params["W_x"], params["b_x"])
-    inputs = jnp.concatenate([window, v[..., None, :]], axis=-2)  # [..., W, N], oldest first
-    x = jnp.sum(params["conv_w"] * inputs, axis=-2) + params["conv_b"]
+    x, window = conv_step(params, window, dense(u, params["W_x"], params["b_x"]))
     h, _ = step(params, h, x)
     y = dense(h * _block_gate(params, u), params["W_out"], params["b_out"])
-    return BlockState(h, inputs[..., 1:, :]), y
+    return BlockState(h, window), y
+
+
+def conv_step(params: Params, window, v) -> tuple[jax.Array, jax.Array]:
+    """One step of `causal_conv`: window [..., W-1, N] (oldest first), v [..., N] ->
+    (x [..., N], the window after v)."""
+    inputs = jnp.concatenate([window, v[..., None, :]], axis=-2)  # [..., W, N], oldest first
+    x = jnp.sum(params["conv_w"] * inputs, axis=-2) + params["conv_b"]
+    return x, inputs[..., 1:, :]
 
 
 # ---------------------------------------------------------------- recurrentgemma's layout
