@@ -5,10 +5,11 @@ and an encoder-decoder with attention (`EncoderDecoder`, `greedy_decode`).
            -> LayerNorm -> pooling ("none" | "last" | "mean" | "attention") -> Dense head
 
 Any mixer: "lru", "lstm", "gru", "simple_rnn", "mingru", "minlstm", "hgrn", "rglru" (Griffin's
-recurrent block), "s5" or "attention" (causal multi-head self-attention with rotary positions: a
-Transformer baseline). A language model is the "none"-pooling model over tokens; `generate`
-samples from it one token at a time through every block's `step` (for attention, a key/value
-cache), so each new token costs one step, not a re-run of the prefix.
+recurrent block), "s5", "mamba" (the Mamba block) or "attention" (causal multi-head
+self-attention with rotary positions: a Transformer baseline). A language model is the
+"none"-pooling model over tokens; `generate` samples from it one token at a time through every
+block's `step` (for attention, a key/value cache), so each new token costs one step, not a
+re-run of the prefix.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from lru_jax import nn as lnn
 from lru_jax.scan_table import ScanTable
 
 MIXERS = (
-    "lru", "lstm", "gru", "simple_rnn", "mingru", "minlstm", "hgrn", "rglru", "s5", "attention"
+    "lru", "lstm", "gru", "simple_rnn", "mingru", "minlstm", "hgrn", "rglru", "s5", "mamba",
+    "attention",
 )  # fmt: skip
 # Mixers configured by a group of their own: name -> builder(d_model, options, context)
 # returning the mixer module of one block. `options` is the model's `mixer_options` as a dict
@@ -318,7 +320,9 @@ def _generate(model, variables, prompt, length, temperature, top_k, seed):
 
 # ---------------------------------------------------------------- encoder-decoder
 
-RECURRENT_MIXERS = ("lru", "lstm", "gru", "simple_rnn", "mingru", "minlstm", "hgrn", "rglru", "s5")
+RECURRENT_MIXERS = (
+    "lru", "lstm", "gru", "simple_rnn", "mingru", "minlstm", "hgrn", "rglru", "s5", "mamba"
+)  # fmt: skip
 
 
 def _min_rnn(module):
@@ -370,11 +374,29 @@ def _s5(d_model, options, context):
     return lnn.S5(**options, scan_table=context.scan_table)
 
 
+def _mamba(d_model, options, context):
+    """The Mamba block with options expansion (d_inner = round(expansion * d_model)), d_state,
+    d_conv, dt_rank (0: ⌈d_model/16⌉), dt_min, dt_max, scan_method and chunk_size (0: about
+    sqrt(time)), the same in every block."""
+    return lnn.Mamba(
+        d_inner=max(1, round(options["expansion"] * d_model)),
+        d_state=options["d_state"],
+        d_conv=options["d_conv"],
+        dt_rank=options["dt_rank"] or None,
+        dt_min=options["dt_min"],
+        dt_max=options["dt_max"],
+        scan_method=options["scan_method"],
+        chunk_size=options["chunk_size"] or None,
+        scan_table=context.scan_table,
+    )
+
+
 OPTION_MIXERS["mingru"] = _min_rnn(lnn.MinGRU)
 OPTION_MIXERS["minlstm"] = _min_rnn(lnn.MinLSTM)
 OPTION_MIXERS["hgrn"] = _hgrn
 OPTION_MIXERS["rglru"] = _rglru
 OPTION_MIXERS["s5"] = _s5
+OPTION_MIXERS["mamba"] = _mamba
 
 
 def check_layer_rings(layer_rings: tuple, num_layers: int) -> None:

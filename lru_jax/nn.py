@@ -1,6 +1,6 @@
 """Flax Linen modules over the functional core: recurrent layers, the LRU, minGRU, minLSTM,
-HGRN, the RG-LRU and Griffin's recurrent block, the S5, bidirectional and stacked layers, and the
-residual sequence block.
+HGRN, the RG-LRU and Griffin's recurrent block, the S5, the Mamba block, bidirectional and
+stacked layers, and the residual sequence block.
 
 Modules are batch-major: x is [batch, time, features], as in `flax.linen.RNN`. Every sequence
 layer is called as
@@ -28,7 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lru_jax import _checks, cells, hgrn, lru, mingru, padding, rglru, s5, scan
+from lru_jax import _checks, cells, hgrn, lru, mamba, mingru, padding, rglru, s5, scan
 from lru_jax.attention_nn import (  # noqa: F401  (re-exported)
     AdditiveAttention,
     AttentionPooling,
@@ -589,6 +589,78 @@ class RecurrentBlock(nn.Module):
     def step(self, carry, x):
         """One step: x [batch, H] -> (BlockState, y [batch, H]), equal to the full call."""
         return _checked_step(self, rglru.check_block_input, rglru.block_step, carry, x)
+
+
+class Mamba(nn.Module):
+    """The Mamba block (Gu and Dao 2023, `lru_jax.mamba`): x [batch, time, H] -> [batch, time,
+    H] through `d_inner` channels of `d_state` states, a causal convolution of `d_conv` steps
+    and the selective scan (`scan.selective_scan`, which never holds every state).
+
+    Parameters: W_in, conv_w, conv_b, W_x, W_dt, b_dt, A_log, D, W_out, made by `mamba.init`
+    from the module's first "params" key (`mamba.from_mambapy` converts mambapy's); Δ's
+    projection has rank `dt_rank` (None: ⌈H/16⌉) and starts in [dt_min, dt_max]. The carry
+    is a `mamba.State`: h [batch, d_inner, d_state] and the convolution's window
+    [batch, d_conv - 1, d_inner]. `scan_method` is one of `scan.SELECTIVE_METHODS` or "auto",
+    `chunk_size` the selective scan's block length (None: about sqrt(time)). `resets`
+    (bool [batch, time]) marks document starts: the state restarts and the convolution does
+    not reach back past them.
+    """
+
+    d_inner: int
+    d_state: int = 16
+    d_conv: int = 4
+    dt_rank: int | None = None
+    dt_min: float = 0.001
+    dt_max: float = 0.1
+    scan_method: str = "auto"
+    chunk_size: int | None = None
+    scan_table: ScanTable | None = None
+
+    @nn.compact
+    def __call__(
+        self,
+        x,
+        seq_lengths=None,
+        *,
+        initial_carry=None,
+        return_carry=False,
+        reverse=False,
+        resets=None,
+    ):
+        """x: [batch, time, H] -> y [batch, time, H] (or (mamba.State, y))."""
+        settings = (self.d_inner, self.d_state, self.d_conv, self.dt_rank, self.dt_min)
+        mamba.check_settings(*settings, self.dt_max)
+        _check_scan(self.scan_method, self.scan_table, scan.SELECTIVE_METHODS)
+        if self.chunk_size is not None:
+            _checks.positive_int("chunk_size", self.chunk_size)
+        x, seq_lengths = check_sequence(x, seq_lengths)
+        if self.has_variable("params", "W_in"):
+            _checks.feature_size("x", x.shape[-1], self.get_variable("params", "W_in").shape[1])
+        params = _declare_params(
+            self,
+            mamba.PARAM_NAMES,
+            lambda key: mamba.init(key, x.shape[-1], *settings, self.dt_max),
+        )
+        return _call_forward(
+            mamba.forward,
+            params,
+            x,
+            seq_lengths,
+            initial_carry,
+            return_carry,
+            resets,
+            reverse=reverse,
+            method=self.scan_method,
+            chunk_size=self.chunk_size,
+            scan_table=self.scan_table,
+        )
+
+    def initial_carry(self, batch_size: int):
+        return mamba.zero_state((batch_size,), self.d_inner, self.d_state, self.d_conv)
+
+    def step(self, carry, x):
+        """One step: x [batch, H] -> (mamba.State, y [batch, H]), equal to the full call."""
+        return _checked_step(self, mamba.check_input, mamba.step, carry, x)
 
 
 class Bidirectional(nn.Module):

@@ -28,6 +28,7 @@ LAYERS = (
         "lru_jax.hgrn",
         "lru_jax.rglru",
         "lru_jax.s5",
+        "lru_jax.mamba",
         "lru_jax.attention",
     ),  # pure functions
     ("lru_jax.attention_nn", "lru_jax.nn"),  # Flax layers

@@ -16,7 +16,7 @@ import os
 
 import ml_collections
 
-from lru_jax import _checks, lru, mingru, models, s5, scan
+from lru_jax import _checks, lru, mamba, mingru, models, s5, scan
 from lru_jax.tasks.base import TaskSpec
 from lru_jax.training.checkpoints import ON_DAMAGED
 from lru_jax.training.optim import OPTIMIZERS
@@ -55,7 +55,8 @@ def default_config() -> ml_collections.ConfigDict:
     # Keys every mixer shares sit at the top of `model`; each mixer's own keys in its group.
     c.model = ml_collections.ConfigDict(
         {
-            # lru | lstm | gru | simple_rnn | mingru | minlstm | hgrn | rglru | s5 | attention
+            # lru | lstm | gru | simple_rnn | mingru | minlstm | hgrn | rglru | s5 | mamba |
+            # attention
             "mixer": "lru",
             "d_model": 128,
             "num_layers": 2,
@@ -114,6 +115,17 @@ def default_config() -> ml_collections.ConfigDict:
                 "discretization": "zoh",  # zoh | bilinear
                 "conj_sym": True,  # keep one mode of each conjugate pair, y = 2 Re(C x) + D u
                 "scan_method": "auto",
+            },
+            "mamba": {  # the Mamba block (lru_jax.mamba)
+                "expansion": 2.0,  # channels E = expansion * d_model
+                "d_state": 16,  # states N per channel
+                "d_conv": 4,  # steps of the causal depthwise convolution
+                "dt_rank": 0,  # rank of Δ's projection; 0: ceil(d_model / 16)
+                "dt_min": 0.001,  # softplus(b_dt) starts log-uniform in [dt_min, dt_max]
+                "dt_max": 0.1,
+                # the selective scan: sequential | associative | chunked | auto
+                "scan_method": "auto",
+                "chunk_size": 0,  # steps per rematerialised block; 0: about sqrt(time)
             },
             "attention": {  # the causal self-attention mixer
                 "num_heads": 4,  # d_model / num_heads must be even
@@ -371,7 +383,7 @@ def _validate_model(config) -> None:
 
 
 def _validate_diagonal_mixers(config) -> None:
-    """The groups of minGRU, minLSTM, HGRN, the RG-LRU and the S5 (models.OPTION_MIXERS'
+    """The groups of minGRU, minLSTM, HGRN, the RG-LRU, the S5 and Mamba (models.OPTION_MIXERS'
     builders)."""
     for name in ("mingru", "minlstm", "hgrn", "rglru"):
         expansion = _key(f"model.{name}.expansion")
@@ -394,6 +406,21 @@ def _validate_diagonal_mixers(config) -> None:
     _choice(config, "model.hgrn.scan_method", (*scan.METHODS, "auto"))
     _validate_rglru(config)
     _validate_s5(config)
+    _validate_mamba(config)
+
+
+def _validate_mamba(config) -> None:
+    """model.mamba: its settings as `mamba.check_settings` names them, under the config key."""
+    group = config.model.mamba
+    _checks.positive_number(_key("model.mamba.expansion"), group.expansion, type_error=ValueError)
+    _int(config, "model.mamba.dt_rank", 0)
+    _int(config, "model.mamba.chunk_size", 0)
+    _choice(config, "model.mamba.scan_method", (*scan.SELECTIVE_METHODS, "auto"))
+    settings = (1, group.d_state, group.d_conv, group.dt_rank or None, group.dt_min, group.dt_max)
+    try:
+        mamba.check_settings(*settings)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"config.model.mamba.{err}") from None
 
 
 def _validate_s5(config) -> None:

@@ -3,7 +3,8 @@ clipping.
 
 Parameter groups (as in the LRU paper):
   "recurrent": the LRU's ν, θ, γ and B: learning rate scaled by `lru_lr_factor`, no decay;
-  "no_decay":  vectors (biases, norm scales, D): no weight decay;
+  "no_decay":  vectors (biases, norm scales, D) and Mamba's A_log (as in its paper's code): no
+               weight decay;
   "default":   every other matrix: weight decay.
 """
 
@@ -14,13 +15,14 @@ import jax.numpy as jnp
 import optax
 
 RECURRENT = frozenset({"nu_log", "theta_log", "gamma_log", "B_re", "B_im"})
+NO_DECAY = frozenset({"A_log"})  # matrices without weight decay
 
 
 def param_group(path, leaf) -> str:
     name = getattr(path[-1], "key", str(path[-1]))
     if name in RECURRENT:
         return "recurrent"
-    return "no_decay" if leaf.ndim <= 1 else "default"
+    return "no_decay" if leaf.ndim <= 1 or name in NO_DECAY else "default"
 
 
 def param_groups(params):
