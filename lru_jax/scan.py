@@ -37,6 +37,11 @@ Gradients are JAX's own autodiff through the chosen method (except "pallas", see
 computed in log space (log h_t = logaddexp(log a_t + log h_{t-1}, log b_t)): a state far below
 (or above) float32's range stays exact in relative terms where the plain form underflows to
 zero (docs/recurrences-min.md).
+
+`selective_scan` is Mamba's recurrence, h_t = exp(Δ_t A) ⊙ h_{t-1} + (Δ_t x_t) B_tᵀ with a
+state [batch, D, N] per step, read out y_t = h_t C_t as it runs: time in blocks, one block's
+states at a time (each block `linear_scan`'s, or a loop body that reads out), rematerialised
+under differentiation, so that no [time, batch, D, N] array exists (docs/recurrences-mamba.md).
 """
 
 from __future__ import annotations

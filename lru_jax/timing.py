@@ -41,6 +41,13 @@ def memory_mb(compiled) -> float | None:
     stats = jax.local_devices()[0].memory_stats()
     if stats and "peak_bytes_in_use" in stats:
         return stats["peak_bytes_in_use"] / 2**20
+    return planned_mb(compiled)
+
+
+def planned_mb(compiled) -> float | None:
+    """XLA's buffer plan of a compiled function (arguments, outputs and temporaries, less what
+    is aliased) in MiB, on any backend; None where the backend does not report it. Unlike a
+    device's peak, which is the process's so far, it is the one function's own."""
     try:
         m = compiled.memory_analysis()
     except Exception:  # some backends do not implement it

@@ -6,10 +6,12 @@ Suites (`--suite`, repeatable; `all` runs every CPU-sized one):
   layers  our SimpleRNN/LSTM/GRU against flax.linen's nn.RNN cells (and PyTorch's nn.RNN/LSTM/
           GRU on CPU where torch is installed), and our LRU (each method) against an
           associative-scan-only LRU written from the paper's pseudocode; fwd+bwd; and every
-          recurrent mixer (LRU, LSTM, minGRU, minLSTM, HGRN, Griffin's RG-LRU block), fwd and
-          fwd+bwd.
+          recurrent mixer (LRU, LSTM, minGRU, minLSTM, HGRN, Griffin's RG-LRU block, the S5,
+          the Mamba block), fwd and fwd+bwd.
   train   train-step throughput (tokens/s) and compile time for configs in configs/.
-  memory  peak memory and time of BPTT with and without rematerialisation (4-layer models).
+  memory  peak memory and time of BPTT with and without rematerialisation (4-layer models),
+          and Mamba's selective scan fused (`scan.selective_scan`) against materialising
+          every state, fwd+bwd, with each function's buffer plan (`--selective-shape`).
   gpu     the scan suite at accelerator sizes (lengths up to 65,536), meant for a GPU.
 
 Every row reports the median time and its spread (25th-75th percentile) over `--repeats` runs

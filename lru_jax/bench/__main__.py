@@ -52,6 +52,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--mixer-shape", type=_ints, default=[16, 1024, 128], help="B,T,H=N of the mixers"
     )
     p.add_argument("--memory-length", type=int, default=16384)
+    p.add_argument(
+        "--selective-shape", type=_ints, default=[8, 4096, 512, 16], help="B,T,D,N of the scan"
+    )
     p.add_argument("--config-dir", default="configs")
     p.add_argument("--limits-size", type=_ints, default=[256, 2048], help="copy MiB, matmul n")
     p.add_argument("--out", default=None, help="directory for bench.json and plots")
@@ -118,6 +121,9 @@ def run(args: argparse.Namespace) -> dict:
                 new = train_suite.train_suite(args.config_dir, args.repeats)
             else:
                 new = train_suite.memory_suite(args.memory_length, max(1, args.repeats // 2))
+                new += layer_suite.selective_scan_rows(
+                    *args.selective_shape, max(1, args.repeats // 2)
+                )
             print(f"\n## {suite}\n\n{report.format_table(new)}", flush=True)
             if suite in ("scan", "gpu"):
                 print(f"\n## {suite} summary\n\n{report.scan_summary(new)}", flush=True)

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from lru_jax import nn as lnn
-from lru_jax import scan_choices, timing
+from lru_jax import scan, scan_choices, timing
 from lru_jax.bench import report
 from lru_jax.bench.report import Row
 
@@ -158,6 +158,8 @@ def mixer_modules(width: int) -> dict:
         "lru_jax rglru (recurrent block)": lnn.RecurrentBlock(width, num_heads=math.gcd(width, 4)),
         # latent size P = 2 x width: with conjugate symmetry, width complex states like the LRU's
         "lru_jax s5": lnn.S5(2 * width),
+        # the mamba mixer as config.model.mamba's defaults build it: E = 2 x width, N = 16
+        "lru_jax mamba (E = 2H, N = 16)": lnn.Mamba(2 * width),
     }
 
 
@@ -178,4 +180,48 @@ def mixer_layer_rows(batch, length, width, repeats, limits) -> list[Row]:
         for name, measured in timing.measure_named(group, named, repeats):
             rows.append(report.row("layers", group, name, measured))
     report.set_speedups(rows, lambda r: r.name == "lru_jax lstm")
+    return rows
+
+
+def naive_selective_scan(x, delta, A, B, C, D):
+    """The selective scan written the direct way: every state h [time, batch, D, N] by
+    `linear_scan`, then contracted with C. An independent reference for timing and memory."""
+    hs = scan.linear_scan(jnp.exp(delta[..., None] * A), (delta * x)[..., None] * B[:, :, None])
+    return jnp.einsum("tbdn,tbn->tbd", hs, C) + D * x
+
+
+def selective_scan_rows(batch, length, channels, state, repeats) -> list[Row]:
+    """`scan.selective_scan` (its methods) against `naive_selective_scan`, fwd+bwd of sum(y²)
+    in every argument, float32: time, and XLA's buffer plan of each compiled function (in
+    `work`, on every backend; `memory_mb` is the device's peak where it reports one)."""
+    k = jax.random.split(jax.random.key(0), 4)
+    shape, states = (length, batch, channels), (length, batch, state)
+    args = (
+        jax.random.normal(k[0], shape),
+        jax.nn.softplus(jax.random.normal(k[1], shape) - 2.0),  # Δ, mostly 0.01-0.5
+        -jnp.broadcast_to(jnp.arange(1.0, state + 1), (channels, state)),  # S4D-real A
+        jax.random.normal(k[2], states),
+        jax.random.normal(k[3], states),
+        jnp.ones((channels,)),
+    )
+    candidates = {"naive: every state, then C": naive_selective_scan}
+    for method in ("sequential", "associative"):
+        candidates[f"lru_jax selective_scan ({method})"] = lambda *a, m=method: scan.selective_scan(
+            *a, method=m
+        )[0]
+    group = f"selective scan B={batch} T={length} D={channels} N={state} fwd+bwd"
+    every_state_mb = length * batch * channels * state * 4 / 2**20
+    named = []
+    for name, fn in candidates.items():
+        grad = jax.grad(lambda *a, fn=fn: jnp.sum(fn(*a) ** 2), argnums=tuple(range(6)))
+        named.append((name, (grad, args)))
+    rows = []
+    for name, measured in timing.measure_named(group, named, repeats):
+        grad = dict(named)[name][0]
+        plan = timing.planned_mb(jax.jit(grad).lower(*args).compile())
+        row = report.row("memory", group, name, measured)
+        row.work = {"buffer_plan_mb": plan, "every_state_mb": every_state_mb}
+        row.rate = f"buffer plan {plan:,.0f} MiB"
+        rows.append(row)
+    report.set_speedups(rows, lambda r: r.name.startswith("naive"))
     return rows
