@@ -272,7 +272,10 @@ def test_a_config_saved_before_the_model_keys_were_grouped_upgrades_key_by_key()
                                "layer_rings": (), "scan_method": "sequential"}  # fmt: skip
     assert m.attention.to_dict() == {"num_heads": 2, "max_len": 64}
     assert m.seq2seq.to_dict() == {"attention": "hard", "attention_score": "dot",
-                                   "bidirectional": False, "hard_temperature": 0.5}  # fmt: skip
+                                   "bidirectional": False, "hard_temperature": 0.5,
+                                   # added since: Gumbel straight-through, as it trained
+                                   "hard_estimator": "gumbel", "baseline_decay": 0.9,
+                                   "entropy_weight": 0.0}  # fmt: skip
     assert m.rnn.grad_chunk == 16  # the default, as before the key existed
     assert sorted(m.keys()) == sorted(config_lib.default_config().model.keys())
     # the other sections as saved, tuple-valued keys tuples again after JSON's lists
