@@ -3,9 +3,11 @@ sequence of 24 tokens; a cue token names one; transcribe its 8 tokens in order, 
 
 Speakers share two of their six symbols, so who said what must be inferred from context.
 Compare `--config.model.seq2seq.attention=none` (the decoder sees only a summary of the encoder),
-`soft` (Bahdanau attention over the encoder states) and `hard` (one encoder state per step,
-Gumbel-softmax straight-through in training). The baseline is the loss of the best decoder that
-knows the cue and the speakers' chains but does not read the mixture: 0.738 nats per step.
+`soft` (Bahdanau attention over the encoder states) and `hard` (one encoder state per step),
+trained by Gumbel-softmax straight-through (`--config.model.seq2seq.hard_estimator=gumbel`, the
+default) or REINFORCE (`--config.model.seq2seq.hard_estimator=reinforce`). The baseline is the
+loss of the best decoder that knows the cue and the speakers' chains but does not read the
+mixture: 0.738 nats per step.
 """
 
 from lru_jax.training.config import default_config

@@ -348,11 +348,20 @@ def baseline_value(state: Baseline, decay: float = 0.9) -> jax.Array:
     return jnp.where(state.count > 0, state.mean / jnp.maximum(correction, 1e-12), 0.0)
 
 
-def update_baseline(state: Baseline, reward, decay: float = 0.9) -> Baseline:
-    """Moves the average towards the mean of `reward` (any shape)."""
+def update_baseline(state: Baseline, reward, decay: float = 0.9, *, mask=None) -> Baseline:
+    """Moves the average towards the mean of `reward` (any shape; with `mask`, broadcastable
+    to it, the mean of the rewards where it is True)."""
     _checks.number("decay", decay, 0, 1, closed_high=False)
-    mean = decay * state.mean + (1.0 - decay) * jnp.mean(reward)
+    mean = decay * state.mean + (1.0 - decay) * _masked_mean(reward, mask)
     return Baseline(mean, state.count + 1)
+
+
+def _masked_mean(x, mask):
+    """The mean of x where `mask` (broadcastable to x) is True; the plain mean without one."""
+    if mask is None:
+        return jnp.mean(x)
+    weight = jnp.broadcast_to(mask, jnp.shape(x)).astype(jnp.float32)
+    return jnp.sum(x * weight) / jnp.maximum(jnp.sum(weight), 1.0)
 
 
 def reinforce(
@@ -363,6 +372,7 @@ def reinforce(
     decay: float = 0.9,
     entropy=None,
     entropy_weight: float = 0.0,
+    mask=None,
 ):
     """REINFORCE (Williams 1992) surrogate loss and the updated baseline.
 
@@ -374,13 +384,17 @@ def reinforce(
       decay: moving-average decay of the baseline.
       entropy: optional [...] entropy of each sampling distribution, for the bonus.
       entropy_weight: the bonus's weight (encourages exploration).
+      mask: optional bool, broadcastable to log_prob: the samples that count (e.g. the valid
+        steps of padded sequences); means are over them, and only they move the baseline.
 
     Returns:
       (loss, new_baseline). The gradient of `loss` is an unbiased estimate of
       -d E[reward]/d params (minus the entropy bonus's gradient): minimise it.
     """
     _checks.floating("log_prob", log_prob, allow_complex=False)
-    _checks.broadcastable(("log_prob", "reward"), (jnp.shape(log_prob), jnp.shape(reward)))
+    shape = _checks.broadcastable(("log_prob", "reward"), (jnp.shape(log_prob), jnp.shape(reward)))
+    if mask is not None:
+        check_mask(mask, shape, "like log_prob and reward")
     if entropy_weight and entropy is None:
         raise ValueError("entropy: needed when entropy_weight is non-zero, got None")
     if baseline is None:
@@ -389,11 +403,12 @@ def reinforce(
         _checks.fail(
             "baseline", "a Baseline (attention.init_baseline()) or None", baseline, TypeError
         )
-    advantage = jax.lax.stop_gradient(reward - baseline_value(baseline, decay))
-    loss = -jnp.mean(advantage * log_prob)
+    reward = jax.lax.stop_gradient(jnp.broadcast_to(reward, shape))
+    advantage = reward - baseline_value(baseline, decay)
+    loss = -_masked_mean(advantage * log_prob, mask)
     if entropy is not None and entropy_weight:
-        loss = loss - entropy_weight * jnp.mean(entropy)
-    return loss, update_baseline(baseline, jax.lax.stop_gradient(reward), decay)
+        loss = loss - entropy_weight * _masked_mean(entropy, mask)
+    return loss, update_baseline(baseline, reward, decay, mask=mask)
 
 
 # Hard attention: Gumbel-softmax straight-through.

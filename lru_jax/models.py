@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lru_jax import _checks, lru, padding
+from lru_jax import attention as att
 from lru_jax import nn as lnn
 from lru_jax.scan_table import ScanTable
 
@@ -430,6 +431,7 @@ def _make_recurrent_mixer(model, layer: int) -> nn.Module:
 
 ATTENTIONS = ("none", "soft", "hard")
 SCORES = ("additive", "dot")
+BASELINES = "baselines"  # the variable collection of REINFORCE's reward baseline
 
 
 class EncoderDecoder(nn.Module):
@@ -446,10 +448,20 @@ class EncoderDecoder(nn.Module):
                            `nn.DotProductAttention` "general", Luong: q_t . W m_j);
                            o_t = tanh(W [q_t; c_t])
                   "hard":  c_t = m_j for one position j (`nn.HardAttention`, scaled dot
-                           product scores): sampled with Gumbel-softmax straight-through in
-                           training (one-hot forwards, soft gradients backwards), the argmax
-                           at evaluation
+                           product scores): sampled in training, the argmax at evaluation;
+                           the scores learn by `hard_estimator`:
+                           "gumbel": Gumbel-softmax straight-through (one-hot forwards, soft
+                             gradients backwards);
+                           "reinforce": REINFORCE (`attention.reinforce`), step t's draw
+                             rewarded with the decoder's log-likelihood of target t, a
+                             moving-average baseline and an entropy bonus
         logits_t = Dense(o_t)                                          [batch, vocab]
+
+    REINFORCE needs the targets in training (`targets`, `target_mask`: the train step passes
+    them); its surrogate loss is added to the objective through `nn.add_loss` (collection
+    `nn.LOSSES`) and its baseline is model state, collection `BASELINES` (`reward`), updated by
+    every training call that makes it mutable. The draw at step t changes only logits_t (no
+    input feeding), so step t's reward is the whole effect of its choice.
 
     The attention reads the decoder's output and is not fed back into its recurrence
     (Luong et al. 2015 without input feeding), so teacher forcing runs the decoder over the
@@ -464,6 +476,9 @@ class EncoderDecoder(nn.Module):
       score: soft attention's score: "additive" (Bahdanau) | "dot" (Luong's "general").
       bidirectional: the encoder's blocks read the source both ways.
       hard_temperature: the Gumbel-softmax temperature of hard attention in training.
+      hard_estimator: how hard attention's scores learn: "gumbel" | "reinforce".
+      baseline_decay: REINFORCE: the decay of the reward baseline's moving average.
+      entropy_weight: REINFORCE: the weight of the attention's entropy bonus.
       norm, prenorm, ffn, dropout_rate, norm_bias: of every `nn.SequenceBlock`.
       layer_rings: as `SequenceModel.layer_rings`.
       grad_chunk: as `SequenceModel.grad_chunk`.
@@ -484,6 +499,9 @@ class EncoderDecoder(nn.Module):
     score: str = "additive"
     bidirectional: bool = True
     hard_temperature: float = 1.0
+    hard_estimator: str = "gumbel"
+    baseline_decay: float = 0.9
+    entropy_weight: float = 0.0
     norm: str = "layer"
     prenorm: bool = True
     ffn: str = "glu"
@@ -502,6 +520,9 @@ class EncoderDecoder(nn.Module):
         _checks.one_of("attention", self.attention, ATTENTIONS)
         _checks.one_of("score", self.score, SCORES)
         _checks.positive_number("hard_temperature", self.hard_temperature)
+        _checks.one_of("hard_estimator", self.hard_estimator, lnn.HARD_ESTIMATORS)
+        _checks.number("baseline_decay", self.baseline_decay, 0, 1, closed_high=False)
+        _checks.number("entropy_weight", self.entropy_weight, 0)
         self.embed = nn.Embed(self.vocab_size, self.d_model)
         self.encoder_blocks = [
             self._block(self._encoder_mixer(layer)) for layer in range(self.num_layers)
@@ -514,7 +535,11 @@ class EncoderDecoder(nn.Module):
         ]
         self.decoder_norm = nn.LayerNorm()
         if self.attention == "hard":
-            self.read = lnn.HardAttention(estimator="gumbel", temperature=self.hard_temperature)
+            self.read = lnn.HardAttention(
+                estimator=self.hard_estimator, temperature=self.hard_temperature
+            )
+        if self._reinforced:
+            self.reward_baseline = self.variable(BASELINES, "reward", att.init_baseline)
         elif self.attention == "soft" and self.score == "additive":
             self.read = lnn.AdditiveAttention(hidden=self.d_model)
         elif self.attention == "soft":
@@ -522,6 +547,10 @@ class EncoderDecoder(nn.Module):
         if self.attention != "none":
             self.combine = nn.Dense(self.d_model)
         self.head = nn.Dense(self.vocab_size)
+
+    @property
+    def _reinforced(self) -> bool:
+        return self.attention == "hard" and self.hard_estimator == "reinforce"
 
     def _block(self, mixer):
         return lnn.SequenceBlock(
@@ -579,16 +608,53 @@ class EncoderDecoder(nn.Module):
 
     def _read(self, queries, memory, lengths, deterministic):
         """queries [batch, T, d], memory [batch, S, d] -> (logits [batch, T, vocab],
-        weights [batch, T, S] or None)."""
+        weights [batch, T, S] or None, the `nn.HardAttentionOutput` of hard attention or
+        None)."""
         if self.attention == "none":
-            return self.head(queries), None
+            return self.head(queries), None, None
+        hard = None
         if self.attention == "hard":
             hard = self.read(queries, memory, key_lengths=lengths, deterministic=deterministic)
             context, weights = hard.output, hard.probs
         else:
             context, weights = self.read(queries, memory, key_lengths=lengths, return_weights=True)
         out = jnp.tanh(self.combine(jnp.concatenate([queries, context], axis=-1)))
-        return self.head(out), weights
+        return self.head(out), weights, hard
+
+    def _reinforce(self, hard, logits, targets, target_mask):
+        """Adds REINFORCE's loss for the draws of `hard` and moves the baseline.
+
+        logits [batch, T, vocab]; targets int [batch, T]; target_mask [batch, T] or None (the
+        steps that count). Step t's reward is log softmax(logits_t)[targets_t], a constant.
+        """
+        log_p = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+        reward = jnp.take_along_axis(log_p, targets[..., None], axis=-1)[..., 0]
+        mask = None if target_mask is None else target_mask.astype(bool)
+        loss, baseline = att.reinforce(
+            hard.log_prob,
+            reward,
+            self.reward_baseline.value,
+            decay=self.baseline_decay,
+            entropy=hard.entropy,
+            entropy_weight=self.entropy_weight,
+            mask=mask,
+        )
+        if self.is_mutable_collection(BASELINES) and not self.is_initializing():
+            self.reward_baseline.value = baseline
+        lnn.add_loss(self, "reinforce", loss)
+
+    def _check_targets(self, targets, target_mask, decoder_inputs):
+        self._check_tokens("targets", targets)
+        if targets.shape != decoder_inputs.shape:
+            raise ValueError(
+                f"targets: expected shape {decoder_inputs.shape} (decoder_inputs'), got "
+                f"{targets.shape}"
+            )
+        if target_mask is not None and jnp.shape(target_mask) != targets.shape:
+            raise ValueError(
+                f"target_mask: expected shape {targets.shape} (targets'), got "
+                f"{jnp.shape(target_mask)}"
+            )
 
     def __call__(
         self,
@@ -600,13 +666,17 @@ class EncoderDecoder(nn.Module):
         return_carry=False,
         return_weights=False,
         deterministic=True,
+        targets=None,
+        target_mask=None,
     ):
         """Teacher forcing: logits [batch, T, vocab] for every target step at once.
 
         inputs int [batch, S] (source), lengths int [batch], decoder_inputs int [batch, T]
         (BOS then the target shifted right). With `return_carry`, (decoder carries, logits);
         with `return_weights`, the attention weights [batch, T, S] are appended (None for
-        attention "none").
+        attention "none"). targets int [batch, T] and target_mask [batch, T] (1 where a step
+        counts): what REINFORCE rewards in training (hard_estimator "reinforce"; without
+        them, or with `deterministic`, the scores get no gradient).
         """
         if decoder_inputs is None:
             raise ValueError("decoder_inputs: expected int tokens [batch, T], got None")
@@ -621,7 +691,11 @@ class EncoderDecoder(nn.Module):
         carries, h = lnn.stack_forward(
             self.decoder_blocks, h, None, initial_carry, deterministic=deterministic
         )
-        logits, weights = self._read(self.decoder_norm(h), memory, lengths, deterministic)
+        logits, weights, hard = self._read(self.decoder_norm(h), memory, lengths, deterministic)
+        if targets is not None:
+            self._check_targets(targets, target_mask, decoder_inputs)
+            if self._reinforced and not deterministic:
+                self._reinforce(hard, logits, targets, target_mask)
         out = (carries, logits) if return_carry else (logits,)
         out = (*out, weights) if return_weights else out
         return out if len(out) > 1 else out[0]
@@ -634,7 +708,7 @@ class EncoderDecoder(nn.Module):
         """One decoder step: token int [batch] -> (carry, logits [batch, vocab], weights
         [batch, S] or None). memory and summary come from `encode`."""
         carry, h = lnn.stack_step(self.decoder_blocks, carry, self._decoder_input(token, summary))
-        logits, weights = self._read(self.decoder_norm(h)[:, None], memory, lengths, True)
+        logits, weights, _ = self._read(self.decoder_norm(h)[:, None], memory, lengths, True)
         return carry, logits[:, 0], None if weights is None else weights[:, 0]
 
 

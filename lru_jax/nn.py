@@ -30,6 +30,7 @@ import jax.numpy as jnp
 
 from lru_jax import _checks, cells, hgrn, lru, mamba, mingru, padding, rglru, s5, scan
 from lru_jax.attention_nn import (  # noqa: F401  (re-exported)
+    HARD_ESTIMATORS,
     AdditiveAttention,
     AttentionPooling,
     CausalSelfAttention,
@@ -40,6 +41,21 @@ from lru_jax.attention_nn import (  # noqa: F401  (re-exported)
     MultiHeadAttention,
 )
 from lru_jax.scan_table import ScanTable
+
+# Training signals: how a layer adds to what training minimises, the train step knowing nothing
+# of the layer (lru_jax/training/steps.py). A layer sows scalar loss terms into LOSSES in
+# training; the train step adds them all to the task's loss. State a layer keeps between steps
+# (BatchNorm's averages, a REINFORCE baseline) is any other variable collection the model
+# creates at init: the train state holds it, each train step passes it in mutable and keeps
+# what the layers wrote, checkpoints save and restore it with the parameters.
+LOSSES = "losses"
+TRANSIENT_COLLECTIONS = ("intermediates", LOSSES)  # made afresh by every apply: never state
+
+
+def add_loss(module: nn.Module, name: str, value) -> None:
+    """Adds the scalar `value` to the objective training minimises, as `LOSSES`/`name` of
+    `module` (a no-op where the caller did not make LOSSES mutable, e.g. in evaluation)."""
+    module.sow(LOSSES, name, value)
 
 
 def check_sequence(x, seq_lengths, name: str = "x"):

@@ -329,6 +329,25 @@ def test_reinforce_baseline_and_entropy_bonus():
         att.reinforce(logits, 1.0, state, entropy_weight=0.1)
 
 
+def test_masked_reinforce_is_reinforce_on_the_samples_that_count():
+    log_p = jnp.asarray(_normal(2, 2, 3))
+    reward = jnp.asarray(_normal(3, 2, 3))
+    entropy = jnp.asarray(np.abs(_normal(4, 2, 3)))
+    mask = np.array([[True, False, True], [True, True, False]])
+    state = att.update_baseline(att.init_baseline(), jnp.array(0.7), 0.8)
+    kwargs = dict(decay=0.8, entropy_weight=0.2)
+    loss, new = att.reinforce(log_p, reward, state, entropy=entropy, mask=mask, **kwargs)
+    kept = [x[mask] for x in (log_p, reward, entropy)]
+    want, want_new = att.reinforce(kept[0], kept[1], state, entropy=kept[2], **kwargs)
+    assert float(loss) == pytest.approx(float(want), rel=1e-6)
+    assert float(new.mean) == pytest.approx(float(want_new.mean), rel=1e-6)
+    # by hand: baseline 0.7 (debiased), means over the 4 valid samples
+    lp, r, h = (np.asarray(x, np.float64) for x in kept)
+    assert float(loss) == pytest.approx(-np.mean((r - 0.7) * lp) - 0.2 * h.mean(), rel=1e-5)
+    with pytest.raises(ValueError, match="mask: expected a shape broadcastable"):
+        att.reinforce(log_p, reward, state, mask=mask[:, :2])
+
+
 def test_gumbel_straight_through_is_one_hot_with_soft_gradients():
     logits = jnp.asarray(_normal(0, 3, 5))
     key = jax.random.key(7)

@@ -9,13 +9,17 @@ import shutil
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
+from lru_jax import attention as att
 from lru_jax import attention_maps, models
 from lru_jax.tasks import CocktailParty, Reverse
 from lru_jax.tasks.base import TaskSpec
 from lru_jax.training import config as config_lib
 from lru_jax.training import loop, steps
+from lru_jax.training.checkpoints import Checkpointer
+from lru_jax.training.state import TrainState
 
 TASK = Reverse(num_symbols=6, min_length=2, max_length=6)
 TOKENS = TASK.spec.special_tokens
@@ -131,7 +135,7 @@ def test_attention_read_matches_a_numpy_reference(cell, attention, score):
     memory = rng.normal(size=(3, 5, 16)).astype(np.float32)
     lengths = np.array([5, 2, 3], np.int32)
     read = jax.jit(lambda *a: model.apply(*a, True, method=models.EncoderDecoder._read))
-    logits, weights = read(v, queries, memory, jnp.asarray(lengths))
+    logits, weights, _ = read(v, queries, memory, jnp.asarray(lengths))
     p = jax.tree.map(np.asarray, v["params"])
     for b in range(3):
         n = lengths[b]
@@ -177,6 +181,91 @@ def test_hard_attention_samples_in_training_and_trains_through_straight_through(
     )
     assert a != b  # different sampled positions
     assert np.abs(grads["read"]["query"]["kernel"]).max() > 0  # soft gradients reach scores
+
+
+def _reinforce_reference(p, captured, batch, positions, baseline, decay, weight):
+    """numpy float64: REINFORCE's surrogate loss, its gradient for the hard attention's query
+    kernel and the new baseline mean, from the model's own decoder queries, memory, logits and
+    draws (step t rewarded by log p(target t); the entropy bonus weighted by `weight`)."""
+    f64 = lambda x: np.asarray(x, np.float64)  # noqa: E731
+    queries = f64(captured["decoder_norm"]["__call__"][0])  # [B, T, d]
+    memory = f64(captured["encoder_norm"]["__call__"][0])  # [B, S, d], padding not yet zeroed
+    logits = f64(captured["__call__"][0])
+    targets, mask = np.asarray(batch["targets"]), f64(batch["mask"])
+    valid = np.arange(memory.shape[1]) < np.asarray(batch["lengths"])[:, None]  # [B, S]
+    memory = np.where(valid[..., None], memory, 0.0)
+    log_p = logits - logits.max(-1, keepdims=True)
+    log_p -= np.log(np.exp(log_p).sum(-1, keepdims=True))
+    reward = np.take_along_axis(log_p, targets[..., None], -1)[..., 0]
+    advantage = reward - baseline.mean / (1 - decay**baseline.count)
+    kernel = f64(p["read"]["query"]["kernel"])
+    d = kernel.shape[0]
+    scores = np.einsum("btd,bsd->bts", queries @ kernel, memory) / np.sqrt(d)
+    scores = np.where(valid[:, None], scores, -np.inf)
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    log_probs = np.where(probs > 0, np.log(np.where(probs > 0, probs, 1.0)), 0.0)
+    entropy = -np.sum(probs * log_probs, -1)
+    picked = np.eye(scores.shape[-1])[positions]  # [B, T, S]
+    drawn_log_p = np.sum(picked * log_probs, -1)
+    count = mask.sum()
+    loss = -np.sum(advantage * drawn_log_p * mask) / count - weight * np.sum(entropy * mask) / count
+    # d log p(j) / d scores = onehot(j) - p; d H / d scores = -p (log p + H)
+    d_entropy = -probs * (log_probs + entropy[..., None])
+    d_scores = -(advantage * mask / count)[..., None] * (picked - probs)
+    d_scores -= weight * (mask / count)[..., None] * d_entropy
+    d_kernel = np.einsum("bts,btd,bse->de", d_scores, queries, memory) / np.sqrt(d)
+    new_mean = decay * baseline.mean + (1 - decay) * np.sum(reward * mask) / count
+    return loss, d_kernel, new_mean
+
+
+def test_the_train_steps_reinforce_gradient_is_the_estimators_and_its_baseline_is_saved(
+    batch, tmp_path
+):
+    decay, weight = 0.8, 0.3
+    model, v = make(
+        "gru", "hard", hard_estimator="reinforce", baseline_decay=decay, entropy_weight=weight
+    )
+    assert set(v) >= {"params", "baselines"}
+    tx = optax.sgd(1.0)  # the update is minus the gradient
+    baseline = att.Baseline(jnp.float32(-1.5), jnp.int32(3))  # mid-run: debiased -1.5/(1-.8^3)
+    state = TrainState.create(jax.tree.map(jnp.copy, v), tx)  # the step donates its state
+    state = state.replace(model_state={"baselines": {"reward": baseline}})
+    p = jax.tree.map(np.array, v["params"])
+    seed = 5
+    new_state, metrics = steps.make_train_step(model, tx, TASK.spec, seed=seed)(state, batch)
+
+    # The same forward pass, its draws from the train step's key for step 0.
+    key = jax.random.fold_in(jax.random.key(seed), 0)
+    args = (batch["inputs"], batch["lengths"], batch["decoder_inputs"])
+    forward = functools.partial(
+        model.apply, deterministic=False, capture_intermediates=True, mutable=["intermediates"]
+    )
+    _, seen = jax.jit(forward)(v, *args, rngs={"dropout": key})
+    captured = seen["intermediates"]
+    positions = np.asarray(captured["read"]["positions"][0])[..., 0]
+    baseline64 = att.Baseline(-1.5, 3)
+    loss, d_kernel, new_mean = _reinforce_reference(
+        p, captured, batch, positions, baseline64, decay, weight
+    )
+    got = p["read"]["query"]["kernel"] - np.asarray(new_state.params["read"]["query"]["kernel"])
+    assert np.abs(d_kernel).max() > 1e-3  # the signal is well above the tolerance
+    np.testing.assert_allclose(got, d_kernel, atol=2e-6, rtol=1e-4)
+    assert float(metrics["losses/reinforce"]) == pytest.approx(loss, rel=1e-5)
+    moved = new_state.model_state["baselines"]["reward"]
+    assert int(moved.count) == 4 and float(moved.mean) == pytest.approx(new_mean, rel=1e-5)
+
+    # The baseline is saved and restored with the parameters.
+    checkpointer = Checkpointer(str(tmp_path / "checkpoints"), keep=1)
+    checkpointer.save(1, new_state)
+    restored = checkpointer.restore(TrainState.create(v, tx), 1)
+    checkpointer.close()
+    assert int(restored.model_state["baselines"]["reward"].count) == 4
+    assert float(restored.model_state["baselines"]["reward"].mean) == float(moved.mean)
+    np.testing.assert_array_equal(
+        np.asarray(restored.params["read"]["query"]["kernel"]),
+        np.asarray(new_state.params["read"]["query"]["kernel"]),
+    )
 
 
 def test_sequence_accuracy_on_a_hand_written_batch():
@@ -249,7 +338,9 @@ def test_a_run_saved_before_the_model_keys_were_grouped_still_loads(trained, tmp
     m = saved["model"]
     flat = {k: v for k, v in m.items() if k not in ("mixer", "lru", "rnn", "attention", "seq2seq")}
     ring = {k: v for k, v in m["lru"].items() if k != "layer_rings"}  # newer than the layout
-    flat.update(cell=m["mixer"], **ring, **m["attention"], **m["seq2seq"])  # no grad_chunk
+    newer = ("hard_estimator", "baseline_decay", "entropy_weight")  # keys newer than the layout
+    s2s = {k: v for k, v in m["seq2seq"].items() if k not in newer}
+    flat.update(cell=m["mixer"], **ring, **m["attention"], **s2s)  # no grad_chunk
     saved["model"] = flat
     with open(os.path.join(old, "config.json"), "w") as f:
         json.dump(saved, f)

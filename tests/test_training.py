@@ -7,13 +7,16 @@ import os
 import subprocess
 import sys
 
+import flax.linen
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
 from tiny_configs import tiny_config
 
+from lru_jax import nn as lnn
 from lru_jax import scan, scan_choices, tasks
 from lru_jax.training import autotune, loop, steps
 from lru_jax.training import config as config_lib
@@ -67,27 +70,64 @@ def _tbptt_parts(k):
     tx = make_optimizer(config.train)
     state = TrainState.create(model.init(jax.random.key(0), batch["inputs"]), tx)
     key = jax.random.key(1)
-    full = steps._full_bptt(model, task.spec, state, batch, key)
+    full = steps.gradients(model, task.spec, state, batch, key)
     truncated = steps._truncated_bptt(model, task.spec, state, batch, key, k)
     return full, truncated
 
 
 @pytest.mark.parametrize("k", [20, 64])
 def test_truncated_bptt_equals_full_when_one_segment_covers_the_sequence(k):
-    (g_full, s_full, _), (g_trunc, s_trunc, _) = _tbptt_parts(k)
+    (g_full, s_full, *_), (g_trunc, s_trunc, *_) = _tbptt_parts(k)
     for a, b in zip(jax.tree.leaves(g_full), jax.tree.leaves(g_trunc), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=1e-5)
     np.testing.assert_allclose(float(s_full["loss_sum"]), float(s_trunc["loss_sum"]), rtol=1e-6)
 
 
 def test_truncated_bptt_carries_state_but_cuts_gradients():
-    (g_full, s_full, _), (g_trunc, s_trunc, _) = _tbptt_parts(6)  # segments 6+6+6+2
+    (g_full, s_full, *_), (g_trunc, s_trunc, *_) = _tbptt_parts(6)  # segments 6+6+6+2
     # The forward pass is the same computation: the carry crosses segment boundaries.
     np.testing.assert_allclose(float(s_full["loss_sum"]), float(s_trunc["loss_sum"]), rtol=1e-5)
     # The recurrent parameters' gradients lose the paths that cross a boundary.
     nu_full = np.asarray(g_full["blocks_0"]["mixer"]["nu_log"])
     nu_trunc = np.asarray(g_trunc["blocks_0"]["mixer"]["nu_log"])
     assert not np.allclose(nu_full, nu_trunc, rtol=1e-3)
+
+
+class _Signalling(flax.linen.Module):
+    """A linear classifier of the inputs' mean whose weights add a penalty to the objective and
+    that counts its training calls: the training signals with no attention in sight."""
+
+    @flax.linen.compact
+    def __call__(self, x, lengths=None, *, initial_carry=None, return_carry=False,
+                 deterministic=True):  # fmt: skip
+        calls = self.variable("counters", "calls", lambda: jnp.zeros((), jnp.int32))
+        w = self.param("w", flax.linen.initializers.normal(1.0), (x.shape[-1], 3))
+        if not deterministic:
+            lnn.add_loss(self, "penalty", 0.5 * jnp.sum(w**2))
+            calls.value = calls.value + 1
+        out = jnp.mean(x, axis=1) @ w
+        return (None, out) if return_carry else out
+
+
+def test_a_layers_loss_term_and_state_reach_the_train_step():
+    spec = tasks.base.TaskSpec("toy", "classification", 4, 3, input_dim=2)
+    x = np.random.default_rng(0).normal(size=(5, 4, 2)).astype(np.float32)
+    batch = {"inputs": x, "targets": np.array([0, 1, 2, 1, 0], np.int32)}
+    model, tx = _Signalling(), optax.sgd(0.1)
+    state = TrainState.create(model.init(jax.random.key(0), x), tx)
+    assert state.model_state == {"counters": {"calls": 0}}
+    w = np.asarray(state.params["w"], np.float64)
+    state, metrics = steps.make_train_step(model, tx, spec, seed=0)(state, batch)
+    # d/dw of mean cross-entropy + 0.5 |w|^2, by hand
+    mean_x = x.astype(np.float64).mean(1)
+    logits = mean_x @ w
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    grad = mean_x.T @ (p - np.eye(3)[batch["targets"]]) / 5 + w
+    np.testing.assert_allclose(np.asarray(state.params["w"]), w - 0.1 * grad, atol=1e-6)
+    assert float(metrics["losses/penalty"]) == pytest.approx(0.5 * np.sum(w**2), rel=1e-6)
+    assert int(state.model_state["counters"]["calls"]) == 1
+    assert state.variables()["counters"] == state.model_state["counters"]
 
 
 def test_measured_scan_choices_are_the_runs_shapes_and_a_resumed_run_reuses_them(
@@ -190,6 +230,9 @@ def test_truncated_bptt_trains_end_to_end(tmp_path):
         ("model.lru", "layer_rings", ((0.0, 1.0, 1.0),) * 2, r"layer_rings: expected \(\) or 1"),
         ("model.lru", "layer_rings", ((0.0, 1.0),), "layer_rings: expected a tuple of 3-tuples"),
         ("train", "length_curriculum", ((10, 0),), r"length_curriculum\[0\].steps: expected"),
+        ("model.seq2seq", "hard_estimator", "score", "config.model.seq2seq.hard_estimator"),
+        ("model.seq2seq", "baseline_decay", 1.0, "config.model.seq2seq.baseline_decay"),
+        ("model.seq2seq", "entropy_weight", -0.1, "config.model.seq2seq.entropy_weight"),
     ],
 )
 def test_bad_config_values_are_named(section, key, value, match):
@@ -229,7 +272,10 @@ def test_a_config_saved_before_the_model_keys_were_grouped_upgrades_key_by_key()
                                "layer_rings": (), "scan_method": "sequential"}  # fmt: skip
     assert m.attention.to_dict() == {"num_heads": 2, "max_len": 64}
     assert m.seq2seq.to_dict() == {"attention": "hard", "attention_score": "dot",
-                                   "bidirectional": False, "hard_temperature": 0.5}  # fmt: skip
+                                   "bidirectional": False, "hard_temperature": 0.5,
+                                   # added since: Gumbel straight-through, as it trained
+                                   "hard_estimator": "gumbel", "baseline_decay": 0.9,
+                                   "entropy_weight": 0.0}  # fmt: skip
     assert m.rnn.grad_chunk == 16  # the default, as before the key existed
     assert sorted(m.keys()) == sorted(config_lib.default_config().model.keys())
     # the other sections as saved, tuple-valued keys tuples again after JSON's lists

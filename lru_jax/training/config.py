@@ -17,6 +17,7 @@ import os
 import ml_collections
 
 from lru_jax import _checks, lru, mamba, mingru, models, s5, scan
+from lru_jax import nn as lnn
 from lru_jax.tasks.base import TaskSpec
 from lru_jax.training.checkpoints import ON_DAMAGED
 from lru_jax.training.optim import OPTIMIZERS
@@ -132,10 +133,15 @@ def default_config() -> ml_collections.ConfigDict:
                 "max_len": 2048,  # key/value cache size (sequence + generation)
             },
             "seq2seq": {  # the encoder-decoder of seq2seq tasks (with a recurrent mixer)
-                "attention": "soft",  # none | soft | hard (Gumbel straight-through)
+                "attention": "soft",  # none | soft | hard (a sampled position per step)
                 "attention_score": "additive",  # additive | dot
                 "bidirectional": True,  # the encoder reads the source both ways
+                # how hard attention learns: gumbel (Gumbel-softmax straight-through) |
+                # reinforce (REINFORCE: step t's reward is log p(target t))
+                "hard_estimator": "gumbel",
                 "hard_temperature": 1.0,  # Gumbel-softmax temperature of hard attention
+                "baseline_decay": 0.9,  # REINFORCE: moving-average decay of the reward baseline
+                "entropy_weight": 0.0,  # REINFORCE: weight of the attention's entropy bonus
             },
         }
     )
@@ -358,6 +364,9 @@ def _validate_model(config) -> None:
     _choice(config, "model.seq2seq.bidirectional", (True, False))
     temperature = _key("model.seq2seq.hard_temperature")
     _checks.positive_number(temperature, m.seq2seq.hard_temperature, type_error=ValueError)
+    _choice(config, "model.seq2seq.hard_estimator", lnn.HARD_ESTIMATORS)
+    _number(config, "model.seq2seq.baseline_decay", 0, 1, closed_high=False)
+    _number(config, "model.seq2seq.entropy_weight", 0)
     _checks.rate(_key("model.dropout_rate"), m.dropout_rate, type_error=ValueError)
     if m.remat and m.norm == "batch":
         _fail("model.remat", "False with norm 'batch' (chunks would change the statistics)", True)
@@ -567,6 +576,9 @@ def build_model(
             score=s2s.attention_score,
             bidirectional=s2s.bidirectional,
             hard_temperature=s2s.hard_temperature,
+            hard_estimator=s2s.hard_estimator,
+            baseline_decay=s2s.baseline_decay,
+            entropy_weight=s2s.entropy_weight,
             **shared,
         )
     return models.SequenceModel(

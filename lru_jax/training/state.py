@@ -8,27 +8,33 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from lru_jax import nn as lnn
+
 
 @flax.struct.dataclass
 class TrainState:
-    """step: int32 []; params, opt_state and batch_stats (BatchNorm averages; {} if none)."""
+    """step: int32 []; params; opt_state; model_state: the model's other variable collections
+    that persist from step to step, {collection: variables} ({} if none), e.g. "batch_stats"
+    (BatchNorm's averages) or "baselines" (a REINFORCE reward baseline). The train step
+    updates them (see `steps`), checkpoints save them with the parameters."""
 
     step: jax.Array
     params: Any
     opt_state: Any
-    batch_stats: Any
+    model_state: Any
 
     @classmethod
     def create(cls, variables, tx):
+        """The state at step 0 of `variables` (a model's `init`) and the optimiser `tx`."""
         params = variables["params"]
+        transient = ("params", *lnn.TRANSIENT_COLLECTIONS)
         return cls(
             step=jnp.zeros((), jnp.int32),
             params=params,
             opt_state=tx.init(params),
-            batch_stats=variables.get("batch_stats", {}),
+            model_state={k: v for k, v in variables.items() if k not in transient},
         )
 
     def variables(self):
-        if self.batch_stats:
-            return {"params": self.params, "batch_stats": self.batch_stats}
-        return {"params": self.params}
+        """The model's variables, for `model.apply`."""
+        return {"params": self.params, **self.model_state}

@@ -1,5 +1,10 @@
 """Losses and the jit-compiled train and eval steps, with full or truncated BPTT.
 
+The objective is the task's loss plus whatever the model's layers add (`nn.add_loss`, e.g.
+REINFORCE's surrogate for hard attention); the model's state collections (`TrainState.
+model_state`: BatchNorm's averages, a REINFORCE baseline) go into every training apply mutable
+and come back updated. The step knows neither layer: only the collections.
+
 Losses are carried as sums with a count (`loss_sum / count`), so that truncated BPTT can add
 per-segment gradients of `segment_loss_sum / total_count` and get exactly the full-sequence
 gradient when one segment covers the sequence.
@@ -8,11 +13,14 @@ gradient when one segment covers the sequence.
 from __future__ import annotations
 
 import math
+from typing import Any, NamedTuple
 
+import flax.traverse_util
 import jax
 import jax.numpy as jnp
 import optax
 
+from lru_jax import nn as lnn
 from lru_jax.tasks.base import TaskSpec
 from lru_jax.training.optim import group_norms
 
@@ -73,38 +81,73 @@ def model_inputs(batch) -> tuple:
     return batch["inputs"], batch.get("lengths")
 
 
-def _apply(model, params, batch_stats, inputs, lengths, carry, key, train, *extra):
-    """Runs the model on (inputs, lengths, *extra); returns (carry, outputs, new batch_stats)."""
-    variables = {"params": params}
-    if batch_stats:
-        variables["batch_stats"] = batch_stats
-    kwargs = dict(initial_carry=carry, return_carry=True, deterministic=not train)
-    if train and batch_stats:
-        (carry, out), updates = model.apply(
-            variables,
+def training_feedback(batch) -> dict:
+    """Keyword arguments the model gets in training only: a seq2seq batch's targets and mask,
+    for layers that learn from a reward (REINFORCE'd hard attention in `EncoderDecoder`)."""
+    if "decoder_inputs" in batch:
+        return {"targets": batch["targets"], "target_mask": batch["mask"]}
+    return {}
+
+
+class Gradients(NamedTuple):
+    """What one batch's backward pass gives the train step.
+
+    grads: of the objective (the task's mean loss plus the layers' `nn.LOSSES` terms).
+    sums: the task's `loss_sums`.
+    model_state: the model's state collections as the layers left them (`TrainState`).
+    losses: {name: value} of the layers' loss terms, e.g. {"reinforce": ...}.
+    """
+
+    grads: Any
+    sums: dict
+    model_state: dict
+    losses: dict
+
+
+def _apply(model, params, model_state, inputs, lengths, carry, key, *extra, feedback=None):
+    """Runs the model in training on (inputs, lengths, *extra), its state collections and the
+    layers' loss terms mutable. Returns (carry, outputs, new model_state, {name: loss term})."""
+    variables = {"params": params, **model_state}
+    (carry, out), updates = model.apply(
+        variables,
+        inputs,
+        lengths,
+        *extra,
+        initial_carry=carry,
+        return_carry=True,
+        deterministic=False,
+        rngs={"dropout": key},
+        mutable=[*model_state, lnn.LOSSES],
+        **(feedback or {}),
+    )
+    terms = flax.traverse_util.flatten_dict(updates.get(lnn.LOSSES, {}), sep="/")
+    losses = {name: sum(values) for name, values in terms.items()}  # sow keeps a tuple
+    return carry, out, {name: updates[name] for name in model_state}, losses
+
+
+def gradients(model, spec: TaskSpec, state, batch, key) -> Gradients:
+    """The gradient of the training objective on `batch` (full BPTT), the sampling and dropout
+    drawn from `key`."""
+
+    def objective(params):
+        inputs, lengths, *extra = model_inputs(batch)
+        _, out, model_state, losses = _apply(
+            model,
+            params,
+            state.model_state,
             inputs,
             lengths,
+            None,
+            key,
             *extra,
-            rngs={"dropout": key},
-            mutable=["batch_stats"],
-            **kwargs,
-        )
-        return carry, out, updates["batch_stats"]
-    carry, out = model.apply(variables, inputs, lengths, *extra, rngs={"dropout": key}, **kwargs)
-    return carry, out, batch_stats
-
-
-def _full_bptt(model, spec, state, batch, key):
-    def loss_fn(params):
-        inputs, lengths, *extra = model_inputs(batch)
-        _, out, batch_stats = _apply(
-            model, params, state.batch_stats, inputs, lengths, None, key, True, *extra
+            feedback=training_feedback(batch),
         )
         sums = loss_sums(spec, out, batch)
-        return sums["loss_sum"] / jnp.maximum(sums["count"], 1.0), (sums, batch_stats)
+        loss = sums["loss_sum"] / jnp.maximum(sums["count"], 1.0) + sum(losses.values())
+        return loss, (sums, model_state, losses)
 
-    (_, (sums, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    return grads, sums, batch_stats
+    (_, aux), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+    return Gradients(grads, *aux)
 
 
 def _segments(x, k: int, n: int):
@@ -115,11 +158,12 @@ def _segments(x, k: int, n: int):
     return jnp.moveaxis(x, 1, 0)
 
 
-def _truncated_bptt(model, spec, state, batch, key, k: int):
+def _truncated_bptt(model, spec, state, batch, key, k: int) -> Gradients:
     """Cuts time into segments of k steps; scans over them carrying the (stopped) state.
 
     Each segment's gradient flows back only to its own start; gradients are summed. Memory
-    holds one segment's activations at a time.
+    holds one segment's activations at a time. The layers' loss terms count as their mean over
+    the segments; the model's state passes from segment to segment.
     """
     inputs = batch["inputs"]
     batch_size, time = inputs.shape[:2]
@@ -133,36 +177,37 @@ def _truncated_bptt(model, spec, state, batch, key, k: int):
     carry0 = model.apply({"params": state.params}, batch_size, method="initial_carry")
 
     def one_segment(acc, xs):
-        carry, grads, sums, batch_stats = acc
+        carry, grads, sums, model_state = acc
         index, piece = xs
 
-        def loss_fn(params):
-            new_carry, out, new_stats = _apply(
+        def objective(params):
+            new_carry, out, new_state, losses = _apply(
                 model,
                 params,
-                batch_stats,
+                model_state,
                 piece["inputs"],
                 piece.get("lengths"),
                 carry,
                 jax.random.fold_in(key, index),
-                True,
             )
             piece_sums = loss_sums(spec, out, piece)
-            return piece_sums["loss_sum"] / total, (new_carry, piece_sums, new_stats)
+            loss = piece_sums["loss_sum"] / total + sum(losses.values()) / n
+            return loss, (new_carry, piece_sums, new_state, losses)
 
-        (_, (carry, piece_sums, batch_stats)), g = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params
-        )
+        (_, (carry, piece_sums, model_state, losses)), g = jax.value_and_grad(
+            objective, has_aux=True
+        )(state.params)
         grads = jax.tree.map(jnp.add, grads, g)
         sums = jax.tree.map(jnp.add, sums, piece_sums)
-        return (jax.lax.stop_gradient(carry), grads, sums, batch_stats), None
+        return (jax.lax.stop_gradient(carry), grads, sums, model_state), losses
 
     zeros = jax.tree.map(jnp.zeros_like, state.params)
     sums0 = {"loss_sum": 0.0, "count": 0.0, "correct": 0.0}
     sums0 = jax.tree.map(lambda v: jnp.asarray(v, jnp.float32), sums0)
-    acc = (carry0, zeros, sums0, state.batch_stats)
-    (_, grads, sums, batch_stats), _ = jax.lax.scan(one_segment, acc, (jnp.arange(n), seg))
-    return grads, sums, batch_stats
+    acc = (carry0, zeros, sums0, state.model_state)
+    (_, grads, sums, model_state), losses = jax.lax.scan(one_segment, acc, (jnp.arange(n), seg))
+    losses = {name: jnp.mean(values) for name, values in losses.items()}
+    return Gradients(grads, sums, model_state, losses)
 
 
 def global_norm(tree) -> jax.Array:
@@ -192,16 +237,21 @@ def make_train_step(
     def train_step(state, batch):
         key = jax.random.fold_in(dropout_root, state.step)
         if tbptt_length:
-            grads, sums, batch_stats = _truncated_bptt(model, spec, state, batch, key, tbptt_length)
+            result = _truncated_bptt(model, spec, state, batch, key, tbptt_length)
         else:
-            grads, sums, batch_stats = _full_bptt(model, spec, state, batch, key)
+            result = gradients(model, spec, state, batch, key)
+        grads = result.grads
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = summarise(spec, sums)
+        metrics = summarise(spec, result.sums)
+        metrics.update({f"losses/{name}": value for name, value in result.losses.items()})
         metrics["grad_norm"] = global_norm(grads)
         metrics.update(group_norms(grads))  # grad_norm/recurrent, /no_decay, /default
         new_state = state.replace(
-            step=state.step + 1, params=params, opt_state=opt_state, batch_stats=batch_stats
+            step=state.step + 1,
+            params=params,
+            opt_state=opt_state,
+            model_state=result.model_state,
         )
         return new_state, metrics
 
