@@ -174,6 +174,9 @@ def default_config() -> ml_collections.ConfigDict:
             # a damaged or incomplete latest checkpoint: "fallback" sets it aside (as
             # <step>.damaged) and resumes from the newest one that verifies; "stop" stops
             "on_damaged_checkpoint": "fallback",
+            # a wandb project name: the run's metrics and config also go to Weights & Biases
+            # (the wandb extra; WANDB_MODE=offline needs no account); "": no wandb
+            "wandb": "",
         }
     )
     c.sharding = ml_collections.ConfigDict(
@@ -482,6 +485,17 @@ def _validate_train(config) -> None:
         _fail("train.scan_choices", "'auto', 'measure', '' or a scan_choices.json file", choices)
     damaged = t.get("on_damaged_checkpoint", "fallback")  # runs saved before the key
     _checks.one_of(_key("train.on_damaged_checkpoint"), damaged, ON_DAMAGED)
+    _validate_wandb(config)
+
+
+def _validate_wandb(config) -> None:
+    """train.wandb: a project name or ""; a name needs wandb installed (not imported here)."""
+    project = config.train.get("wandb", "")
+    if not isinstance(project, str):
+        _fail("train.wandb", "a wandb project name or ''", project)
+    if project and importlib.util.find_spec("wandb") is None:
+        expected = "'' where wandb is not installed (pip install -e '.[wandb]' to use it)"
+        _fail("train.wandb", expected, project)
 
 
 def check_against_task(config, spec: TaskSpec) -> None:

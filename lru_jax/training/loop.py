@@ -21,7 +21,6 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm import tqdm
 
 from lru_jax import models, scan_choices, tasks
 from lru_jax.training import autotune, record, sharding
@@ -29,6 +28,7 @@ from lru_jax.training import config as config_lib
 from lru_jax.training.checkpoints import Checkpointer
 from lru_jax.training.metrics import MetricsWriter
 from lru_jax.training.optim import make_optimizer, schedule
+from lru_jax.training.progress import Progress
 from lru_jax.training.state import TrainState
 from lru_jax.training.steps import make_eval_step, make_train_step, model_inputs, summarise
 
@@ -208,7 +208,10 @@ def _train_and_evaluate(config, workdir: str, task, layout: sharding.Layout) -> 
         print(f"Resuming from the checkpoint at step {start} in {workdir}")
     if main:  # after the restore: a refused resume leaves the run's record as it was
         record.write(workdir, config, start or 0, changes)
-    writer = MetricsWriter(workdir, resume_step=start) if main else _NoWriter()
+    writer = _NoWriter()
+    if main:
+        tracking = {"wandb_project": tc.get("wandb", ""), "config": config.to_dict()}
+        writer = MetricsWriter(workdir, resume_step=start, **tracking)
     start = start or 0
     if start >= tc.num_steps and main:
         print(f"the checkpoint at step {start} is at or past train.num_steps={tc.num_steps}")
@@ -242,11 +245,6 @@ def _train_and_evaluate(config, workdir: str, task, layout: sharding.Layout) -> 
             model = model.clone(scan_table=table)
             train_step, compiled_eval = steps(model)
 
-    def run_eval(state, split):
-        return evaluate(
-            compiled_eval, state, task, split, batch_size, tc.eval_batches, layout.put_batch
-        )
-
     # compiled before the clock starts, and each curriculum stage's shape apart from the
     # clock: the logged tokens/s and the bar's ETA are the training's, not the compiler's
     train_step = AheadOfTime(train_step)
@@ -255,41 +253,54 @@ def _train_and_evaluate(config, workdir: str, task, layout: sharding.Layout) -> 
 
     lr = schedule(tc)
     pending = _PendingMetrics()
-    bar = tqdm(
-        total=tc.num_steps, initial=start, desc="train", dynamic_ncols=True, disable=not main
-    )
+    progress = Progress(start, tc.num_steps, disable=not main)
+
+    eval_step = AheadOfTime(compiled_eval)  # its compilation kept off the progress clock
+
+    def run_eval(state, split):
+        compiling = eval_step.seconds
+        metrics = evaluate(
+            eval_step, state, task, split, batch_size, tc.eval_batches, layout.put_batch
+        )
+        progress.off_clock(eval_step.seconds - compiling)
+        return metrics
+
     tick, tick_step, train_time, valid = time.perf_counter(), start, 0.0, None
     tick_compiling = train_step.seconds
     reached = start  # the step of `state`
     try:
         for step in range(start, tc.num_steps):
+            compiling = train_step.seconds
             state, metrics = train_step(state, next_batch("train", step))
+            progress.off_clock(train_step.seconds - compiling)
+            seq_len = train_task_at(stages, task, step).spec.seq_len
+            progress.dispatched(metrics["loss"], batch_size * seq_len)
             done = reached = step + 1
             pending.add(done, metrics)
-            bar.update(1)
             log = done % tc.log_every == 0 or done == tc.num_steps
             save = done % tc.checkpoint_every == 0 or done == tc.num_steps
-            if log or save or done % tc.eval_every == 0:
-                means = pending.flush()  # raises before any save of a non-finite state
-                elapsed = time.perf_counter() - tick - (train_step.seconds - tick_compiling)
-                train_time += elapsed
-                seq_len = train_task_at(stages, task, step).spec.seq_len
-                means["tokens_per_s"] = batch_size * seq_len * (done - tick_step) / elapsed
-                means["learning_rate"] = float(lr(done - 1))
+            evaluate_now = done % tc.eval_every == 0 or done == tc.num_steps
+            if not (log or save or evaluate_now):
+                continue
+            progress.wait()  # each step's completion timed before the flush waits for all
+            means = pending.flush()  # raises before any save of a non-finite state
+            elapsed = time.perf_counter() - tick - (train_step.seconds - tick_compiling)
+            train_time += elapsed
+            means["tokens_per_s"] = batch_size * seq_len * (done - tick_step) / elapsed
+            means["learning_rate"] = float(lr(done - 1))
+            with progress.paused():  # evaluation, saving and logging off the step clock
                 writer.write(done, "train", means)
-                bar.set_postfix(loss=f"{means['loss']:.4f}", tok_s=f"{means['tokens_per_s']:.0f}")
-            valid = None
-            if done % tc.eval_every == 0 or done == tc.num_steps:
-                valid = run_eval(state, "valid")
-                writer.write(done, "valid", valid)
-                if main:
-                    bar.write(f"step {done}: valid " + _format(valid))
+                valid = run_eval(state, "valid") if evaluate_now else None
+                if valid is not None:
+                    writer.write(done, "valid", valid)
+            if valid is not None:  # after the pause: the times include this evaluation
+                progress.write(f"step {done}: valid {_format(valid)} | {progress.times()}")
             if save:
-                checkpointer.save(done, state)
-            if log or save or done % tc.eval_every == 0:  # time evaluation and saving apart
-                tick, tick_step, tick_compiling = time.perf_counter(), done, train_step.seconds
+                with progress.paused():
+                    checkpointer.save(done, state)
+            tick, tick_step, tick_compiling = time.perf_counter(), done, train_step.seconds
     finally:
-        bar.close()
+        progress.close()
         writer.close()
         checkpointer.close()
 
