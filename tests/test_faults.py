@@ -280,6 +280,40 @@ def test_a_checkpoint_of_another_model_is_refused_naming_the_arrays(template, co
         restored(copy, wider, 8)
 
 
+def small_state(batch_stats, scale=1.0):
+    """A TrainState of two parameters, Adam's state and `batch_stats` ({} for none)."""
+    import jax.numpy as jnp
+    import optax
+
+    from lru_jax.training.state import TrainState
+
+    params = {"w": scale * jnp.arange(6.0).reshape(2, 3), "b": scale * jnp.ones(3)}
+    model_state = {"batch_stats": batch_stats} if batch_stats else {}
+    return TrainState(jnp.int32(5 * scale), params, optax.adam(0.1).init(params), model_state)
+
+
+@pytest.mark.parametrize("with_batch_norm", [True, False])
+def test_a_checkpoint_saved_before_model_state_restores(with_batch_norm, tmp_path):
+    """Checkpoints written before TrainState.model_state held {step, params, opt_state,
+    batch_stats} (BatchNorm's averages, {} without BatchNorm) at the top level."""
+    import jax.numpy as jnp
+
+    stats = {"norm": {"mean": jnp.full(3, 2.0), "var": jnp.full(3, 3.0)}}
+    saved = small_state(stats if with_batch_norm else {}, scale=2.0)
+    checkpointer = Checkpointer(str(tmp_path), keep=2)
+    old_layout = {"step": saved.step, "params": saved.params, "opt_state": saved.opt_state,
+                  "batch_stats": saved.model_state.get("batch_stats", {})}  # fmt: skip
+    checkpointer.save(5, old_layout)
+    template = small_state(jax.tree.map(jnp.zeros_like, stats) if with_batch_norm else {})
+    got = checkpointer.restore(template)
+    assert set(got.model_state) == ({"batch_stats"} if with_batch_norm else set())
+    assert_leaves_equal(jax.tree.leaves(got), jax.tree.leaves(saved))
+    with_baseline = template.replace(model_state={**template.model_state, "baselines": {}})
+    with pytest.raises(CheckpointError, match="saved before models kept state baselines"):
+        checkpointer.restore(with_baseline)
+    checkpointer.close()
+
+
 def test_a_resume_refuses_another_model_and_records_other_changes(copy):
     other = config()
     other.model.d_model = 12

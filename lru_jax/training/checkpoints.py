@@ -12,8 +12,9 @@ list it) with a one-line warning, and the step before it is tried; with `on_dama
 a `CheckpointError` names what is wrong instead. A restore first compares the stored arrays'
 shapes and dtypes with the template's, so a checkpoint of another model is refused naming the
 arrays that differ, before orbax reads anything; any other failure of the storage layer is one
-`CheckpointError` line too. A directory in which no step has a manifest (saved before lru_jax
-wrote them) restores unverified, with a note.
+`CheckpointError` line too. A TrainState saved before `model_state` existed (BatchNorm's
+averages in a top-level `batch_stats`) restores through `state.legacy_layout`. A directory in
+which no step has a manifest (saved before lru_jax wrote them) restores unverified, with a note.
 
 Sharding-aware: every process takes part in a save, each writing the shards it holds, and a
 restore lays each array out as the template's sharding says, so a state saved on one mesh
@@ -34,6 +35,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from lru_jax import _checks
+from lru_jax.training import state as state_lib
+from lru_jax.training.state import TrainState
 
 MANIFEST = "checksums.json"
 ON_DAMAGED = ("fallback", "stop")
@@ -191,6 +194,26 @@ class Checkpointer:
         if step is None:
             raise CheckpointError(f"checkpoint: none that verifies in {self.directory}")
         target = jax.tree.map(_abstract, template)
+        if isinstance(template, TrainState) and self._saved_before_model_state(step):
+            extra = sorted(set(template.model_state) - {state_lib.LEGACY_FIELD})
+            if extra:
+                raise CheckpointError(
+                    f"checkpoint: step {step} in {self.directory} was saved before models kept "
+                    f"state {', '.join(extra)}; it cannot continue this model"
+                )
+            saved = self._restore(step, state_lib.legacy_layout(target))
+            return state_lib.from_legacy_layout(template, saved)
+        return self._restore(step, target)
+
+    def _saved_before_model_state(self, step: int) -> bool:
+        """Whether step's checkpoint has the TrainState layout of before `model_state`."""
+        try:
+            saved = set(self.manager.item_metadata(step).keys())
+        except Exception:  # unreadable metadata: _check_fits names it
+            return False
+        return state_lib.LEGACY_FIELD in saved and "model_state" not in saved
+
+    def _restore(self, step: int, target):
         self._check_fits(step, target)
         try:
             return self.manager.restore(step, args=ocp.args.StandardRestore(target))

@@ -38,3 +38,29 @@ class TrainState:
     def variables(self):
         """The model's variables, for `model.apply`."""
         return {"params": self.params, **self.model_state}
+
+
+# Checkpoints saved before `model_state` existed hold BatchNorm's averages in a top-level
+# `batch_stats` field; they restore through this layout.
+LEGACY_FIELD = "batch_stats"
+
+
+def legacy_layout(state: TrainState) -> dict:
+    """`state` laid out as those checkpoints were: {step, params, opt_state, batch_stats}."""
+    return {
+        "step": state.step,
+        "params": state.params,
+        "opt_state": state.opt_state,
+        LEGACY_FIELD: state.model_state.get(LEGACY_FIELD, {}),
+    }
+
+
+def from_legacy_layout(template: TrainState, saved: dict) -> TrainState:
+    """The TrainState of a checkpoint restored in `legacy_layout(template)`."""
+    batch_stats = saved[LEGACY_FIELD]
+    return template.replace(
+        step=saved["step"],
+        params=saved["params"],
+        opt_state=saved["opt_state"],
+        model_state={LEGACY_FIELD: batch_stats} if batch_stats else {},
+    )
