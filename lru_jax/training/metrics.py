@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-
-from tensorboardX import SummaryWriter
+import sys
 
 WANDB_ID = "wandb_id"  # the workdir's file holding the id of its wandb run
 
@@ -37,9 +36,7 @@ class MetricsWriter:
                 f.writelines(json.dumps(r) + "\n" for r in keep)
         elif os.path.exists(self.path):
             os.remove(self.path)
-        self.tensorboard = SummaryWriter(
-            os.path.join(workdir, "tensorboard"), purge_step=resume_step
-        )
+        self.tensorboard = _summary_writer(os.path.join(workdir, "tensorboard"), resume_step)
         self.wandb = None
         if wandb_project:
             self.wandb = wandb_run(workdir, wandb_project, config or {}, resume_step is not None)
@@ -58,6 +55,20 @@ class MetricsWriter:
         self.tensorboard.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def _summary_writer(folder: str, purge_step: int | None):
+    """tensorboardX's writer. It imports torch, if installed, only to accept torch tensors; we
+    log floats, so torch is kept from loading here (seconds of start-up) unless already loaded."""
+    hidden = "torch" not in sys.modules
+    if hidden:
+        sys.modules["torch"] = None  # an ImportError for tensorboardX's optional import
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        if hidden:
+            del sys.modules["torch"]
+    return SummaryWriter(folder, purge_step=purge_step)
 
 
 def wandb_run(workdir: str, project: str, config: dict, resume: bool):
