@@ -61,10 +61,11 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
     assert saved == [4]
 
 
-def _tbptt_parts(k):
+def _tbptt_parts(k, mixer="lru"):
     task = tasks.get_task("text", corpus="jokes", seq_len=20)
     config = tiny_config()
     config.model.dropout_rate = 0.0
+    config.model.mixer = mixer
     model = config_lib.build_model(config.model, task.spec)
     batch = jax.tree.map(jnp.asarray, task.batch("train", 0, 3))
     tx = make_optimizer(config.train)
@@ -83,14 +84,16 @@ def test_truncated_bptt_equals_full_when_one_segment_covers_the_sequence(k):
     np.testing.assert_allclose(float(s_full["loss_sum"]), float(s_trunc["loss_sum"]), rtol=1e-6)
 
 
-def test_truncated_bptt_carries_state_but_cuts_gradients():
-    (g_full, s_full, *_), (g_trunc, s_trunc, *_) = _tbptt_parts(6)  # segments 6+6+6+2
+@pytest.mark.parametrize("mixer, recurrent", [("lru", "nu_log"), ("mamba", "A_log")])
+def test_truncated_bptt_carries_state_but_cuts_gradients(mixer, recurrent):
+    """Mamba's carry is its state and its convolution's window: both cross the boundaries."""
+    (g_full, s_full, *_), (g_trunc, s_trunc, *_) = _tbptt_parts(6, mixer)  # segments 6+6+6+2
     # The forward pass is the same computation: the carry crosses segment boundaries.
     np.testing.assert_allclose(float(s_full["loss_sum"]), float(s_trunc["loss_sum"]), rtol=1e-5)
     # The recurrent parameters' gradients lose the paths that cross a boundary.
-    nu_full = np.asarray(g_full["blocks_0"]["mixer"]["nu_log"])
-    nu_trunc = np.asarray(g_trunc["blocks_0"]["mixer"]["nu_log"])
-    assert not np.allclose(nu_full, nu_trunc, rtol=1e-3)
+    full = np.asarray(g_full["blocks_0"]["mixer"][recurrent])
+    truncated = np.asarray(g_trunc["blocks_0"]["mixer"][recurrent])
+    assert not np.allclose(full, truncated, rtol=1e-3)
 
 
 class _Signalling(flax.linen.Module):
