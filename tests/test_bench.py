@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from references import numpy_lru
 
-from lru_jax import lru, scan, scan_choices
+from lru_jax import lru, models, scan, scan_choices
 from lru_jax.bench import __main__ as cli
 from lru_jax.bench import layer_suite, report
 
@@ -24,6 +24,13 @@ def test_paper_style_reference_lru_matches_a_numpy_loop():
     np_params = jax.tree.map(np.asarray, params)
     want, _ = numpy_lru(np_params, u.swapaxes(0, 1))  # numpy_lru is time-major
     np.testing.assert_allclose(np.asarray(got), want.swapaxes(0, 1), atol=1e-5)
+
+
+def test_the_layers_suite_times_every_new_recurrent_mixer():
+    kinds = {layer_suite.mixer_kind(n) for n in layer_suite.mixer_modules(4)}
+    assert kinds == set(models.RECURRENT_MIXERS) - {"gru", "simple_rnn"}
+    chosen = layer_suite.mixer_modules(4, ["s5"])
+    assert {layer_suite.mixer_kind(n) for n in chosen} == {"lstm", "s5"}
 
 
 def test_a_tiny_run_writes_a_table_json_and_plot(tmp_path, capsys):
@@ -39,6 +46,7 @@ def test_a_tiny_run_writes_a_table_json_and_plot(tmp_path, capsys):
             "--rnn-shape=2,5,3,4",
             "--lru-shape=2,6,4",
             "--mixer-shape=2,6,4",
+            "--mixers=mamba",  # the LSTM (the baseline) and one more: the rows' machinery
             "--limits-size=1,64",
             f"--out={tmp_path}",
         ]
@@ -62,7 +70,7 @@ def test_a_tiny_run_writes_a_table_json_and_plot(tmp_path, capsys):
     assert want | {"lru_jax lru (auto)"} <= names
     mixer_groups = {r["group"] for r in rows if r["group"].startswith("mixers")}
     assert mixer_groups == {"mixers B=2 T=6 H=N=4 fwd", "mixers B=2 T=6 H=N=4 fwd+bwd"}
-    assert set(layer_suite.mixer_modules(4)) <= names
+    assert set(layer_suite.mixer_modules(4, ["mamba"])) <= names
     if jax.default_backend() == "cpu":  # PyTorch's layers join on CPU (torch is a test extra)
         torch_rows = [r for r in rows if r["name"].startswith("PyTorch nn.")]
         assert {r["name"].split(" ")[1] for r in torch_rows} == {"nn.RNN", "nn.LSTM", "nn.GRU"}

@@ -51,6 +51,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--mixer-shape", type=_ints, default=[16, 1024, 128], help="B,T,H=N of the mixers"
     )
+    p.add_argument(
+        "--mixers", default=None, help="mixer rows to time, e.g. lru,mamba (default all)"
+    )
     p.add_argument("--memory-length", type=int, default=16384)
     p.add_argument(
         "--selective-shape", type=_ints, default=[8, 4096, 512, 16], help="B,T,D,N of the scan"
@@ -75,6 +78,12 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(
                 f"--modes: expected a comma-separated subset of {scan_choices.MODES}, got {mode!r}"
             )
+    if args.mixers is not None:
+        known = sorted({layer_suite.mixer_kind(n) for n in layer_suite.mixer_modules(1)})
+        args.mixers = args.mixers.split(",")
+        unknown = [m for m in args.mixers if m not in known]
+        if unknown:
+            p.error(f"--mixers: expected a comma-separated subset of {known}, got {unknown}")
     suites = args.suite or ["scan"]
     if "all" in suites:
         suites = [s for s in SUITES if s != "gpu"]
@@ -116,7 +125,9 @@ def run(args: argparse.Namespace) -> dict:
                     batch, length, inputs, hidden, args.repeats, limits
                 )
                 new += layer_suite.lru_layer_rows(*args.lru_shape, args.repeats, limits)
-                new += layer_suite.mixer_layer_rows(*args.mixer_shape, args.repeats, limits)
+                new += layer_suite.mixer_layer_rows(
+                    *args.mixer_shape, args.repeats, limits, args.mixers
+                )
             elif suite == "train":
                 new = train_suite.train_suite(args.config_dir, args.repeats)
             else:

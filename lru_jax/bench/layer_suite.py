@@ -144,9 +144,15 @@ def lru_layer_rows(batch, length, width, repeats, limits) -> list[Row]:
     return rows
 
 
-def mixer_modules(width: int) -> dict:
-    """The recurrent mixers compared in `mixer_layer_rows`, at width = state size."""
-    return {
+def mixer_kind(name: str) -> str:
+    """The mixer a row of `mixer_modules` times: "lru_jax mingru (log space)" -> "mingru"."""
+    return name.split(" ")[1]
+
+
+def mixer_modules(width: int, kinds=None) -> dict:
+    """The recurrent mixers compared in `mixer_layer_rows`, at width = state size; with
+    `kinds` (e.g. ("lru", "mamba")), only those, beside the LSTM that is the baseline."""
+    modules = {
         "lru_jax lru": lnn.LRU(width),
         "lru_jax lstm": lnn.LSTM(width),
         "lru_jax mingru": lnn.MinGRU(width),
@@ -161,14 +167,18 @@ def mixer_modules(width: int) -> dict:
         # the mamba mixer as config.model.mamba's defaults build it: E = 2 x width, N = 16
         "lru_jax mamba (E = 2H, N = 16)": lnn.Mamba(2 * width),
     }
+    if kinds is None:
+        return modules
+    return {n: m for n, m in modules.items() if mixer_kind(n) in {"lstm", *kinds}}
 
 
-def mixer_layer_rows(batch, length, width, repeats, limits) -> list[Row]:
-    """Every recurrent mixer of a SequenceModel block, forward and forward+backward, with
-    "auto" scans; the LSTM (our chunked backward) is each group's baseline."""
+def mixer_layer_rows(batch, length, width, repeats, limits, kinds=None) -> list[Row]:
+    """Every recurrent mixer of a SequenceModel block (or those `kinds` names), forward and
+    forward+backward, with "auto" scans; the LSTM (our chunked backward) is each group's
+    baseline."""
     rows = []
     u = jax.random.normal(jax.random.key(1), (batch, length, width))
-    modules = mixer_modules(width)
+    modules = mixer_modules(width, kinds)
     params = {name: m.init(jax.random.key(0), u)["params"] for name, m in modules.items()}
     for mode in ("fwd", "fwd+bwd"):
         group = f"mixers B={batch} T={length} H=N={width} {mode}"
