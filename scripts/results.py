@@ -8,7 +8,8 @@
 Each experiment is a config file plus overrides, trained from scratch in its own directory,
 once per seed (the headline rows run seeds 0, 1, 2 and report mean ± standard deviation).
 The table (metric, the task's trivial baseline or a published reference, wall time) goes to
-docs/results/table.md, each experiment's validation curve to docs/results/<name>.png.
+docs/results/table.md, each experiment's validation curve to docs/results/<name>.png. The rows
+are kept in docs/results/rows.json: a run with --only replaces its own rows and keeps the rest.
 docs/results.md is written by hand around them: what the numbers mean and how they were found.
 """
 
@@ -64,8 +65,8 @@ EXPERIMENTS = [
     ("recall-lru", "associative_recall.py", {}, "loss", "baseline"),
     ("stdlib-lru", "stdlib_text.py", {}, "bits_per_char", "unigram entropy"),
 ]
-# The diagonal recurrences of issue 19 on the adding problem, ListOps and associative recall.
-DIAGONAL_MIXERS = ("mingru", "minlstm", "hgrn", "rglru", "s5")
+# The diagonal recurrences (and Mamba) on the adding problem, ListOps and associative recall.
+DIAGONAL_MIXERS = ("mingru", "minlstm", "hgrn", "rglru", "s5", "mamba")
 EXPERIMENTS += [
     (f"{task}-{mixer}", filename, {"model.mixer": mixer}, metric, reference)
     for mixer in DIAGONAL_MIXERS
@@ -158,22 +159,33 @@ def summary(runs: list[dict]) -> dict:
         )
     row["seeds"] = len(runs)
     row["wall_s"] = float(np.mean([r["wall_s"] for r in runs]))
+    row["measured"] = time.strftime("%Y-%m-%d")
+    row["machine"] = f"{os.cpu_count()}-core {platform.machine()} CPU, jax {jax.__version__}"
     return row
 
 
+def merged_rows(old: list[dict], new: list[dict]) -> list[dict]:
+    """`old` rows with those of `new` replaced or added, in the order of EXPERIMENTS."""
+    by_name = {r["name"]: r for r in old} | {r["name"]: r for r in new}
+    order = [e[0] for e in EXPERIMENTS]
+    return sorted(by_name.values(), key=lambda r: order.index(r["name"]))
+
+
 def table(rows: list[dict]) -> str:
-    machine = f"{os.cpu_count()}-core {platform.machine()} CPU, jax {jax.__version__}"
+    machines = sorted({r["machine"] for r in rows})
     lines = [
-        f"Measured {time.strftime('%Y-%m-%d')} on a {machine} by `python scripts/results.py`.",
+        f"Measured by `python scripts/results.py` on a {' / '.join(machines)}.",
         "Several seeds: mean ± standard deviation; wall time per run.",
         "",
-        "| experiment | config | metric | seeds | valid | test | reference | wall time |",
-        "|---|---|---|---:|---:|---:|---|---:|",
+        "| experiment | config | metric | seeds | valid | test | reference | wall time "
+        "| measured |",
+        "|---|---|---|---:|---:|---:|---|---:|---|",
     ]
     for r in rows:
         lines.append(
             f"| [{r['name']}]({r['name']}.png) | `{r['config']}` | {r['metric']} | {r['seeds']} | "
-            f"{r['valid']} | {r['test']} | {r['reference']} | {r['wall_s'] / 60:.1f} min |"
+            f"{r['valid']} | {r['test']} | {r['reference']} | {r['wall_s'] / 60:.1f} min | "
+            f"{r['measured']} |"
         )
     for r in rows:
         if r["samples"]:
@@ -207,6 +219,12 @@ def main():
         plot_curves(experiment[0], runs, os.path.join(OUT, f"{experiment[0]}.png"))
         rows.append(summary(runs))
         print(json.dumps({k: v for k, v in rows[-1].items() if k != "samples"}), flush=True)
+    rows_path = os.path.join(OUT, "rows.json")
+    if os.path.exists(rows_path):
+        with open(rows_path) as f:
+            rows = merged_rows(json.load(f), rows)
+    with open(rows_path, "w") as f:
+        json.dump(rows, f, indent=1)
     text = table(rows)
     with open(os.path.join(OUT, "table.md"), "w") as f:
         f.write("# Results table\n\n" + text)
