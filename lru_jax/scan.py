@@ -31,7 +31,16 @@ over the blocks gives each device the state entering its block, and every step a
 (product of its a's since the block start) * (that state). This lets a sequence longer than one
 device holds be scanned, and equals the single-device scan.
 
-Gradients are JAX's own autodiff through the chosen method (except "pallas", see above).
+Gradients (reverse mode) come from the adjoint scan, a `jax.custom_vjp` around every method:
+the transpose of h_t = a_t h_{t-1} + b_t is the same recurrence run the other way,
+g_t = a_{t+1} g_{t+1} + ct_t (JAX's cotangents are transposes: no conjugation for complex
+values), run by the forward's own method in the opposite direction, and then db_t = g_t,
+dh0 = a_first g_first and da_t = g_t h_{t-1} (summed over time and the broadcast axes for a
+time-invariant a). Resets set a_t = 0 before the scan, which cuts g there too. The backward
+pass keeps only a, h0 and h, where autodiff of a method keeps its intermediates as well (the
+associative scan's partial products of every level). A custom VJP has no forward mode:
+`adjoint=False` gives JAX's autodiff of the method, for `jax.jvp` and `jax.jacfwd`.
+"pallas" has its kernel's own adjoint (see above).
 
 `log_linear_scan` is the same recurrence for positive a and b given as log a_t and log b_t,
 computed in log space (log h_t = logaddexp(log a_t + log h_{t-1}, log b_t)): a state far below
@@ -165,7 +174,8 @@ def _forward_or_trained(forward, trained, a, b, h0, resets, **kw):
     def run(method):
         return lambda a, b, h0, resets: _scan(method, a, b, h0, resets, **kw)
 
-    if trained == "pallas" or kw["adjoint"]:  # a custom VJP has no JVP rule: reverse mode only
+    # the trained method's VJP is a custom one (its adjoint, or the kernel's): reverse mode only
+    if trained == "pallas" or kw["adjoint"]:
         scan_fn = jax.custom_vjp(run(forward))
         scan_fn.defvjp(lambda *args: jax.vjp(run(trained), *args), lambda vjp, g: vjp(g))
     else:  # forward mode too; reverse mode transposes `trained`'s JVP
@@ -327,7 +337,8 @@ def choose_method(
     nearest measured shape (same real/complex kind; forward+backward timings if
     `differentiated`, else forward-only ones, each where the table has them). "auto" asks for
     both: where they differ, the scan runs the forward-only choice unless it is differentiated
-    (a `jax.custom_jvp`, or a `jax.custom_vjp` when the trained choice is "pallas"). A table
+    (a `jax.custom_vjp`; with `adjoint=False`, a `jax.custom_jvp` unless the trained choice is
+    "pallas"). A table
     measured on another backend is not used.
 
     Without one, a built-in rule. On CPU it comes from measurements
