@@ -31,7 +31,16 @@ over the blocks gives each device the state entering its block, and every step a
 (product of its a's since the block start) * (that state). This lets a sequence longer than one
 device holds be scanned, and equals the single-device scan.
 
-Gradients are JAX's own autodiff through the chosen method (except "pallas", see above).
+Gradients (reverse mode) come from the adjoint scan, a `jax.custom_vjp` around every method:
+the transpose of h_t = a_t h_{t-1} + b_t is the same recurrence run the other way,
+g_t = a_{t+1} g_{t+1} + ct_t (JAX's cotangents are transposes: no conjugation for complex
+values), run by the forward's own method in the opposite direction, and then db_t = g_t,
+dh0 = a_first g_first and da_t = g_t h_{t-1} (summed over time and the broadcast axes for a
+time-invariant a). Resets set a_t = 0 before the scan, which cuts g there too. The backward
+pass keeps only a, h0 and h, where autodiff of a method keeps its intermediates as well (the
+associative scan's partial products of every level). A custom VJP has no forward mode:
+`adjoint=False` gives JAX's autodiff of the method, for `jax.jvp` and `jax.jacfwd`.
+"pallas" has its kernel's own adjoint (see above).
 
 `log_linear_scan` is the same recurrence for positive a and b given as log a_t and log b_t,
 computed in log space (log h_t = logaddexp(log a_t + log h_{t-1}, log b_t)): a state far below
@@ -46,6 +55,7 @@ under differentiation, so that no [time, batch, D, N] array exists (docs/recurre
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -78,6 +88,7 @@ def linear_scan(
     chunk_size=None,
     sequence_axis=None,
     scan_table=None,
+    adjoint=True,
 ):
     """Runs h_t = a_t * h_{t-1} + b_t along axis 0 and returns every h_t.
 
@@ -101,6 +112,11 @@ def linear_scan(
         each device's block. Time must be divisible by that axis' size. Call it under `jax.jit`.
       scan_table: optional `ScanTable` of measured times that "auto" chooses from (see
         `choose_method`); None: the built-in rule.
+      adjoint: True: reverse-mode gradients by the adjoint scan (a `jax.custom_vjp`, see the
+        module docstring), which keeps only a and h for the backward pass; forward mode
+        (`jax.jvp`, `jax.jacfwd`) then raises a TypeError naming custom_vjp. False: JAX's
+        autodiff of the method, forward mode included. "pallas" always uses its kernel's own
+        adjoint (reverse mode only).
 
     Returns:
       h: [time, ...] with shape broadcast(a, b) and dtype result_type(a, b, h0).
@@ -112,6 +128,7 @@ def linear_scan(
     if not isinstance(reverse, bool):
         raise TypeError(f"reverse: expected a bool, got {reverse!r}")
     check_scan_table(scan_table)
+    _checks.boolean("adjoint", adjoint)
     if sequence_axis is not None:
         check_sequence_axis(sequence_axis, out_shape[0])
         if method == "pallas":
@@ -119,7 +136,7 @@ def linear_scan(
     if out_shape[0] == 0:  # no steps: nothing to scan (and no method to choose)
         return jnp.zeros(out_shape, jnp.result_type(a, b, *(() if h0 is None else (h0,))))
 
-    kw = dict(out_shape=out_shape, reverse=reverse, chunk_size=chunk_size)
+    kw = dict(out_shape=out_shape, reverse=reverse, chunk_size=chunk_size, adjoint=adjoint)
     if method == "auto" and sequence_axis is None:
         dtype = jnp.result_type(a, b, *(() if h0 is None else (h0,)))
         time, size = out_shape[0], math.prod(out_shape[1:])
@@ -157,7 +174,8 @@ def _forward_or_trained(forward, trained, a, b, h0, resets, **kw):
     def run(method):
         return lambda a, b, h0, resets: _scan(method, a, b, h0, resets, **kw)
 
-    if trained == "pallas":  # its custom VJP has no JVP rule: reverse mode only
+    # the trained method's VJP is a custom one (its adjoint, or the kernel's): reverse mode only
+    if trained == "pallas" or kw["adjoint"]:
         scan_fn = jax.custom_vjp(run(forward))
         scan_fn.defvjp(lambda *args: jax.vjp(run(trained), *args), lambda vjp, g: vjp(g))
     else:  # forward mode too; reverse mode transposes `trained`'s JVP
@@ -176,6 +194,7 @@ def _scan(
     out_shape,
     reverse,
     chunk_size,
+    adjoint,
     sequence_axis=None,
     scan_table=None,
 ):
@@ -201,20 +220,87 @@ def _scan(
         a = jnp.where(mask, jnp.zeros((), dtype), a if time_varying else a[None])
         time_varying = True
 
+    core = functools.partial(
+        _core,
+        time_varying=time_varying,
+        method=method,
+        chunk_size=chunk_size,
+        sequence_axis=sequence_axis,
+        scan_table=scan_table,
+    )
+    if adjoint:
+        return _with_adjoint(core, a, b, h0, reverse, time_varying)
+    return core(a, b, h0, reverse)
+
+
+def _core(a, b, h0, reverse, *, time_varying, method, chunk_size, sequence_axis, scan_table):
+    """The scan of prepared inputs (resets folded into a zero `a`) in either direction."""
+    if sequence_axis is None:
+        return _run(a, b, h0, time_varying, method, chunk_size, reverse=reverse)
     if reverse:
         b = jnp.flip(b, 0)
         a = jnp.flip(a, 0) if time_varying else a
-    if sequence_axis is not None:
-        h = _sequence_parallel(
-            a, b, h0, time_varying, method, chunk_size, sequence_axis, scan_table
-        )
-    else:
-        h = _run(a, b, h0, time_varying, method, chunk_size)
+    h = _sequence_parallel(a, b, h0, time_varying, method, chunk_size, sequence_axis, scan_table)
     return jnp.flip(h, 0) if reverse else h
 
 
-def _run(a, b, h0, time_varying, method, chunk_size, scan_table=None):
-    """The forward scan of prepared inputs (see `linear_scan`) with one method."""
+def _with_adjoint(core, a, b, h0, reverse, time_varying):
+    """`core(a, b, h0, reverse)` with the adjoint scan as its VJP (`_adjoint`)."""
+
+    @jax.custom_vjp
+    def scan(a, b, h0):
+        return core(a, b, h0, reverse)
+
+    def scan_fwd(a, b, h0):
+        h = core(a, b, h0, reverse)
+        return h, (a, h0, h)
+
+    def scan_bwd(residuals, ct):
+        return _adjoint(core, *residuals, ct, reverse, time_varying)
+
+    scan.defvjp(scan_fwd, scan_bwd)
+    return scan(a, b, h0)
+
+
+def _adjoint(core, a, h0, h, ct, reverse, time_varying):
+    """The VJP of h = core(a, b, h0, reverse) at cotangent `ct`: (da, db, dh0).
+
+    JAX's cotangents are transposes, not adjoints (no conjugation, also for complex values):
+    for the forward direction the transpose of h_t = a_t h_{t-1} + b_t is the scan the other
+    way, g_t = a_{t+1} g_{t+1} + ct_t, and db_t = g_t, dh0 = a_0 g_0, da_t = g_t h_{t-1}
+    (h_{-1} = h0); `reverse` mirrors every index. A reset (a_t = 0) cuts g there too.
+    """
+    later = slice(1, None) if not reverse else slice(None, -1)  # x_{t+1} at t, as a slice
+    earlier = slice(None, -1) if not reverse else slice(1, None)
+    first = 0 if not reverse else -1
+
+    def in_order(x, y):  # x then y along time in the scan's own direction
+        return jnp.concatenate([x, y] if not reverse else [y, x], axis=0)
+
+    # the adjoint's decay at t is a of the step after t; after the last step nothing follows
+    a_next = in_order(a[later], jnp.zeros_like(a[:1])) if time_varying else a
+    g = core(a_next, ct, None, not reverse)
+    h_start = jnp.zeros(h.shape[1:], h.dtype) if h0 is None else h0
+    if time_varying:  # per step: g_first * h0, then g_t * h_{t-1}; summed to a's own shape
+        da = _sum_to(in_order((g[first] * h_start)[None], g[later] * h[earlier]), a.shape)
+    else:  # a sum over time (and broadcast axes) of products that XLA fuses into the sum
+        da = _sum_to(g[later] * h[earlier], a.shape) + _sum_to(g[first] * h_start, a.shape)
+    dh0 = None if h0 is None else (a[first] if time_varying else a) * g[first]
+    return da, g, dh0
+
+
+def _sum_to(x, shape):
+    """x summed over its leading axes and those `shape` broadcasts (size 1) to `shape`."""
+    lead = x.ndim - len(shape)
+    axes = tuple(range(lead)) + tuple(
+        lead + i for i, n in enumerate(shape) if n == 1 and x.shape[lead + i] != 1
+    )
+    return jnp.sum(x, axis=axes).reshape(shape) if axes else x.reshape(shape)
+
+
+def _run(a, b, h0, time_varying, method, chunk_size, scan_table=None, reverse=False):
+    """The scan of prepared inputs (see `linear_scan`) with one method, in time order, or
+    from the last step to the first if `reverse` (h0 then enters at the last step)."""
     time = b.shape[0]
     if method == "auto":  # within a sequence-parallel block; the kernel takes no sequence_axis
         size = math.prod(b.shape[1:])
@@ -222,12 +308,16 @@ def _run(a, b, h0, time_varying, method, chunk_size, scan_table=None):
             method = choose_method(
                 time, size, dtype=b.dtype, allow_pallas=False, scan_table=scan_table
             )
-            return _run(a, b, h0, time_varying, method, chunk_size)
+            return _run(a, b, h0, time_varying, method, chunk_size, reverse=reverse)
     if method == "sequential":
-        return _sequential(a, b, h0, time_varying)
+        return _sequential(a, b, h0, time_varying, reverse)
     if method == "associative":
-        return _associative(a, b, h0, time_varying)
-    return _chunked(a, b, h0, time_varying, chunk_size or _default_chunk(time))
+        return _associative(a, b, h0, time_varying, reverse)
+    if reverse:  # the blocked scan runs in time order: mirror time around it
+        b = jnp.flip(b, 0)
+        a = jnp.flip(a, 0) if time_varying else a
+    h = _chunked(a, b, h0, time_varying, chunk_size or _default_chunk(time))
+    return jnp.flip(h, 0) if reverse else h
 
 
 def choose_method(
@@ -247,7 +337,8 @@ def choose_method(
     nearest measured shape (same real/complex kind; forward+backward timings if
     `differentiated`, else forward-only ones, each where the table has them). "auto" asks for
     both: where they differ, the scan runs the forward-only choice unless it is differentiated
-    (a `jax.custom_jvp`, or a `jax.custom_vjp` when the trained choice is "pallas"). A table
+    (a `jax.custom_vjp`; with `adjoint=False`, a `jax.custom_jvp` unless the trained choice is
+    "pallas"). A table
     measured on another backend is not used.
 
     Without one, a built-in rule. On CPU it comes from measurements
@@ -319,7 +410,7 @@ def _validate(a, b, h0, resets, names=("a", "b", "h0"), allow_complex=True):
     return a, b, h0, resets, out_shape
 
 
-def _sequential(a, b, h0, time_varying):
+def _sequential(a, b, h0, time_varying, reverse=False):
     h_init = jnp.zeros(b.shape[1:], b.dtype) if h0 is None else h0
     if time_varying:
 
@@ -327,13 +418,13 @@ def _sequential(a, b, h0, time_varying):
             h = ab[0] * h + ab[1]
             return h, h
 
-        return jax.lax.scan(step, h_init, (a, b))[1]
+        return jax.lax.scan(step, h_init, (a, b), reverse=reverse)[1]
 
     def step_invariant(h, b_t):
         h = a * h + b_t
         return h, h
 
-    return jax.lax.scan(step_invariant, h_init, b)[1]
+    return jax.lax.scan(step_invariant, h_init, b, reverse=reverse)[1]
 
 
 def _combine(left, right):
@@ -342,11 +433,12 @@ def _combine(left, right):
     return a_l * a_r, a_r * b_l + b_r
 
 
-def _associative(a, b, h0, time_varying):
+def _associative(a, b, h0, time_varying, reverse=False):
     a_full = jnp.broadcast_to(a if time_varying else a[None], b.shape)
+    first = -1 if reverse else 0
     if h0 is not None:
-        b = b.at[0].add(a_full[0] * h0)
-    return jax.lax.associative_scan(_combine, (a_full, b))[1]
+        b = b.at[first].add(a_full[first] * h0)
+    return jax.lax.associative_scan(_combine, (a_full, b), reverse=reverse)[1]
 
 
 def _chunked(a, b, h0, time_varying, chunk):

@@ -117,9 +117,12 @@ def test_gradients_numerically_complex_reverse_resets(method):
 
 
 def test_forward_mode_and_jit():
+    """Forward mode needs adjoint=False (JAX's autodiff): the adjoint is a custom VJP."""
     rng = np.random.default_rng(4)
     a, b, h0, _ = _case(rng, 5, time_varying=False)
-    scan = jax.jit(lambda a, b: linear_scan(a, b, method="chunked"))
+    with pytest.raises(TypeError, match="custom_vjp"):
+        jax.jvp(lambda a: linear_scan(a, b, method="chunked"), (a,), (a,))
+    scan = jax.jit(lambda a, b: linear_scan(a, b, method="chunked", adjoint=False))
     jac = jax.jacfwd(scan, argnums=0)(a, b)  # [T, 3, 4, 4]
     # dh_t/da for a time-invariant a: numerically, by central differences in float64.
     eps = 1e-3
@@ -176,6 +179,7 @@ def test_time_invariant_a_is_not_materialised():
         ({"resets": np.ones((4,), bool)}, ValueError, "resets: expected shape"),
         ({"chunk_size": 0}, ValueError, "chunk_size"),
         ({"reverse": 1}, TypeError, "reverse"),
+        ({"adjoint": "yes"}, TypeError, "adjoint"),
     ],
 )
 def test_bad_input_is_named(kwargs, error, match):
