@@ -50,7 +50,7 @@ class _Functional(nnx.Module):
 
     def params(self) -> dict:
         """The parameters as the functional form takes them: {name: array}."""
-        return {name: getattr(self, name)[...] for name in self._names}
+        return {name: getattr(self, name).get_value() for name in self._names}
 
     def _forward(self, params, u, h0, **kw):  # the functional forward, time-major
         raise NotImplementedError
@@ -580,7 +580,8 @@ class SequenceBlock(nnx.Module):
         else:  # Linen's BatchNorm defaults: momentum 0.9 as `nn.SequenceBlock`, epsilon 1e-5
             self.norm_layer = nnx.BatchNorm(d_model, momentum=0.9, use_bias=norm_bias, rngs=rngs)
         self.out = nnx.Linear(d_model, 2 * d_model if ffn == "glu" else d_model, rngs=rngs)
-        self.dropout = nnx.Dropout(dropout_rate, rngs=rngs)
+        # no random stream where nothing is dropped: the state is then parameters only
+        self.dropout = nnx.Dropout(dropout_rate, rngs=rngs if dropout_rate > 0.0 else None)
 
     def _normalise(self, x, deterministic, mask=None):
         if self.norm == "layer":
@@ -706,7 +707,7 @@ def linen_variables(module: nnx.Module) -> dict:
     dropout streams' state is not a Linen variable and is left out."""
     variables = {}
     for kind, collection in COLLECTIONS.items():
-        flat = {path: v[...] for path, v in _variables_of(module, kind).items()}
+        flat = {path: v.get_value() for path, v in _variables_of(module, kind).items()}
         if flat:
             variables[collection] = traverse_util.unflatten_dict(flat)
     return variables
@@ -717,10 +718,12 @@ def load_linen(module: nnx.Module, variables) -> nnx.Module:
     `variables` dict of its Linen twin ({"params": ..., "batch_stats": ...}); returns it.
 
     Every array the module has must be there under its Linen name with its shape, and
-    nothing else may be: a `ValueError` names the first path that differs.
+    nothing else may be: a `ValueError` names the first path that differs, and then nothing
+    is changed. The module may be abstract (`nnx.eval_shape`): this makes it concrete.
     """
     if not hasattr(variables, "get"):
         _checks.fail("variables", "a Linen variables dict", type(variables).__name__, TypeError)
+    updates = []
     for kind, collection in COLLECTIONS.items():
         ours = _variables_of(module, kind)
         theirs = traverse_util.flatten_dict(dict(variables.get(collection, {})))
@@ -728,8 +731,11 @@ def load_linen(module: nnx.Module, variables) -> nnx.Module:
             where = "missing from variables" if path in ours else "not in the module"
             _checks.fail(f"variables[{collection!r}]", "the module's names", f"{path} {where}")
         for path, var in ours.items():
-            value = jnp.asarray(theirs[path])
-            if value.shape != var[...].shape:
-                _checks.fail(f"{collection}/{'/'.join(path)}", str(var[...].shape), value.shape)
-            var[...] = value.astype(var[...].dtype)
+            now = var.get_value()  # maybe abstract
+            if jnp.shape(theirs[path]) != now.shape:
+                where = f"{collection}/{'/'.join(path)}"
+                _checks.fail(where, str(now.shape), jnp.shape(theirs[path]))
+            updates.append((var, theirs[path], now.dtype))
+    for var, value, dtype in updates:
+        var.set_value(jnp.asarray(value, dtype))
     return module
