@@ -244,6 +244,7 @@ class MinRNN(_Scanned):
         rngs: nnx.Rngs,
     ):
         cell = cell or self.cell_name
+        _checks.positive_int("in_features", in_features)
         mingru.check_form(log_space, activation)
         self._set_scan(scan_method, scan_table, scan.LOG_METHODS if log_space else scan.METHODS)
         proj_out = mingru.check_cell(cell, in_features, d_state, proj_out)
@@ -509,7 +510,11 @@ class Stack(nnx.Module):
     False (`rngs` is needed only when `dropout_rate` > 0)."""
 
     def __init__(
-        self, layers: Sequence[nnx.Module], *, dropout_rate: float = 0.0, rngs: nnx.Rngs = None
+        self,
+        layers: Sequence[nnx.Module],
+        *,
+        dropout_rate: float = 0.0,
+        rngs: nnx.Rngs | None = None,
     ):
         self.dropout_rate = _checks.rate("dropout_rate", dropout_rate)
         self.layers = nnx.List(list(layers))
