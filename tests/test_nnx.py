@@ -2,7 +2,10 @@
 outputs, carries and gradients; variables move both ways; steps equal the full call; bad
 input is named; a few nnx.Optimizer steps train a model.
 
-Each comparison runs every layer in one compiled program: the suite's time goes to compiling.
+The suite's time goes to compiling, so a layer whose two forms share every operation is
+compared by tracing both (the same program computes the same outputs, carries and gradients
+at every input), and the blocks, whose norms differ in code between the APIs, by value in one
+compiled program.
 """
 
 import functools
