@@ -55,11 +55,8 @@ class _Functional(nnx.Module):
     def _forward(self, params, u, h0, **kw):  # the functional forward, time-major
         raise NotImplementedError
 
-    def _check_input(self, params, x, name):
-        raise NotImplementedError
-
-    def _step(self, params, carry, x):
-        raise NotImplementedError
+    # the functional form's check_input(params, x, name) and step(params, carry, x)
+    _check_input = _step = None
 
     def __call__(
         self,
@@ -150,8 +147,7 @@ class RecurrentLayer(_Functional):
         """The zero carry for `batch_size` sequences."""
         return self.make_cell().zero_carry((batch_size,), self.hidden_size, dtype)
 
-    def _check_input(self, params, x, name):
-        return cells.check_input(params, x, name)
+    _check_input = staticmethod(cells.check_input)
 
     def _step(self, params, carry, x):
         return self.make_cell().step(params, carry, x)
@@ -214,11 +210,8 @@ class LRU(_Scanned):
     def _forward(self, params, u, h0, **kw):
         return lru.forward(params, u, h0, **kw, **self._scan_kw(), sequence_axis=self.sequence_axis)
 
-    def _check_input(self, params, x, name):
-        return lru.check_input(params, x, name)
-
-    def _step(self, params, carry, x):
-        return lru.step(params, carry, x)
+    _check_input = staticmethod(lru.check_input)
+    _step = staticmethod(lru.step)
 
     def initial_carry(self, batch_size: int):
         return lru.zero_state((batch_size,), self.d_state)
@@ -264,8 +257,7 @@ class MinRNN(_Scanned):
             activation=self.activation,
         )
 
-    def _check_input(self, params, x, name):
-        return mingru.check_input(params, x, name)
+    _check_input = staticmethod(mingru.check_input)
 
     def _step(self, params, carry, x):
         return mingru.step(params, carry, x, activation=self.activation)
@@ -309,11 +301,8 @@ class HGRN(_Scanned):
     def _forward(self, params, u, h0, **kw):
         return hgrn.forward(params, u, h0, **kw, **self._scan_kw())
 
-    def _check_input(self, params, x, name):
-        return hgrn.check_input(params, x, name)
-
-    def _step(self, params, carry, x):
-        return hgrn.step(params, carry, x)
+    _check_input = staticmethod(hgrn.check_input)
+    _step = staticmethod(hgrn.step)
 
     def initial_carry(self, batch_size: int):
         return hgrn.zero_state((batch_size,), self.d_state)
@@ -350,8 +339,7 @@ class S5(_Scanned):
     def _forward(self, params, u, h0, **kw):
         return s5.forward(params, u, h0, **kw, **self._scan_kw(), **self._form())
 
-    def _check_input(self, params, x, name):
-        return s5.check_input(params, x, name)
+    _check_input = staticmethod(s5.check_input)
 
     def _step(self, params, carry, x):
         return s5.step(params, carry, x, **self._form())
@@ -385,11 +373,8 @@ class RGLRU(_Scanned):
     def _forward(self, params, u, h0, **kw):
         return rglru.forward(params, u, h0, **kw, **self._scan_kw())
 
-    def _check_input(self, params, x, name):
-        return rglru.check_input(params, x, name)
-
-    def _step(self, params, carry, x):
-        return rglru.step(params, carry, x)
+    _check_input = staticmethod(rglru.check_input)
+    _step = staticmethod(rglru.step)
 
     def initial_carry(self, batch_size: int):
         return rglru.zero_state((batch_size,), self.width)
@@ -423,11 +408,8 @@ class RecurrentBlock(_Scanned):
     def _forward(self, params, u, h0, **kw):
         return rglru.block_forward(params, u, h0, **kw, **self._scan_kw())
 
-    def _check_input(self, params, x, name):
-        return rglru.check_block_input(params, x, name)
-
-    def _step(self, params, carry, x):
-        return rglru.block_step(params, carry, x)
+    _check_input = staticmethod(rglru.check_block_input)
+    _step = staticmethod(rglru.block_step)
 
     def initial_carry(self, batch_size: int):
         return rglru.block_zero_state((batch_size,), self.lru_width, self.conv_width)
@@ -469,11 +451,8 @@ class Mamba(_Scanned):
     def _forward(self, params, u, h0, **kw):
         return mamba.forward(params, u, h0, **kw, **self._scan_kw(), chunk_size=self.chunk_size)
 
-    def _check_input(self, params, x, name):
-        return mamba.check_input(params, x, name)
-
-    def _step(self, params, carry, x):
-        return mamba.step(params, carry, x)
+    _check_input = staticmethod(mamba.check_input)
+    _step = staticmethod(mamba.step)
 
     def initial_carry(self, batch_size: int):
         return mamba.zero_state((batch_size,), self.d_inner, self.d_state, self.d_conv)

@@ -175,9 +175,9 @@ SAME_PROGRAM = [name for name in CASES if name not in ("SequenceBlock", "Stack")
 
 @pytest.mark.parametrize("name", SAME_PROGRAM)
 def test_a_layer_computes_the_same_program_as_its_linen_twin(name):
-    """With `load_linen`'s parameters the NNX form's loss and gradients are the Linen twin's
-    program, operation for operation: so its outputs, carries and gradients are the Linen
-    ones at every input. (Tracing both is cheap; compiling both would not be.)"""
+    """With `load_linen`'s parameters the NNX form's loss and gradients (and its step) are the
+    Linen twin's program, operation for operation: so its outputs, carries and gradients are
+    the Linen ones at every input. (Tracing both is cheap; compiling both would not be.)"""
     make, linen, extra = CASES[name]
     x = _x()
     module = fnnx.eval_shape(make)  # the parameters' shapes, nothing computed
@@ -189,6 +189,17 @@ def test_a_layer_computes_the_same_program_as_its_linen_twin(name):
     linen_program = jax.make_jaxpr(_linen_loss(linen, extra))(variables, x)
     assert str(nnx_program) == str(linen_program)
     assert len(nnx_program.eqns) > 5  # a real program, not a constant
+    if name != "Bidirectional":  # a causal layer: its step is the twin's step too
+
+        def nnx_step(variables, carry, x_t):
+            return nnx.load_linen(fnnx.eval_shape(make), variables).step(carry, x_t)
+
+        def linen_step(variables, carry, x_t):
+            return linen.apply(variables, carry, x_t, method="step")
+
+        carry = module.initial_carry(B)
+        nnx_step = jax.make_jaxpr(nnx_step)(variables, carry, x[:, 0])
+        assert str(nnx_step) == str(jax.make_jaxpr(linen_step)(variables, carry, x[:, 0]))
 
 
 def test_blocks_in_a_stack_equal_their_linen_twins_and_step_as_they_run():
