@@ -205,8 +205,8 @@ def test_a_layer_computes_the_same_program_as_its_linen_twin(name):
 def test_blocks_in_a_stack_equal_their_linen_twins_and_step_as_they_run():
     """A stack of a post-norm BatchNorm block over an LRU (plain feed-forward) and a pre-norm
     LayerNorm GLU block over attention: outputs, carries and gradients against the Linen
-    twin with the same variables (Linen -> NNX), and one step at a time against the full
-    call."""
+    twin with the same variables (Linen -> NNX), in evaluation and in training (BatchNorm's
+    statistics), and one step at a time against the full call."""
 
     def make():
         return nnx.Stack(
@@ -252,9 +252,20 @@ def test_blocks_in_a_stack_equal_their_linen_twins_and_step_as_they_run():
             ys.append(y_t)
         full = module(x[:, :STEPS], return_carry=True)
         grads = {nnx._linen_path(p): g.get_value() for p, g in fnnx.to_flat_state(grads)}
-        return ours, theirs, grads, _flat(linen_grads), (carry, jnp.stack(ys, 1)), full
+        # the BatchNorm block in training: it normalises by the batch and moves its averages
+        # (a Stack's `deterministic` is the dropout between its layers', in both forms)
+        block_variables = {c: variables[c]["layers_0"] for c in variables}
+        linen_train = linen.layers[0].apply(
+            block_variables, x, LENGTHS, deterministic=False, mutable=["batch_stats"]
+        )
+        nnx_train = module.layers[0](x, LENGTHS, deterministic=False)
+        nnx_eval = module.layers[0](x, LENGTHS)
+        stepped = (carry, jnp.stack(ys, 1))
+        train = nnx_train, nnx_eval, linen_train
+        return ours, theirs, grads, _flat(linen_grads), stepped, full, train
 
-    ours, theirs, grads, linen_grads, stepped, full = run(module, variables, x)
+    ours, theirs, grads, linen_grads, stepped, full, train = run(module, variables, x)
+    nnx_train, nnx_eval, linen_train = train
     _assert_trees_close(ours[1], theirs[1], "y")
     _assert_trees_close(ours[0], theirs[0], "carry")
     assert float(jnp.max(jnp.abs(ours[1][1, LENGTHS[1] :]))) == 0.0  # padding
@@ -264,6 +275,14 @@ def test_blocks_in_a_stack_equal_their_linen_twins_and_step_as_they_run():
         _assert_trees_close(g, linen_grads[path], f"grad {path}")
     _assert_trees_close(stepped[1], full[1], "steps: y")
     _assert_trees_close(stepped[0], full[0], "steps: carry")
+    _assert_trees_close(nnx_train, linen_train[0], "training: y")
+    assert float(jnp.max(jnp.abs(nnx_train - nnx_eval))) > 1e-3  # the batch's statistics
+    moved = nnx.linen_variables(module)["batch_stats"]["layers_0"]  # BatchStats, in place
+    _assert_trees_close(moved, linen_train[1]["batch_stats"], "training: batch_stats")
+    assert not np.allclose(
+        moved["norm_layer"]["mean"],
+        variables["batch_stats"]["layers_0"]["norm_layer"]["mean"],
+    )
 
 
 def test_variables_come_back_from_an_nnx_module_unchanged():
@@ -289,51 +308,6 @@ def test_parameters_are_the_functional_init_of_the_modules_first_key():
     nnx_gru = traced(lambda: nnx.GRU(H, 3, rngs=_rngs(4)).params())
     assert nnx_gru == traced(lambda: cells.get("gru").init(_rngs(4).params(), H, 3))
     assert nnx_gru != traced(lambda: cells.get("gru").init(_rngs(5).params(), H, 3))
-
-
-def test_training_mode_updates_batch_stats_as_linen_and_draws_dropout():
-    """BatchNorm's averages are nnx.BatchStats that move as Linen's; dropout draws from rngs."""
-    make = lambda: nnx.SequenceBlock(  # noqa: E731
-        H, nnx.LRU(H, 6, rngs=_rngs()), norm="batch", dropout_rate=0.5, rngs=_rngs()
-    )
-    linen = nn.SequenceBlock(H, nn.LRU(6), norm="batch", dropout_rate=0.5)
-    x = _x(3)
-    variables = _drawn(_linen_shapes(linen, x))
-    module = nnx.load_linen(make(), variables)
-    assert sorted(_flat(variables["batch_stats"])) == [
-        ("norm_layer", "mean"),
-        ("norm_layer", "var"),
-    ]
-
-    @fnnx.jit
-    def run(module, variables, x):
-        y_eval = module(x, LENGTHS)
-        y_train = module(x, LENGTHS, deterministic=False)  # moves the averages
-        _, updated = linen.apply(
-            variables,
-            x,
-            LENGTHS,
-            deterministic=False,
-            mutable=["batch_stats"],
-            rngs={"dropout": jax.random.key(0)},
-        )
-        return y_eval, y_train, updated
-
-    y_eval, y_train, updated = run(module, variables, x)
-    moved = nnx.linen_variables(module)["batch_stats"]
-    assert (
-        float(
-            jnp.max(
-                jnp.abs(
-                    moved["norm_layer"]["mean"] - variables["batch_stats"]["norm_layer"]["mean"]
-                )
-            )
-        )
-        > 1e-3
-    )
-    _assert_trees_close(moved, updated["batch_stats"], "batch_stats")  # the pre-norm's input is x
-    assert float(jnp.max(jnp.abs(y_train - y_eval))) > 1e-3  # dropout was on
-    assert float(jnp.max(jnp.abs(y_train[1, LENGTHS[1] :]))) == 0.0
 
 
 def test_bad_input_is_named():
@@ -370,7 +344,8 @@ def test_bad_input_is_named():
 
 
 def test_a_few_optimizer_steps_reduce_the_loss():
-    """Predicting the previous step's input (a delay of one) with a block over an LRU."""
+    """Predicting the previous step's input (a delay of one) with a block over an LRU, its
+    dropout on."""
 
     class Model(fnnx.Module):
         def __init__(self, rngs):
@@ -391,9 +366,13 @@ def test_a_few_optimizer_steps_reduce_the_loss():
         def loss_fn(model):
             return jnp.mean((model(x, deterministic=False) - target) ** 2)
 
+        without_dropout = jnp.mean((model(x) - target) ** 2)
         loss, grads = fnnx.value_and_grad(loss_fn)(model)
         optimizer.update(model, grads)
-        return loss
+        return loss, without_dropout
 
-    losses = [float(train_step(model, optimizer, x, target)) for _ in range(30)]
+    results = [train_step(model, optimizer, x, target) for _ in range(30)]
+    losses = [float(loss) for loss, _ in results]
+    assert abs(losses[0] - float(results[0][1])) > 1e-4  # dropout draws, from the rngs
+    assert abs(losses[1] - losses[0]) > 1e-4
     assert losses[-1] < 0.6 * losses[0], losses
