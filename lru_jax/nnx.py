@@ -486,7 +486,8 @@ class Bidirectional(nnx.Module):
 class Stack(nnx.Module):
     """Sequence layers applied in order, with dropout between them (`nn.Stack`); the carry
     is a tuple with one entry per layer. Dropout draws from `rngs` when `deterministic` is
-    False (`rngs` is needed only when `dropout_rate` > 0)."""
+    False (`rngs` is needed only when `dropout_rate` > 0); as in `nn.Stack`, `deterministic`
+    is that dropout's alone: the layers are called without it (blocks in evaluation mode)."""
 
     def __init__(
         self,
