@@ -397,23 +397,15 @@ class CausalSelfAttention(nn.Module):
     rope_base: float = 10_000.0
 
     def setup(self):
-        d = _checks.positive_int("d_model", self.d_model)
-        heads = _checks.positive_int("num_heads", self.num_heads)
-        _checks.positive_int("max_len", self.max_len)
-        if d % heads or (d // heads) % 2:
-            raise ValueError(
-                f"num_heads: d_model / num_heads must be an even integer (rotary positions "
-                f"rotate feature pairs), got d_model={d}, num_heads={heads}"
-            )
-        shape = (heads, d // heads)
+        check_self_attention(self.d_model, self.num_heads, self.max_len)
+        shape = (self.num_heads, self.d_model // self.num_heads)
         self.query = nn.DenseGeneral(shape)
         self.key = nn.DenseGeneral(shape)
         self.value = nn.DenseGeneral(shape)
-        self.out = nn.DenseGeneral(d, axis=(-2, -1))
+        self.out = nn.DenseGeneral(self.d_model, axis=(-2, -1))
 
     def _project(self, x, positions):
-        rotate = lambda t: att.rotary_embedding(t, positions, base=self.rope_base)  # noqa: E731
-        return rotate(self.query(x)), rotate(self.key(x)), self.value(x)
+        return rotary_project(self.query, self.key, self.value, x, positions, self.rope_base)
 
     def __call__(
         self, x, seq_lengths=None, *, initial_carry=None, return_carry=False, reverse=False
@@ -423,59 +415,23 @@ class CausalSelfAttention(nn.Module):
         Outputs past each sequence's length are zero; the returned cache holds the valid
         steps only, with index = initial index + seq_lengths.
         """
-        if reverse:
-            raise ValueError("reverse: causal self-attention runs forwards only; got True")
-        x = _checks.sequence("x", x)
-        _checks.feature_size("x", x.shape[-1], self.d_model, "features (d_model)")
-        batch, time = x.shape[:2]
-        seq_lengths = _checks.seq_lengths(seq_lengths, batch, time)
-        cache = initial_carry
-        if cache is not None:
-            self._check_cache(cache, batch, time)
-        elif time > self.max_len:
-            raise ValueError(f"x: expected at most max_len={self.max_len} steps, got {time}")
-        start = jnp.zeros((batch,), jnp.int32) if cache is None else cache.index
-        q, k, v = self._project(x, start[:, None] + jnp.arange(time))
-        # Causality alone keeps valid queries off padded keys (they come later); padded
-        # queries' outputs are zeroed below.
-        mask, keys, values = att.causal_mask(time), k, v
-        if cache is not None:  # the new steps also see every cached one
-            cached = jnp.arange(self.max_len)[None, :] < cache.index[:, None]
-            cached = jnp.broadcast_to(cached[:, None, None, :], (batch, 1, time, self.max_len))
-            mask = jnp.concatenate([cached, jnp.broadcast_to(mask, (batch, 1, time, time))], -1)
-            keys = jnp.concatenate([cache.key, k], axis=1)
-            values = jnp.concatenate([cache.value, v], axis=1)
-        out, _ = att.dot_product_attention(q, keys, values, mask=mask)
-        y = self.out(out)
-        if seq_lengths is not None:
-            y = _zero_padded_queries(y, att.query_padding_mask(seq_lengths, time))
-        if not return_carry:
-            return y
-        cache = self.initial_carry(batch) if cache is None else cache
-        lengths = jnp.full((batch,), time, jnp.int32) if seq_lengths is None else seq_lengths
-        return _write(cache, k, v, lengths), y
-
-    def _check_cache(self, cache, batch, time):
-        if not isinstance(cache, KVCache):
-            raise TypeError(f"initial_carry: expected a KVCache, got {type(cache).__name__}")
-        d = self.d_model // self.num_heads
-        want = (batch, self.max_len, self.num_heads, d)
-        if cache.key.shape != want or cache.value.shape != want:
-            raise ValueError(
-                f"initial_carry: expected key/value caches of shape {want}, got "
-                f"{cache.key.shape} and {cache.value.shape}"
-            )
-        if _checks.is_concrete(cache.index) and int(jnp.max(cache.index)) + time > self.max_len:
-            raise ValueError(
-                f"initial_carry: {int(jnp.max(cache.index))} cached + {time} new steps exceed "
-                f"max_len={self.max_len}"
-            )
+        cache, y = self_attention_forward(
+            self._project,
+            self.out,
+            x,
+            seq_lengths,
+            initial_carry,
+            reverse=reverse,
+            d_model=self.d_model,
+            num_heads=self.num_heads,
+            max_len=self.max_len,
+            return_carry=return_carry,
+        )
+        return (cache, y) if return_carry else y
 
     def initial_carry(self, batch_size: int, dtype=jnp.float32) -> KVCache:
         """An empty cache for `batch_size` sequences."""
-        shape = (batch_size, self.max_len, self.num_heads, self.d_model // self.num_heads)
-        zeros = jnp.zeros(shape, dtype)
-        return KVCache(zeros, zeros, jnp.zeros((batch_size,), jnp.int32))
+        return empty_cache(batch_size, self.max_len, self.d_model, self.num_heads, dtype)
 
     def step(self, carry: KVCache, x):
         """One step: x [batch, d_model] -> (KVCache, y [batch, d_model]).
@@ -483,13 +439,104 @@ class CausalSelfAttention(nn.Module):
         Equal to the parallel form at position `carry.index`. Steps past max_len are not
         stored (the cache is full): keep prompt + generated length <= max_len.
         """
-        _checks.rank("x", x, 2, "[batch, d_model]")
-        _checks.feature_size("x", x.shape[-1], self.d_model, "features (d_model)")
-        q, k, v = self._project(x[:, None], carry.index[:, None])
-        carry = _write(carry, k, v, jnp.ones_like(carry.index))
-        mask = jnp.arange(self.max_len)[None, :] < carry.index[:, None]  # includes this step
-        out, _ = att.dot_product_attention(q, carry.key, carry.value, mask=mask[:, None, None, :])
-        return carry, self.out(out)[:, 0]
+        return self_attention_step(self._project, self.out, carry, x, self.d_model)
+
+
+# Causal self-attention given its projections; the Linen and the NNX `CausalSelfAttention`
+# both run through these. `project(x, positions)` maps x [batch, time, d_model] and int
+# positions [batch, time] to rotated queries and keys and the values [batch, time, heads, D];
+# `out` maps [batch, time, heads, D] to [batch, time, d_model].
+
+
+def check_self_attention(d_model: int, num_heads: int, max_len: int) -> None:
+    d = _checks.positive_int("d_model", d_model)
+    heads = _checks.positive_int("num_heads", num_heads)
+    _checks.positive_int("max_len", max_len)
+    if d % heads or (d // heads) % 2:
+        raise ValueError(
+            f"num_heads: d_model / num_heads must be an even integer (rotary positions "
+            f"rotate feature pairs), got d_model={d}, num_heads={heads}"
+        )
+
+
+def rotary_project(query, key, value, x, positions, rope_base: float):
+    """Queries and keys (`query(x)`, `key(x)`, [batch, time, heads, D]) rotated to their
+    positions [batch, time], and the values `value(x)`."""
+    rotate = lambda t: att.rotary_embedding(t, positions, base=rope_base)  # noqa: E731
+    return rotate(query(x)), rotate(key(x)), value(x)
+
+
+def empty_cache(batch_size: int, max_len: int, d_model: int, num_heads: int, dtype=jnp.float32):
+    """An empty `KVCache` for `batch_size` sequences of at most `max_len` steps."""
+    shape = (batch_size, max_len, num_heads, d_model // num_heads)
+    zeros = jnp.zeros(shape, dtype)
+    return KVCache(zeros, zeros, jnp.zeros((batch_size,), jnp.int32))
+
+
+def self_attention_forward(
+    project, out, x, seq_lengths, cache, *, reverse, d_model, num_heads, max_len, return_carry
+):
+    """x [batch, time, d_model] -> (KVCache or None where not `return_carry`, y [batch,
+    time, d_model]); `cache`, a KVCache or None, holds earlier steps the new ones also see."""
+    if reverse:
+        raise ValueError("reverse: causal self-attention runs forwards only; got True")
+    x = _checks.sequence("x", x)
+    _checks.feature_size("x", x.shape[-1], d_model, "features (d_model)")
+    batch, time = x.shape[:2]
+    seq_lengths = _checks.seq_lengths(seq_lengths, batch, time)
+    if cache is not None:
+        _check_cache(cache, batch, time, d_model, num_heads, max_len)
+    elif time > max_len:
+        raise ValueError(f"x: expected at most max_len={max_len} steps, got {time}")
+    start = jnp.zeros((batch,), jnp.int32) if cache is None else cache.index
+    q, k, v = project(x, start[:, None] + jnp.arange(time))
+    # Causality alone keeps valid queries off padded keys (they come later); padded
+    # queries' outputs are zeroed below.
+    mask, keys, values = att.causal_mask(time), k, v
+    if cache is not None:  # the new steps also see every cached one
+        cached = jnp.arange(max_len)[None, :] < cache.index[:, None]
+        cached = jnp.broadcast_to(cached[:, None, None, :], (batch, 1, time, max_len))
+        mask = jnp.concatenate([cached, jnp.broadcast_to(mask, (batch, 1, time, time))], -1)
+        keys = jnp.concatenate([cache.key, k], axis=1)
+        values = jnp.concatenate([cache.value, v], axis=1)
+    o, _ = att.dot_product_attention(q, keys, values, mask=mask)
+    y = out(o)
+    if seq_lengths is not None:
+        y = _zero_padded_queries(y, att.query_padding_mask(seq_lengths, time))
+    if not return_carry:
+        return None, y
+    if cache is None:
+        cache = empty_cache(batch, max_len, d_model, num_heads)
+    lengths = jnp.full((batch,), time, jnp.int32) if seq_lengths is None else seq_lengths
+    return _write(cache, k, v, lengths), y
+
+
+def _check_cache(cache, batch, time, d_model, num_heads, max_len):
+    if not isinstance(cache, KVCache):
+        raise TypeError(f"initial_carry: expected a KVCache, got {type(cache).__name__}")
+    want = (batch, max_len, num_heads, d_model // num_heads)
+    if cache.key.shape != want or cache.value.shape != want:
+        raise ValueError(
+            f"initial_carry: expected key/value caches of shape {want}, got "
+            f"{cache.key.shape} and {cache.value.shape}"
+        )
+    if _checks.is_concrete(cache.index) and int(jnp.max(cache.index)) + time > max_len:
+        raise ValueError(
+            f"initial_carry: {int(jnp.max(cache.index))} cached + {time} new steps exceed "
+            f"max_len={max_len}"
+        )
+
+
+def self_attention_step(project, out, carry: KVCache, x, d_model: int):
+    """One step at position `carry.index`: x [batch, d_model] -> (KVCache, y [batch,
+    d_model])."""
+    _checks.rank("x", x, 2, "[batch, d_model]")
+    _checks.feature_size("x", x.shape[-1], d_model, "features (d_model)")
+    q, k, v = project(x[:, None], carry.index[:, None])
+    carry = _write(carry, k, v, jnp.ones_like(carry.index))
+    mask = jnp.arange(carry.key.shape[1])[None, :] < carry.index[:, None]  # includes this step
+    o, _ = att.dot_product_attention(q, carry.key, carry.value, mask=mask[:, None, None, :])
+    return carry, out(o)[:, 0]
 
 
 def _write(cache: KVCache, k, v, lengths) -> KVCache:

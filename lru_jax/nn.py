@@ -227,9 +227,14 @@ class LRU(nn.Module):
 
 
 def _checked_step(module, check_input, step, carry, x, features: str = "H"):
-    """A layer's one step with its trained parameters: x [batch, features] checked against
-    them (`check_input(params, x, name)`), then `step(params, carry, x) -> (carry, y)`."""
-    params = module.variables["params"]
+    """A layer's one step with its trained parameters (see `checked_step`)."""
+    return checked_step(module.variables["params"], check_input, step, carry, x, features)
+
+
+def checked_step(params, check_input, step, carry, x, features: str = "H"):
+    """One step of a functional form with `params`: x [batch, features] checked against
+    them (`check_input(params, x, name)`), then `step(params, carry, x) -> (carry, y)`.
+    The Linen and the NNX layers both step through it."""
     _checks.rank("x", x, 2, f"[batch, {features}]")
     x = check_input(params, x, "x")  # as an array (a nested list is converted)
     return step(params, carry, x)
@@ -695,17 +700,33 @@ class Bidirectional(nn.Module):
         self, x, seq_lengths=None, *, initial_carry=None, return_carry=False, reverse=False
     ):
         _checks.one_of("merge", self.merge, ("concat", "sum"))
-        if reverse:
-            raise ValueError("reverse: a Bidirectional layer already runs both ways; got True")
-        fwd_carry, bwd_carry = (None, None) if initial_carry is None else initial_carry
-        fwd_carry, y_f = self.forward_layer(
-            x, seq_lengths, initial_carry=fwd_carry, return_carry=True
+        carry, y = bidirectional_forward(
+            self.forward_layer,
+            self.backward_layer,
+            self.merge,
+            x,
+            seq_lengths,
+            initial_carry,
+            reverse,
         )
-        bwd_carry, y_b = self.backward_layer(
-            x, seq_lengths, initial_carry=bwd_carry, return_carry=True, reverse=True
-        )
-        y = jnp.concatenate([y_f, y_b], axis=-1) if self.merge == "concat" else y_f + y_b
-        return ((fwd_carry, bwd_carry), y) if return_carry else y
+        return (carry, y) if return_carry else y
+
+
+def bidirectional_forward(
+    forward_layer, backward_layer, merge, x, seq_lengths, initial_carry, reverse=False
+):
+    """Both directions of a bidirectional layer (the Linen and the NNX `Bidirectional`):
+    x [batch, time, in] -> ((forward carry, backward carry), y [batch, time, out]), y the
+    outputs concatenated (merge "concat") or summed ("sum")."""
+    if reverse:
+        raise ValueError("reverse: a Bidirectional layer already runs both ways; got True")
+    fwd_carry, bwd_carry = (None, None) if initial_carry is None else initial_carry
+    fwd_carry, y_f = forward_layer(x, seq_lengths, initial_carry=fwd_carry, return_carry=True)
+    bwd_carry, y_b = backward_layer(
+        x, seq_lengths, initial_carry=bwd_carry, return_carry=True, reverse=True
+    )
+    y = jnp.concatenate([y_f, y_b], axis=-1) if merge == "concat" else y_f + y_b
+    return (fwd_carry, bwd_carry), y
 
 
 def stack_forward(layers, x, seq_lengths=None, initial_carry=None, *, between=None, **kwargs):
@@ -837,12 +858,8 @@ class SequenceBlock(nn.Module):
         return self.norm_layer(x, use_running_average=deterministic, mask=mask)
 
     def _feed_forward(self, z, deterministic):
-        z = self.dropout(nn.gelu(z), deterministic=deterministic)
-        z = self.out(z)
-        if self.ffn == "glu":
-            value, gate = jnp.split(z, 2, axis=-1)
-            z = value * jax.nn.sigmoid(gate)
-        return self.dropout(z, deterministic=deterministic)
+        dropout = functools.partial(self.dropout, deterministic=deterministic)
+        return block_feed_forward(z, self.ffn, self.out, dropout)
 
     def __call__(
         self, x, seq_lengths=None, initial_carry=None, return_carry=False, deterministic=True
@@ -852,18 +869,16 @@ class SequenceBlock(nn.Module):
         The arguments may be given by position, for `nn.remat(SequenceBlock,
         static_argnums=(4, 5))` (`self` counts as argument 0).
         """
-        x, seq_lengths = check_sequence(x, seq_lengths)
-        _checks.feature_size("x", x.shape[-1], self.d_model, "features (d_model)")
-        mask = None
-        if seq_lengths is not None:
-            mask = _time_major(padding.step_mask(seq_lengths, x.shape[1]))[..., None]  # [B, T, 1]
-        z = self._normalise(x, deterministic, mask) if self.prenorm else x
-        carry, z = self.mixer(z, seq_lengths, initial_carry=initial_carry, return_carry=True)
-        x = x + self._feed_forward(z, deterministic)
-        if not self.prenorm:
-            x = self._normalise(x, deterministic, mask)
-        if mask is not None:
-            x = jnp.where(mask, x, 0.0)
+        carry, x = block_forward(
+            x,
+            seq_lengths,
+            initial_carry,
+            d_model=self.d_model,
+            prenorm=self.prenorm,
+            normalise=lambda x, mask: self._normalise(x, deterministic, mask),
+            mixer=self.mixer,
+            feed_forward=lambda z: self._feed_forward(z, deterministic),
+        )
         return (carry, x) if return_carry else x
 
     def initial_carry(self, batch_size: int):
@@ -871,10 +886,61 @@ class SequenceBlock(nn.Module):
 
     def step(self, carry, x):
         """One step of a causal mixer: x [batch, d_model] -> (carry, y [batch, d_model])."""
-        _checks.rank("x", x, 2, "[batch, d_model]")
-        z = self._normalise(x, True) if self.prenorm else x
-        carry, z = self.mixer.step(carry, z)
-        x = x + self._feed_forward(z, True)
-        if not self.prenorm:
-            x = self._normalise(x, True)
-        return carry, x
+        return block_step(
+            carry,
+            x,
+            prenorm=self.prenorm,
+            normalise=lambda x: self._normalise(x, True),
+            mixer_step=self.mixer.step,
+            feed_forward=lambda z: self._feed_forward(z, True),
+        )
+
+
+# The residual block's computation, given its parts; the Linen and the NNX `SequenceBlock`
+# both run through these.
+
+
+def block_feed_forward(z, ffn: str, out, dropout):
+    """dropout(GLU(dropout(gelu(z)))) (ffn "glu", out's width 2 d_model) or
+    dropout(out(dropout(gelu(z)))) (ffn "gelu"): z [..., d_model] -> [..., d_model]."""
+    z = out(dropout(nn.gelu(z)))
+    if ffn == "glu":
+        value, gate = jnp.split(z, 2, axis=-1)
+        z = value * jax.nn.sigmoid(gate)
+    return dropout(z)
+
+
+def block_forward(
+    x, seq_lengths, initial_carry, *, d_model, prenorm, normalise, mixer, feed_forward
+):
+    """A `SequenceBlock` over whole sequences: `normalise(x, mask)` (mask bool [batch, time,
+    1] of valid steps, or None), `mixer` a sequence layer, `feed_forward(z)`.
+
+    x [batch, time, d_model] -> (the mixer's carry, y [batch, time, d_model]), y zero past
+    each length.
+    """
+    x, seq_lengths = check_sequence(x, seq_lengths)
+    _checks.feature_size("x", x.shape[-1], d_model, "features (d_model)")
+    mask = None
+    if seq_lengths is not None:
+        mask = _time_major(padding.step_mask(seq_lengths, x.shape[1]))[..., None]  # [B, T, 1]
+    z = normalise(x, mask) if prenorm else x
+    carry, z = mixer(z, seq_lengths, initial_carry=initial_carry, return_carry=True)
+    x = x + feed_forward(z)
+    if not prenorm:
+        x = normalise(x, mask)
+    if mask is not None:
+        x = jnp.where(mask, x, 0.0)
+    return carry, x
+
+
+def block_step(carry, x, *, prenorm, normalise, mixer_step, feed_forward):
+    """One step of a `SequenceBlock` over a causal mixer (`normalise(x)` in its evaluation
+    form): x [batch, d_model] -> (carry, y [batch, d_model])."""
+    _checks.rank("x", x, 2, "[batch, d_model]")
+    z = normalise(x) if prenorm else x
+    carry, z = mixer_step(carry, z)
+    x = x + feed_forward(z)
+    if not prenorm:
+        x = normalise(x)
+    return carry, x

@@ -32,7 +32,7 @@ LAYERS = (
         "lru_jax.attention",
     ),  # pure functions
     ("lru_jax.attention_nn", "lru_jax.nn"),  # Flax layers
-    ("lru_jax.models",),
+    ("lru_jax.models", "lru_jax.nnx"),  # models; the Flax NNX layers (over nn's helpers)
     ("lru_jax.tasks.",),
     ("lru_jax.training.",),
     ("lru_jax.diagnostics", "lru_jax.interop"),  # libraries over the models
