@@ -104,9 +104,19 @@ class RecurrentLayer(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x, seq_lengths=None, *, initial_carry=None, return_carry=False, reverse=False
+        self,
+        x,
+        seq_lengths=None,
+        *,
+        initial_carry=None,
+        return_carry=False,
+        reverse=False,
+        resets=None,
     ):
-        """x: [batch, time, in] -> y [batch, time, hidden] (or (carry, y))."""
+        """x: [batch, time, in] -> y [batch, time, hidden] (or (carry, y)).
+
+        `resets`, optional bool [batch, time], zeroes the carry before those steps.
+        """
         _checks.positive_int("hidden_size", self.hidden_size)
         x, seq_lengths = check_sequence(x, seq_lengths)
         if self.has_variable("params", "w_ih"):
@@ -125,6 +135,7 @@ class RecurrentLayer(nn.Module):
             reverse=reverse,
             unroll=self.unroll,
             grad_chunk=self.grad_chunk,
+            resets=_time_major_resets(resets),
         )
         ys = _time_major(ys)
         return (carry, ys) if return_carry else ys
@@ -845,12 +856,21 @@ class SequenceBlock(nn.Module):
         return self.dropout(z, deterministic=deterministic)
 
     def __call__(
-        self, x, seq_lengths=None, initial_carry=None, return_carry=False, deterministic=True
+        self,
+        x,
+        seq_lengths=None,
+        initial_carry=None,
+        return_carry=False,
+        deterministic=True,
+        resets=None,
     ):
         """x: [batch, time, d_model] -> [batch, time, d_model] (or (carry, y)).
 
-        The arguments may be given by position, for `nn.remat(SequenceBlock,
-        static_argnums=(4, 5))` (`self` counts as argument 0).
+        `resets`, optional bool [batch, time], marks where documents packed into a row start:
+        the mixer restarts its state there (recurrences) or attends within documents only
+        (attention), so no state passes from one document to the next; without it the mixer
+        is called as before. The arguments may be given by position, for
+        `nn.remat(SequenceBlock, static_argnums=(4, 5))` (`self` counts as argument 0).
         """
         x, seq_lengths = check_sequence(x, seq_lengths)
         _checks.feature_size("x", x.shape[-1], self.d_model, "features (d_model)")
@@ -858,7 +878,10 @@ class SequenceBlock(nn.Module):
         if seq_lengths is not None:
             mask = _time_major(padding.step_mask(seq_lengths, x.shape[1]))[..., None]  # [B, T, 1]
         z = self._normalise(x, deterministic, mask) if self.prenorm else x
-        carry, z = self.mixer(z, seq_lengths, initial_carry=initial_carry, return_carry=True)
+        extra = {} if resets is None else {"resets": resets}
+        carry, z = self.mixer(
+            z, seq_lengths, initial_carry=initial_carry, return_carry=True, **extra
+        )
         x = x + self._feed_forward(z, deterministic)
         if not self.prenorm:
             x = self._normalise(x, deterministic, mask)
