@@ -135,7 +135,7 @@ class RecurrentLayer(nn.Module):
             reverse=reverse,
             unroll=self.unroll,
             grad_chunk=self.grad_chunk,
-            resets=_time_major_resets(resets),
+            resets=_time_major_resets(_checks.resets(resets, x.shape[:2])),
         )
         ys = _time_major(ys)
         return (carry, ys) if return_carry else ys
