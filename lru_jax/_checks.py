@@ -244,3 +244,16 @@ def broadcastable(names: Sequence[str], shapes: Sequence[tuple]) -> tuple:
     except ValueError:
         listed = ", ".join(f"{n} {tuple(s)}" for n, s in zip(names, shapes, strict=True))
         raise ValueError(f"{' and '.join(names)} must broadcast together, got {listed}") from None
+
+
+def resets(resets, shape: tuple, layout: str = "[batch, time]"):
+    """Checks `resets`: None or a bool array of exactly `shape` (document starts, e.g.
+    [batch, time]); returns it as an array (a nested list converted) or None."""
+    if resets is None:
+        return None
+    got_shape, dtype = _shape_dtype("resets", resets)
+    if dtype != np.bool_:
+        raise TypeError(f"resets: expected a bool array, got dtype {dtype}")
+    if got_shape != tuple(shape):
+        raise ValueError(message("resets", f"shape {tuple(shape)} {layout}", f"{got_shape}"))
+    return array("resets", resets)

@@ -40,6 +40,19 @@ def causal_mask(time: int) -> jax.Array:
     return jnp.tril(jnp.ones((time, time), bool))
 
 
+def document_mask(resets) -> jax.Array:
+    """bool [batch, 1, time, time]: the causal mask within documents packed back to back.
+
+    `resets`: bool [batch, time], true at the first step of each document. Query i may attend
+    key j iff j <= i and no document starts in (j, i], so each document sees only itself.
+    """
+    _checks.rank("resets", resets, 2, "[batch, time]")
+    resets = _checks.resets(resets, resets.shape)
+    document = jnp.cumsum(resets, axis=1)  # [batch, time]: which document each step is in
+    same = document[:, :, None] == document[:, None, :]
+    return (same & causal_mask(resets.shape[1]))[:, None]
+
+
 def padding_mask(lengths, time: int) -> jax.Array:
     """bool [batch, 1, 1, time]: key j of sequence b is valid iff j < lengths[b].
 

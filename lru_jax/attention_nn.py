@@ -369,12 +369,15 @@ class KVCache(NamedTuple):
     """The carry of `CausalSelfAttention`: rotated keys and values of the steps seen so far.
 
     key, value: [batch, max_len, heads, head_dim]; index: int32 [batch], how many steps of
-    each sequence are stored (the position of its next step).
+    each sequence are stored (the position of its next step); start: int32 [batch], where
+    the current document starts (the last reset seen), so later steps attend to the cached
+    steps from there on only.
     """
 
     key: jax.Array
     value: jax.Array
     index: jax.Array
+    start: jax.Array
 
 
 class CausalSelfAttention(nn.Module):
@@ -408,12 +411,21 @@ class CausalSelfAttention(nn.Module):
         return rotary_project(self.query, self.key, self.value, x, positions, self.rope_base)
 
     def __call__(
-        self, x, seq_lengths=None, *, initial_carry=None, return_carry=False, reverse=False
+        self,
+        x,
+        seq_lengths=None,
+        *,
+        initial_carry=None,
+        return_carry=False,
+        reverse=False,
+        resets=None,
     ):
         """x [batch, time, d_model] -> y [batch, time, d_model] (or (KVCache, y)).
 
         Outputs past each sequence's length are zero; the returned cache holds the valid
-        steps only, with index = initial index + seq_lengths.
+        steps only, with index = initial index + seq_lengths. `resets`, optional bool
+        [batch, time], marks document starts: a query attends only to keys of its own
+        document (`attention.document_mask`), cached steps included (KVCache.start).
         """
         cache, y = self_attention_forward(
             self._project,
@@ -426,6 +438,7 @@ class CausalSelfAttention(nn.Module):
             num_heads=self.num_heads,
             max_len=self.max_len,
             return_carry=return_carry,
+            resets=resets,
         )
         return (cache, y) if return_carry else y
 
@@ -470,20 +483,35 @@ def empty_cache(batch_size: int, max_len: int, d_model: int, num_heads: int, dty
     """An empty `KVCache` for `batch_size` sequences of at most `max_len` steps."""
     shape = (batch_size, max_len, num_heads, d_model // num_heads)
     zeros = jnp.zeros(shape, dtype)
-    return KVCache(zeros, zeros, jnp.zeros((batch_size,), jnp.int32))
+    none = jnp.zeros((batch_size,), jnp.int32)
+    return KVCache(zeros, zeros, none, none)
 
 
 def self_attention_forward(
-    project, out, x, seq_lengths, cache, *, reverse, d_model, num_heads, max_len, return_carry
+    project,
+    out,
+    x,
+    seq_lengths,
+    cache,
+    *,
+    reverse,
+    d_model,
+    num_heads,
+    max_len,
+    return_carry,
+    resets=None,
 ):
     """x [batch, time, d_model] -> (KVCache or None where not `return_carry`, y [batch,
-    time, d_model]); `cache`, a KVCache or None, holds earlier steps the new ones also see."""
+    time, d_model]); `cache`, a KVCache or None, holds earlier steps the new ones also see
+    (those of their own document); `resets`, bool [batch, time] or None, marks where
+    documents start: a query attends only to keys of its own document."""
     if reverse:
         raise ValueError("reverse: causal self-attention runs forwards only; got True")
     x = _checks.sequence("x", x)
     _checks.feature_size("x", x.shape[-1], d_model, "features (d_model)")
     batch, time = x.shape[:2]
     seq_lengths = _checks.seq_lengths(seq_lengths, batch, time)
+    resets = _checks.resets(resets, (batch, time))
     if cache is not None:
         _check_cache(cache, batch, time, d_model, num_heads, max_len)
     elif time > max_len:
@@ -493,9 +521,15 @@ def self_attention_forward(
     # Causality alone keeps valid queries off padded keys (they come later); padded
     # queries' outputs are zeroed below.
     mask, keys, values = att.causal_mask(time), k, v
-    if cache is not None:  # the new steps also see every cached one
-        cached = jnp.arange(max_len)[None, :] < cache.index[:, None]
+    if resets is not None:
+        mask = att.document_mask(resets)
+    if cache is not None:  # the new steps also see the cached steps of their document
+        slots = jnp.arange(max_len)[None, :]
+        cached = (slots < cache.index[:, None]) & (slots >= cache.start[:, None])
         cached = jnp.broadcast_to(cached[:, None, None, :], (batch, 1, time, max_len))
+        if resets is not None:  # ... until a new document starts
+            fresh = jnp.cumsum(resets, axis=1) == 0  # [batch, time]
+            cached = cached & fresh[:, None, :, None]
         mask = jnp.concatenate([cached, jnp.broadcast_to(mask, (batch, 1, time, time))], -1)
         keys = jnp.concatenate([cache.key, k], axis=1)
         values = jnp.concatenate([cache.value, v], axis=1)
@@ -508,7 +542,7 @@ def self_attention_forward(
     if cache is None:
         cache = empty_cache(batch, max_len, d_model, num_heads)
     lengths = jnp.full((batch,), time, jnp.int32) if seq_lengths is None else seq_lengths
-    return _write(cache, k, v, lengths), y
+    return _write(cache, k, v, lengths, resets), y
 
 
 def _check_cache(cache, batch, time, d_model, num_heads, max_len):
@@ -534,17 +568,24 @@ def self_attention_step(project, out, carry: KVCache, x, d_model: int):
     _checks.feature_size("x", x.shape[-1], d_model, "features (d_model)")
     q, k, v = project(x[:, None], carry.index[:, None])
     carry = _write(carry, k, v, jnp.ones_like(carry.index))
-    mask = jnp.arange(carry.key.shape[1])[None, :] < carry.index[:, None]  # includes this step
+    slots = jnp.arange(carry.key.shape[1])[None, :]
+    mask = (slots < carry.index[:, None]) & (slots >= carry.start[:, None])  # this step too
     o, _ = att.dot_product_attention(q, carry.key, carry.value, mask=mask[:, None, None, :])
     return carry, out(o)[:, 0]
 
 
-def _write(cache: KVCache, k, v, lengths) -> KVCache:
-    """Stores the first lengths[b] steps of k, v [batch, time, heads, D] after cache.index."""
+def _write(cache: KVCache, k, v, lengths, resets=None) -> KVCache:
+    """Stores the first lengths[b] steps of k, v [batch, time, heads, D] after cache.index;
+    the document start moves to the last of those steps that `resets` [batch, time] marks."""
     batch, time = k.shape[:2]
     t = jnp.arange(time)[None, :]
+    start = cache.start
+    if resets is not None:
+        marked = resets & (t < lengths[:, None])
+        last = jnp.max(jnp.where(marked, t, -1), axis=1)  # -1: no reset in the valid steps
+        start = jnp.where(last >= 0, cache.index + last, start)
     slot = jnp.where(t < lengths[:, None], cache.index[:, None] + t, cache.key.shape[1])
     rows = jnp.arange(batch)[:, None]
     key = cache.key.at[rows, slot].set(k.astype(cache.key.dtype), mode="drop")
     value = cache.value.at[rows, slot].set(v.astype(cache.value.dtype), mode="drop")
-    return KVCache(key, value, cache.index + lengths)
+    return KVCache(key, value, cache.index + lengths, start)

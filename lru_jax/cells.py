@@ -215,6 +215,7 @@ def unroll(
     reverse: bool = False,
     unroll: int = 1,
     grad_chunk: int | None = 16,
+    resets: jax.Array | None = None,
 ) -> tuple[Carry, jax.Array]:
     """Runs `cell` over a time-major sequence with `jax.lax.scan`.
 
@@ -232,6 +233,10 @@ def unroll(
       grad_chunk: time steps per weight-gradient matmul in the backward pass (a custom VJP;
         the result equals autodiff's to rounding). None: JAX's own autodiff of the loop, which
         also supports forward-mode differentiation (`jax.jvp`, `jax.jacfwd`).
+      resets: optional bool [time, batch]: where true, the carry is zeroed before that step
+        (a document starts there), inside the same loop. Resets past a sequence's length are
+        ignored; with `reverse` they are reversed with xs (they mark restarts in the order
+        the cell runs, as `scan.linear_scan`'s).
 
     Returns:
       (carry, ys) with ys: [time, batch, hidden].
@@ -240,6 +245,7 @@ def unroll(
     _checks.rank("xs", xs, 3, "[time, batch, features]")
     time, batch, _ = xs.shape
     seq_lengths = _checks.seq_lengths(seq_lengths, batch, time)
+    resets = _checks.resets(resets, (time, batch), "[time, batch]")
     _checks.positive_int("unroll", unroll)
     if grad_chunk is not None:
         _checks.positive_int("grad_chunk", grad_chunk)
@@ -252,11 +258,14 @@ def unroll(
 
     if reverse:
         xs = reverse_within_lengths(xs, seq_lengths)
+        resets = None if resets is None else reverse_within_lengths(resets, seq_lengths)
     valid = step_mask(seq_lengths, time)
+    if resets is not None and valid is not None:  # a reset in the padding must not clear the carry
+        resets = resets & valid
     if grad_chunk is None:
-        carry, ys = _recurrence(cell, unroll, params, carry, xs, valid)
+        carry, ys = _recurrence(cell, unroll, params, carry, xs, valid, resets)
     else:
-        carry, ys = _chunked_bptt(cell, unroll, grad_chunk, params, carry, xs, valid)
+        carry, ys = _chunked_bptt(cell, unroll, grad_chunk, params, carry, xs, valid, resets)
     if reverse:
         ys = reverse_within_lengths(ys, seq_lengths)
     return carry, ys
@@ -300,45 +309,54 @@ def _masked_combine(cell: Cell, params, carry, xp, recurrent, ok):
     return new_carry, jnp.where(ok[:, None], y, jnp.zeros((), y.dtype))
 
 
-def _recurrence(cell: Cell, unroll: int, params: Params, carry, xs, valid, save=False):
+def _restart(carry, reset):
+    """The carry zeroed where `reset` (bool [batch], or None: unchanged)."""
+    if reset is None:
+        return carry
+    return jax.tree.map(lambda c: jnp.where(reset[:, None], jnp.zeros((), c.dtype), c), carry)
+
+
+def _recurrence(cell: Cell, unroll: int, params: Params, carry, xs, valid, resets, save=False):
     """Runs the cell over xs [time, batch, in] -> (carry, ys [time, batch, hidden]).
 
-    `valid` is None or bool [time, batch]. With `save`, ys is (ys, residuals): per step the
-    projected input, the recurrent product (None for additive cells) and the carry before it.
+    `valid` and `resets` are None or bool [time, batch]; at a reset the carry is zeroed before
+    the step. With `save`, ys is (ys, residuals): per step the projected input, the recurrent
+    product (None for additive cells) and the carry it started from (after the reset).
     """
     elementwise = _elementwise_params(params)
     step_params = _step_params(cell, params)
 
     def step(carry, inputs):
-        x, ok = inputs
+        x, ok, reset = inputs
+        carry = _restart(carry, reset)
         xp, recurrent = _pre_activations(cell, step_params, carry, x)
         new_carry, y = _masked_combine(cell, elementwise, carry, xp, recurrent, ok)
         if not save:
             return new_carry, y
         return new_carry, (y, (xp, None if cell.additive else recurrent, carry))
 
-    return jax.lax.scan(step, carry, (xs, valid), unroll=unroll)
+    return jax.lax.scan(step, carry, (xs, valid, resets), unroll=unroll)
 
 
 # Backpropagation through time with the weight gradients formed per chunk of steps.
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _chunked_bptt(cell: Cell, unroll: int, chunk: int, params: Params, carry, xs, valid):
+def _chunked_bptt(cell: Cell, unroll: int, chunk: int, params: Params, carry, xs, valid, resets):
     """`_recurrence`, differentiated by `_bptt_backward`."""
-    return _recurrence(cell, unroll, params, carry, xs, valid)
+    return _recurrence(cell, unroll, params, carry, xs, valid, resets)
 
 
-def _bptt_forward(cell, unroll, chunk, params, carry, xs, valid):
-    carry, (ys, residuals) = _recurrence(cell, unroll, params, carry, xs, valid, save=True)
-    return (carry, ys), (params, xs, valid, residuals)
+def _bptt_forward(cell, unroll, chunk, params, carry, xs, valid, resets):
+    carry, (ys, residuals) = _recurrence(cell, unroll, params, carry, xs, valid, resets, True)
+    return (carry, ys), (params, xs, valid, resets, residuals)
 
 
 def _bptt_backward(cell, unroll, chunk, saved, cotangents):
     """The reversed loop over chunks of `chunk` steps (the first T mod chunk steps last)."""
-    params, xs, valid, residuals = saved
+    params, xs, valid, resets, residuals = saved
     dcarry, dys = cotangents
-    sequences = (dys, *residuals, valid, xs)  # each [time, ...] (or None)
+    sequences = (dys, *residuals, valid, resets, xs)  # each [time, ...] (or None)
     time = xs.shape[0]
     size = max(1, min(chunk, time))  # steps per chunk (1 when there are none: no chunks)
     n_chunks, head = divmod(time, size)
@@ -346,11 +364,11 @@ def _bptt_backward(cell, unroll, chunk, saved, cotangents):
 
     def chunk_back(state, inputs):
         dcarry, d_elementwise, d_params = state
-        dy, xp, recurrent, carries, ok, x = inputs
+        dy, xp, recurrent, carries, ok, reset, x = inputs
         (dcarry, d_elementwise), (dxp, drec) = jax.lax.scan(
             step_back,
             (dcarry, d_elementwise),
-            (dy, xp, recurrent, carries, ok),
+            (dy, xp, recurrent, carries, ok, reset),
             reverse=True,
             unroll=unroll,
         )
@@ -369,7 +387,7 @@ def _bptt_backward(cell, unroll, chunk, saved, cotangents):
         dxs = jnp.concatenate([dx_head, dxs])
     dcarry, d_elementwise, d_params = state
     d_params = _tree_add(d_params, {**zeros(params), **d_elementwise})
-    return d_params, dcarry, dxs, None
+    return d_params, dcarry, dxs, None, None
 
 
 _chunked_bptt.defvjp(_bptt_forward, _bptt_backward)
@@ -382,7 +400,7 @@ def _bptt_step(cell: Cell, params: Params):
 
     def step_back(state, inputs):
         dcarry, d_elementwise = state
-        dy, xp, recurrent, carry, ok = inputs
+        dy, xp, recurrent, carry, ok, reset = inputs
         if cell.additive:  # combine sees xp + recurrent: one cotangent serves both
 
             def combine(e, c, p):
@@ -398,7 +416,9 @@ def _bptt_step(cell: Cell, params: Params):
             de, dcarry, dxp, drec = vjp((dcarry, dy))
         _, state_vjp = jax.vjp(cell.state_of, carry)
         (dcarry_via_h,) = state_vjp(drec @ params["w_hh"].T)
-        state = (_tree_add(dcarry, dcarry_via_h), _tree_add(d_elementwise, de))
+        # A reset zeroed the carry before this step: nothing flows back past it.
+        dcarry = _restart(_tree_add(dcarry, dcarry_via_h), reset)
+        state = (dcarry, _tree_add(d_elementwise, de))
         return state, (dxp, None if cell.additive else drec)
 
     return step_back

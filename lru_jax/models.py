@@ -171,28 +171,41 @@ class SequenceModel(nn.Module):
             raise TypeError(f"{name}: expected integer token ids, got dtype {x.dtype}")
 
     def __call__(
-        self, x, lengths=None, *, initial_carry=None, return_carry=False, deterministic=True
+        self,
+        x,
+        lengths=None,
+        *,
+        initial_carry=None,
+        return_carry=False,
+        deterministic=True,
+        resets=None,
     ):
         """x: int [batch, time] tokens or float [batch, time, features].
+
+        `resets`, optional bool [batch, time], is true at the first step of each document
+        packed into a row: every block's mixer restarts there (`nn.SequenceBlock`), so each
+        document gets the outputs it would get alone.
 
         Returns logits/predictions [batch, time, num_outputs] (pooling "none") or
         [batch, num_outputs]; with `return_carry`, (per-block carries, outputs).
         """
         self._check_inputs(x)
         _checks.rank("inputs", x, 2 if self.vocab_size is not None else 3)
+        resets = _checks.resets(resets, x.shape[:2])
         h = self.encoder(x)
         if self.remat and not self.is_initializing():
-            carries, h = self._chunked_blocks(h, lengths, initial_carry, deterministic)
+            carries, h = self._chunked_blocks(h, lengths, initial_carry, deterministic, resets)
         else:
+            extra = {} if resets is None else {"resets": resets}
             carries, h = lnn.stack_forward(
-                self.blocks, h, lengths, initial_carry, deterministic=deterministic
+                self.blocks, h, lengths, initial_carry, deterministic=deterministic, **extra
             )
         h = self.final_norm(h)
         h = self._pool(h, lengths)
         out = self.head(h)
         return (carries, out) if return_carry else out
 
-    def _chunked_blocks(self, h, lengths, initial_carry, deterministic):
+    def _chunked_blocks(self, h, lengths, initial_carry, deterministic, resets=None):
         """The blocks over time chunks in a rematerialised scan: h [batch, time, d_model]."""
         batch, time, width = h.shape
         k = min(self.remat_chunk, time)
@@ -201,13 +214,17 @@ class SequenceModel(nn.Module):
             lengths = jnp.full((batch,), time, jnp.int32)
         h = jnp.pad(h, ((0, 0), (0, n * k - time), (0, 0)))
         chunks = jnp.swapaxes(h.reshape(batch, n, k, width), 0, 1)  # [n, batch, k, d_model]
+        if resets is not None:
+            resets = jnp.pad(resets, ((0, 0), (0, n * k - time)))
+            resets = jnp.swapaxes(resets.reshape(batch, n, k), 0, 1)  # [n, batch, k]
         carry = self.initial_carry(batch) if initial_carry is None else tuple(initial_carry)
 
         def one_chunk(model, carry, inputs, lengths):
-            x, start = inputs
+            x, start, chunk_resets = inputs
             chunk_lengths = None if lengths is None else jnp.clip(lengths - start, 0, k)
+            extra = {} if chunk_resets is None else {"resets": chunk_resets}
             return lnn.stack_forward(
-                model.blocks, x, chunk_lengths, carry, deterministic=deterministic
+                model.blocks, x, chunk_lengths, carry, deterministic=deterministic, **extra
             )
 
         run = nn.scan(
@@ -216,7 +233,7 @@ class SequenceModel(nn.Module):
             split_rngs={"params": False, "dropout": True},
             in_axes=(0, nn.broadcast),
         )
-        carry, ys = run(self, carry, (chunks, jnp.arange(n) * k), lengths)
+        carry, ys = run(self, carry, (chunks, jnp.arange(n) * k, resets), lengths)
         return carry, jnp.swapaxes(ys, 0, 1).reshape(batch, n * k, width)[:, :time]
 
     def _pool(self, h, lengths):

@@ -104,9 +104,19 @@ class RecurrentLayer(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x, seq_lengths=None, *, initial_carry=None, return_carry=False, reverse=False
+        self,
+        x,
+        seq_lengths=None,
+        *,
+        initial_carry=None,
+        return_carry=False,
+        reverse=False,
+        resets=None,
     ):
-        """x: [batch, time, in] -> y [batch, time, hidden] (or (carry, y))."""
+        """x: [batch, time, in] -> y [batch, time, hidden] (or (carry, y)).
+
+        `resets`, optional bool [batch, time], zeroes the carry before those steps.
+        """
         _checks.positive_int("hidden_size", self.hidden_size)
         x, seq_lengths = check_sequence(x, seq_lengths)
         if self.has_variable("params", "w_ih"):
@@ -125,6 +135,7 @@ class RecurrentLayer(nn.Module):
             reverse=reverse,
             unroll=self.unroll,
             grad_chunk=self.grad_chunk,
+            resets=_time_major_resets(_checks.resets(resets, x.shape[:2])),
         )
         ys = _time_major(ys)
         return (carry, ys) if return_carry else ys
@@ -862,12 +873,21 @@ class SequenceBlock(nn.Module):
         return block_feed_forward(z, self.ffn, self.out, dropout)
 
     def __call__(
-        self, x, seq_lengths=None, initial_carry=None, return_carry=False, deterministic=True
+        self,
+        x,
+        seq_lengths=None,
+        initial_carry=None,
+        return_carry=False,
+        deterministic=True,
+        resets=None,
     ):
         """x: [batch, time, d_model] -> [batch, time, d_model] (or (carry, y)).
 
-        The arguments may be given by position, for `nn.remat(SequenceBlock,
-        static_argnums=(4, 5))` (`self` counts as argument 0).
+        `resets`, optional bool [batch, time], marks where documents packed into a row start:
+        the mixer restarts its state there (recurrences) or attends within documents only
+        (attention), so no state passes from one document to the next; without it the mixer
+        is called as before. The arguments may be given by position, for
+        `nn.remat(SequenceBlock, static_argnums=(4, 5))` (`self` counts as argument 0).
         """
         carry, x = block_forward(
             x,
@@ -878,6 +898,7 @@ class SequenceBlock(nn.Module):
             normalise=lambda x, mask: self._normalise(x, deterministic, mask),
             mixer=self.mixer,
             feed_forward=lambda z: self._feed_forward(z, deterministic),
+            resets=resets,
         )
         return (carry, x) if return_carry else x
 
@@ -911,10 +932,11 @@ def block_feed_forward(z, ffn: str, out, dropout):
 
 
 def block_forward(
-    x, seq_lengths, initial_carry, *, d_model, prenorm, normalise, mixer, feed_forward
+    x, seq_lengths, initial_carry, *, d_model, prenorm, normalise, mixer, feed_forward, resets=None
 ):
     """A `SequenceBlock` over whole sequences: `normalise(x, mask)` (mask bool [batch, time,
-    1] of valid steps, or None), `mixer` a sequence layer, `feed_forward(z)`.
+    1] of valid steps, or None), `mixer` a sequence layer, `feed_forward(z)`; `resets` (bool
+    [batch, time] or None) goes to the mixer when given.
 
     x [batch, time, d_model] -> (the mixer's carry, y [batch, time, d_model]), y zero past
     each length.
@@ -925,7 +947,8 @@ def block_forward(
     if seq_lengths is not None:
         mask = _time_major(padding.step_mask(seq_lengths, x.shape[1]))[..., None]  # [B, T, 1]
     z = normalise(x, mask) if prenorm else x
-    carry, z = mixer(z, seq_lengths, initial_carry=initial_carry, return_carry=True)
+    extra = {} if resets is None else {"resets": resets}
+    carry, z = mixer(z, seq_lengths, initial_carry=initial_carry, return_carry=True, **extra)
     x = x + feed_forward(z)
     if not prenorm:
         x = normalise(x, mask)

@@ -125,9 +125,19 @@ class RecurrentLayer(_Functional):
         return cells.get(self.cell)
 
     def __call__(
-        self, x, seq_lengths=None, *, initial_carry=None, return_carry=False, reverse=False
+        self,
+        x,
+        seq_lengths=None,
+        *,
+        initial_carry=None,
+        return_carry=False,
+        reverse=False,
+        resets=None,
     ):
-        """x: [batch, time, in_features] -> y [batch, time, hidden] (or (carry, y))."""
+        """x: [batch, time, in_features] -> y [batch, time, hidden] (or (carry, y)).
+
+        `resets`, optional bool [batch, time], zeroes the carry before those steps.
+        """
         x, seq_lengths = linen_nn.check_sequence(x, seq_lengths)
         _checks.feature_size("x", x.shape[-1], self.in_features)
         carry, ys = cells.unroll(
@@ -139,6 +149,7 @@ class RecurrentLayer(_Functional):
             reverse=reverse,
             unroll=self.unroll,
             grad_chunk=self.grad_chunk,
+            resets=linen_nn._time_major_resets(_checks.resets(resets, x.shape[:2])),
         )
         ys = linen_nn._time_major(ys)
         return (carry, ys) if return_carry else ys
@@ -578,9 +589,16 @@ class SequenceBlock(nnx.Module):
         return linen_nn.block_feed_forward(z, self.ffn, self.out, dropout)
 
     def __call__(
-        self, x, seq_lengths=None, initial_carry=None, return_carry=False, deterministic=True
+        self,
+        x,
+        seq_lengths=None,
+        initial_carry=None,
+        return_carry=False,
+        deterministic=True,
+        resets=None,
     ):
-        """x: [batch, time, d_model] -> [batch, time, d_model] (or (carry, y))."""
+        """x: [batch, time, d_model] -> [batch, time, d_model] (or (carry, y)); `resets`
+        (bool [batch, time]) goes to the mixer, as in `nn.SequenceBlock`."""
         carry, x = linen_nn.block_forward(
             x,
             seq_lengths,
@@ -590,6 +608,7 @@ class SequenceBlock(nnx.Module):
             normalise=lambda x, mask: self._normalise(x, deterministic, mask),
             mixer=self.mixer,
             feed_forward=lambda z: self._feed_forward(z, deterministic),
+            resets=resets,
         )
         return (carry, x) if return_carry else x
 
@@ -638,9 +657,17 @@ class CausalSelfAttention(nnx.Module):
         )
 
     def __call__(
-        self, x, seq_lengths=None, *, initial_carry=None, return_carry=False, reverse=False
+        self,
+        x,
+        seq_lengths=None,
+        *,
+        initial_carry=None,
+        return_carry=False,
+        reverse=False,
+        resets=None,
     ):
-        """x [batch, time, d_model] -> y [batch, time, d_model] (or (KVCache, y))."""
+        """x [batch, time, d_model] -> y [batch, time, d_model] (or (KVCache, y)); `resets`
+        (bool [batch, time]) keeps each query within its document."""
         cache, y = attention_nn.self_attention_forward(
             self._project,
             self.out,
@@ -652,6 +679,7 @@ class CausalSelfAttention(nnx.Module):
             num_heads=self.num_heads,
             max_len=self.max_len,
             return_carry=return_carry,
+            resets=resets,
         )
         return (cache, y) if return_carry else y
 

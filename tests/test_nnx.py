@@ -37,7 +37,7 @@ def _rngs(seed=0):
 CASES = {
     "SimpleRNN": (lambda: nnx.SimpleRNN(H, 3, rngs=_rngs()), nn.SimpleRNN(3), {}),
     "LSTM": (lambda: nnx.LSTM(H, 3, rngs=_rngs()), nn.LSTM(3), {"reverse": True}),
-    "GRU": (lambda: nnx.GRU(H, 3, rngs=_rngs()), nn.GRU(3), {}),
+    "GRU": (lambda: nnx.GRU(H, 3, rngs=_rngs()), nn.GRU(3), {"resets": True}),
     "LRU": (lambda: nnx.LRU(H, 6, rngs=_rngs()), nn.LRU(6), {"resets": True}),
     "MinGRU": (lambda: nnx.MinGRU(H, 6, rngs=_rngs()), nn.MinGRU(6), {}),
     "MinLSTM": (
@@ -57,7 +57,7 @@ CASES = {
     "CausalSelfAttention": (
         lambda: nnx.CausalSelfAttention(H, num_heads=2, max_len=8, rngs=_rngs()),
         nn.CausalSelfAttention(H, num_heads=2, max_len=8),
-        {},
+        {"resets": True},
     ),
     "SequenceBlock": (  # batch norm after the residual, the plain feed-forward
         lambda: nnx.SequenceBlock(

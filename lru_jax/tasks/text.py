@@ -81,17 +81,32 @@ class CharText:
     non-overlapping windows, batch `index` holding windows index * batch .. (wrapping), so
     `num_examples` counts those windows (None for train). The baseline is the unigram entropy of
     the training bytes in nats: the loss of a model that ignores context.
+
+    `pack_documents`: the windows stay the same (documents back to back, no padding, a long
+    document running on into the next window), and batches also carry `resets`, bool
+    [batch_size, seq_len], true at each byte that starts a document, so the model restarts
+    its state there (`SequenceModel(..., resets=...)`) and no document sees the one before.
+    The last byte of a document still has the next document's first byte as its target.
+    Without it (the default, which configs saved before the flag existed get) there are no
+    resets and the state runs on from one document into the next.
     """
 
     def __init__(
-        self, corpus: str = "jokes", seq_len: int = 128, seed: int = 0, split_seed: int = 0
+        self,
+        corpus: str = "jokes",
+        seq_len: int = 128,
+        seed: int = 0,
+        split_seed: int = 0,
+        pack_documents: bool = False,
     ):
         self.corpus = _checks.one_of("corpus", corpus, CORPORA)
         self.seq_len = _checks.integer("seq_len", seq_len, 1)
         self.seed = _checks.integer("seed", seed, 0)
         self.split_seed = _checks.integer("split_seed", split_seed, 0)
+        self.pack_documents = _checks.boolean("pack_documents", pack_documents)
         self._docs = self._split_documents(load_corpus(corpus))
         self._text = {s: encode("".join(self._docs[s])).astype(np.uint8) for s in SPLITS}
+        self._starts = {s: self._document_starts(self._docs[s]) for s in SPLITS}
         for split, text in self._text.items():
             if len(text) < self.seq_len + 1:
                 raise ValueError(
@@ -120,6 +135,14 @@ class CharText:
         return {s: [docs[i] for i in sorted(parts[s])] for s in SPLITS}
 
     @staticmethod
+    def _document_starts(docs: list[str]) -> np.ndarray:
+        """bool [num_bytes] over the split's text: true at the first byte of each document."""
+        lengths = np.array([len(doc.encode("utf-8")) for doc in docs], np.int64)
+        starts = np.zeros(int(lengths.sum()), bool)
+        starts[np.cumsum(lengths) - lengths] = True
+        return starts
+
+    @staticmethod
     def _unigram_entropy(text: np.ndarray) -> float:
         p = np.bincount(text, minlength=256) / len(text)
         p = p[p > 0]
@@ -141,7 +164,8 @@ class CharText:
 
     def batch(self, split: str, index: int, batch_size: int) -> dict[str, np.ndarray]:
         """Returns inputs, targets int32 [batch_size, seq_len] and mask float32 [batch_size,
-        seq_len] (all ones)."""
+        seq_len] (all ones); with `pack_documents`, also resets bool [batch_size, seq_len]
+        (true at the first byte of each document)."""
         check_split(split)
         index, batch_size = check_batch_args(index, batch_size)
         text, t = self._text[split], self.seq_len
@@ -149,9 +173,13 @@ class CharText:
             starts = split_rng(self.seed, split, index).integers(0, len(text) - t, batch_size)
         else:
             starts = t * sequential_indices(self.num_examples(split), index, batch_size)
-        windows = text[starts[:, None] + np.arange(t + 1)].astype(np.int32)
-        return {
+        positions = starts[:, None] + np.arange(t + 1)
+        windows = text[positions].astype(np.int32)
+        batch = {
             "inputs": windows[:, :-1],
             "targets": windows[:, 1:],
             "mask": np.ones((batch_size, t), np.float32),
         }
+        if self.pack_documents:
+            batch["resets"] = self._starts[split][positions[:, :-1]]
+        return batch

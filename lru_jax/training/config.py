@@ -52,7 +52,11 @@ def default_config() -> ml_collections.ConfigDict:
     """Every key a config has, with defaults; experiment files change what they need."""
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.task = ml_collections.ConfigDict({"name": "text", "corpus": "jokes", "seq_len": 128})
+    # pack_documents: the text task's batches mark document starts (`resets`), where every
+    # mixer restarts; a saved config without the key loads without it (the older behaviour).
+    c.task = ml_collections.ConfigDict(
+        {"name": "text", "corpus": "jokes", "seq_len": 128, "pack_documents": True}
+    )
     # Keys every mixer shares sit at the top of `model`; each mixer's own keys in its group.
     c.model = ml_collections.ConfigDict(
         {

@@ -98,7 +98,7 @@ def abstract_state(model, tx, task, config, layout: sharding.Layout):
 
 def time_keys(spec) -> tuple[str, ...]:
     """The batch arrays with a time axis (at position 1)."""
-    return ("inputs", "targets", "mask") if spec.kind == "per_step" else ("inputs",)
+    return ("inputs", "targets", "mask", "resets") if spec.kind == "per_step" else ("inputs",)
 
 
 def evaluate(eval_step, state, task, split: str, batch_size: int, num_batches: int, put=None):

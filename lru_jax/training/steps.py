@@ -81,6 +81,12 @@ def model_inputs(batch) -> tuple:
     return batch["inputs"], batch.get("lengths")
 
 
+def model_keywords(batch) -> dict:
+    """The model's keyword inputs from a batch, in training and evaluation: `resets` (bool
+    [batch, time], the document starts of a packed text batch) where the batch has them."""
+    return {"resets": batch["resets"]} if "resets" in batch else {}
+
+
 def training_feedback(batch) -> dict:
     """Keyword arguments the model gets in training only: a seq2seq batch's targets and mask,
     for layers that learn from a reward (REINFORCE'd hard attention in `EncoderDecoder`)."""
@@ -105,8 +111,9 @@ class Gradients(NamedTuple):
 
 
 def _apply(model, params, model_state, inputs, lengths, carry, key, *extra, feedback=None):
-    """Runs the model in training on (inputs, lengths, *extra), its state collections and the
-    layers' loss terms mutable. Returns (carry, outputs, new model_state, {name: loss term})."""
+    """Runs the model in training on (inputs, lengths, *extra) and the keywords `feedback`,
+    its state collections and the layers' loss terms mutable. Returns (carry, outputs, new
+    model_state, {name: loss term})."""
     variables = {"params": params, **model_state}
     (carry, out), updates = model.apply(
         variables,
@@ -140,7 +147,7 @@ def gradients(model, spec: TaskSpec, state, batch, key) -> Gradients:
             None,
             key,
             *extra,
-            feedback=training_feedback(batch),
+            feedback={**training_feedback(batch), **model_keywords(batch)},
         )
         sums = loss_sums(spec, out, batch)
         loss = sums["loss_sum"] / jnp.maximum(sums["count"], 1.0) + sum(losses.values())
@@ -168,7 +175,8 @@ def _truncated_bptt(model, spec, state, batch, key, k: int) -> Gradients:
     inputs = batch["inputs"]
     batch_size, time = inputs.shape[:2]
     n = -(-time // k)
-    seg = {name: _segments(batch[name], k, n) for name in ("inputs", "targets", "mask")}
+    names = ("inputs", "targets", "mask", "resets")
+    seg = {name: _segments(batch[name], k, n) for name in names if name in batch}
     lengths = batch.get("lengths")
     if lengths is not None:
         starts = jnp.arange(n)[:, None] * k
@@ -189,6 +197,7 @@ def _truncated_bptt(model, spec, state, batch, key, k: int) -> Gradients:
                 piece.get("lengths"),
                 carry,
                 jax.random.fold_in(key, index),
+                feedback=model_keywords(piece),
             )
             piece_sums = loss_sums(spec, out, piece)
             loss = piece_sums["loss_sum"] / total + sum(losses.values()) / n
@@ -264,7 +273,7 @@ def make_eval_step(model, spec: TaskSpec):
     """A compiled `(state, batch) -> sums` (add them up over batches, then `summarise`)."""
 
     def eval_step(state, batch):
-        out = model.apply(state.variables(), *model_inputs(batch))
+        out = model.apply(state.variables(), *model_inputs(batch), **model_keywords(batch))
         return loss_sums(spec, out, batch)
 
     return jax.jit(eval_step)
