@@ -13,6 +13,15 @@ last valid step. Causal layers also have `step(carry, x_t) -> (carry, y_t)` for 
 one step at a time with the trained variables (`module.apply(variables, c, x_t, method="step")`)
 and `initial_carry(batch_size)`.
 
+Mixed precision: every module takes `dtype`, the dtype it computes in (matmuls, activations,
+its output), and `param_dtype`, the dtype its parameters are stored in, both float32 by
+default, as Flax's own modules. With dtype=jnp.bfloat16 the parameters stay float32 and are
+cast where they meet the activations; what needs the range or the resolution of float32 stays
+there whatever the dtype: the recurrences' decays and states (every scan of `lru_jax.scan`
+accumulates in float32 / complex64, their inputs cast up at the boundary, the states cast down
+for the readout), the norms' statistics and the attention softmax. The nonlinear cells
+(SimpleRNN, LSTM, GRU) have no scan: they run wholly in `dtype`, their carry included.
+
 The attention modules (`MultiHeadAttention`, `DotProductAttention`, `AdditiveAttention`,
 `AttentionPooling`, `HardAttention` and the mixer `CausalSelfAttention`) live in
 `lru_jax.attention_nn` and are re-exported here.
@@ -23,6 +32,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -39,6 +49,7 @@ from lru_jax.attention_nn import (  # noqa: F401  (re-exported)
     HardAttentionOutput,
     KVCache,
     MultiHeadAttention,
+    compute_dtype,
 )
 from lru_jax.scan_table import ScanTable
 
@@ -69,6 +80,11 @@ def _time_major(x):
     return jnp.swapaxes(x, 0, 1)
 
 
+def _in_compute_dtype(module: nn.Module, x):
+    """x (already checked) cast to the module's compute dtype."""
+    return x.astype(compute_dtype(module))
+
+
 def _declare_params(module: nn.Module, names, init):
     """The module's parameters `names` as a dict, created together by `init(key)`.
 
@@ -76,11 +92,17 @@ def _declare_params(module: nn.Module, names, init):
     the module's first "params" key, so the Flax module and the functional form give the same
     parameters from the same key, under the same names. (When the parameters exist, Flax
     still traces each initialiser abstractly to check their shapes.)
+    The parameters are stored in the module's `param_dtype` (the initialiser's float32 cast).
     """
+    dtype = _checks.float_dtype("param_dtype", module.param_dtype)
     fresh = {}
     if module.is_initializing() and not module.has_variable("params", names[0]):
         fresh = init(module.make_rng("params"))
-    return {name: module.param(name, lambda key, n=name: (fresh or init(key))[n]) for name in names}
+
+    def declare(name):
+        return module.param(name, lambda key: (fresh or init(key))[name].astype(dtype))
+
+    return {name: declare(name) for name in names}
 
 
 class RecurrentLayer(nn.Module):
@@ -96,6 +118,8 @@ class RecurrentLayer(nn.Module):
     activation: str = "tanh"  # SimpleRNN only: "tanh" | "relu"
     unroll: int = 1
     grad_chunk: int | None = 16  # see cells.unroll; None: JAX's autodiff (allows jax.jvp)
+    dtype: Any = jnp.float32  # computation (see the module docstring)
+    param_dtype: Any = jnp.float32  # parameter storage
 
     def make_cell(self) -> cells.Cell:
         if self.cell == "simple_rnn":
@@ -109,6 +133,7 @@ class RecurrentLayer(nn.Module):
         """x: [batch, time, in] -> y [batch, time, hidden] (or (carry, y))."""
         _checks.positive_int("hidden_size", self.hidden_size)
         x, seq_lengths = check_sequence(x, seq_lengths)
+        x = _in_compute_dtype(self, x)
         if self.has_variable("params", "w_ih"):
             _checks.feature_size("x", x.shape[-1], self.get_variable("params", "w_ih").shape[0])
         cell = self.make_cell()
@@ -116,6 +141,8 @@ class RecurrentLayer(nn.Module):
         params = _declare_params(
             self, names, lambda key: cell.init(key, x.shape[-1], self.hidden_size)
         )
+        # no scan to accumulate in: the cell runs wholly in the compute dtype
+        params = {k: v.astype(x.dtype) for k, v in params.items()}
         carry, ys = cells.unroll(
             cell,
             params,
@@ -129,13 +156,15 @@ class RecurrentLayer(nn.Module):
         ys = _time_major(ys)
         return (carry, ys) if return_carry else ys
 
-    def initial_carry(self, batch_size: int, dtype=jnp.float32):
-        """The zero carry for `batch_size` sequences."""
+    def initial_carry(self, batch_size: int, dtype=None):
+        """The zero carry for `batch_size` sequences, in `dtype` (None: the compute dtype)."""
+        dtype = compute_dtype(self) if dtype is None else dtype
         return self.make_cell().zero_carry((batch_size,), self.hidden_size, dtype)
 
     def step(self, carry, x):
         """One step: x [batch, in] -> (carry, y [batch, hidden]). Needs initialised variables."""
-        return _checked_step(self, cells.check_input, self.make_cell().step, carry, x, "features")
+        step = self.make_cell().step
+        return _checked_step(self, cells.check_input, step, carry, x, "features", cast_params=True)
 
 
 class SimpleRNN(RecurrentLayer):
@@ -175,6 +204,8 @@ class LRU(nn.Module):
     scan_method: str = "auto"
     sequence_axis: str | None = None
     scan_table: ScanTable | None = None
+    dtype: Any = jnp.float32  # computation (see the module docstring)
+    param_dtype: Any = jnp.float32  # parameter storage
 
     @nn.compact
     def __call__(
@@ -195,6 +226,7 @@ class LRU(nn.Module):
         lru.check_ring(self.r_min, self.r_max, self.max_phase)
         _check_scan(self.scan_method, self.scan_table)
         x, seq_lengths = check_sequence(x, seq_lengths)
+        x = _in_compute_dtype(self, x)
         if self.has_variable("params", "D"):
             _checks.feature_size("x", x.shape[-1], self.get_variable("params", "D").shape[0])
         params = _declare_params(
@@ -226,12 +258,15 @@ class LRU(nn.Module):
         return _checked_step(self, lru.check_input, lru.step, carry, x)
 
 
-def _checked_step(module, check_input, step, carry, x, features: str = "H"):
+def _checked_step(module, check_input, step, carry, x, features: str = "H", cast_params=False):
     """A layer's one step with its trained parameters: x [batch, features] checked against
-    them (`check_input(params, x, name)`), then `step(params, carry, x) -> (carry, y)`."""
+    them (`check_input(params, x, name)`) and cast to the compute dtype, then
+    `step(params, carry, x) -> (carry, y)` (`cast_params`: with the parameters cast too)."""
     params = module.variables["params"]
     _checks.rank("x", x, 2, f"[batch, {features}]")
-    x = check_input(params, x, "x")  # as an array (a nested list is converted)
+    x = _in_compute_dtype(module, check_input(params, x, "x"))  # a nested list is converted
+    if cast_params:
+        params = {k: v.astype(x.dtype) for k, v in params.items()}
     return step(params, carry, x)
 
 
@@ -282,6 +317,8 @@ class MinRNN(nn.Module):
     activation: str = "g"
     scan_method: str = "auto"
     scan_table: ScanTable | None = None
+    dtype: Any = jnp.float32  # computation (see the module docstring)
+    param_dtype: Any = jnp.float32  # parameter storage
 
     @nn.compact
     def __call__(
@@ -302,6 +339,7 @@ class MinRNN(nn.Module):
         methods = scan.LOG_METHODS if self.log_space else scan.METHODS
         _check_scan(self.scan_method, self.scan_table, methods)
         x, seq_lengths = check_sequence(x, seq_lengths)
+        x = _in_compute_dtype(self, x)
         proj_out = mingru.check_cell(self.cell, x.shape[-1], self.d_state, self.proj_out)
         if self.has_variable("params", "W_h"):
             _checks.feature_size("x", x.shape[-1], self.get_variable("params", "W_h").shape[1])
@@ -362,6 +400,8 @@ class HGRN(nn.Module):
     lower_bound: float = 0.0
     scan_method: str = "auto"
     scan_table: ScanTable | None = None
+    dtype: Any = jnp.float32  # computation (see the module docstring)
+    param_dtype: Any = jnp.float32  # parameter storage
 
     @nn.compact
     def __call__(
@@ -382,6 +422,7 @@ class HGRN(nn.Module):
         hgrn.check_lower_bound(self.lower_bound)
         _check_scan(self.scan_method, self.scan_table)
         x, seq_lengths = check_sequence(x, seq_lengths)
+        x = _in_compute_dtype(self, x)
         if self.has_variable("params", "W_f"):
             _checks.feature_size("x", x.shape[-1], self.get_variable("params", "W_f").shape[1])
         params = _declare_params(
@@ -429,6 +470,8 @@ class S5(nn.Module):
     discretization: str = "zoh"
     scan_method: str = "auto"
     scan_table: ScanTable | None = None
+    dtype: Any = jnp.float32  # computation (see the module docstring)
+    param_dtype: Any = jnp.float32  # parameter storage
 
     @property
     def _form(self) -> dict:
@@ -453,6 +496,7 @@ class S5(nn.Module):
         s5.check_options(*settings, self.discretization)
         _check_scan(self.scan_method, self.scan_table)
         x, seq_lengths = check_sequence(x, seq_lengths)
+        x = _in_compute_dtype(self, x)
         if self.has_variable("params", "D"):
             _checks.feature_size("x", x.shape[-1], self.get_variable("params", "D").shape[0])
         params = _declare_params(
@@ -501,6 +545,8 @@ class RGLRU(nn.Module):
     r_max: float = 0.999
     scan_method: str = "auto"
     scan_table: ScanTable | None = None
+    dtype: Any = jnp.float32  # computation (see the module docstring)
+    param_dtype: Any = jnp.float32  # parameter storage
 
     @nn.compact
     def __call__(
@@ -517,6 +563,7 @@ class RGLRU(nn.Module):
         rglru.check_settings(self.width, self.num_heads, self.r_min, self.r_max)
         _check_scan(self.scan_method, self.scan_table)
         x, seq_lengths = check_sequence(x, seq_lengths)
+        x = _in_compute_dtype(self, x)
         _checks.feature_size("x", x.shape[-1], self.width, "features (width)")
         params = _declare_params(
             self,
@@ -563,6 +610,8 @@ class RecurrentBlock(nn.Module):
     r_max: float = 0.999
     scan_method: str = "auto"
     scan_table: ScanTable | None = None
+    dtype: Any = jnp.float32  # computation (see the module docstring)
+    param_dtype: Any = jnp.float32  # parameter storage
 
     @nn.compact
     def __call__(
@@ -579,6 +628,7 @@ class RecurrentBlock(nn.Module):
         rglru.check_settings(self.lru_width, self.num_heads, self.r_min, self.r_max)
         _check_scan(self.scan_method, self.scan_table)
         x, seq_lengths = check_sequence(x, seq_lengths)
+        x = _in_compute_dtype(self, x)
         rglru.check_block_settings(x.shape[-1], self.conv_width)
         if self.has_variable("params", "W_y"):
             _checks.feature_size("x", x.shape[-1], self.get_variable("params", "W_y").shape[1])
@@ -631,6 +681,8 @@ class Mamba(nn.Module):
     scan_method: str = "auto"
     chunk_size: int | None = None
     scan_table: ScanTable | None = None
+    dtype: Any = jnp.float32  # computation (see the module docstring)
+    param_dtype: Any = jnp.float32  # parameter storage
 
     @nn.compact
     def __call__(
@@ -650,6 +702,7 @@ class Mamba(nn.Module):
         if self.chunk_size is not None:
             _checks.positive_int("chunk_size", self.chunk_size)
         x, seq_lengths = check_sequence(x, seq_lengths)
+        x = _in_compute_dtype(self, x)
         if self.has_variable("params", "W_in"):
             _checks.feature_size("x", x.shape[-1], self.get_variable("params", "W_in").shape[1])
         params = _declare_params(
@@ -808,6 +861,8 @@ class SequenceBlock(nn.Module):
     turns dropout off and makes BatchNorm use its running averages. `norm_bias=False` drops the
     norm's learned shift: a constant it adds reaches the mixer as a DC input, which a long-memory
     LRU mode amplifies by up to γ/(1 - |λ|) (see docs/results.md, the adding problem).
+    `dtype`, `param_dtype`: the block's own (norm, feed-forward, residual stream); the mixer
+    has its own, which the models set to the same.
     """
 
     d_model: int
@@ -817,18 +872,22 @@ class SequenceBlock(nn.Module):
     ffn: str = "glu"
     dropout_rate: float = 0.0
     norm_bias: bool = True
+    dtype: Any = jnp.float32  # computation (see the module docstring)
+    param_dtype: Any = jnp.float32  # parameter storage
 
     def setup(self):
         _checks.positive_int("d_model", self.d_model)
         _checks.one_of("norm", self.norm, ("layer", "batch"))
         _checks.one_of("ffn", self.ffn, ("glu", "gelu"))
         _checks.rate("dropout_rate", self.dropout_rate)
+        # Flax's norms compute their statistics in float32 whatever `dtype`
+        dtypes = {"dtype": compute_dtype(self), "param_dtype": self.param_dtype}
         if self.norm == "layer":
-            self.norm_layer = nn.LayerNorm(use_bias=self.norm_bias)
+            self.norm_layer = nn.LayerNorm(use_bias=self.norm_bias, **dtypes)
         else:
-            self.norm_layer = nn.BatchNorm(momentum=0.9, use_bias=self.norm_bias)
+            self.norm_layer = nn.BatchNorm(momentum=0.9, use_bias=self.norm_bias, **dtypes)
         width = 2 * self.d_model if self.ffn == "glu" else self.d_model
-        self.out = nn.Dense(width)
+        self.out = nn.Dense(width, **dtypes)
         self.dropout = nn.Dropout(self.dropout_rate)
 
     def _normalise(self, x, deterministic, mask=None):
@@ -853,6 +912,7 @@ class SequenceBlock(nn.Module):
         static_argnums=(4, 5))` (`self` counts as argument 0).
         """
         x, seq_lengths = check_sequence(x, seq_lengths)
+        x = _in_compute_dtype(self, x)
         _checks.feature_size("x", x.shape[-1], self.d_model, "features (d_model)")
         mask = None
         if seq_lengths is not None:
@@ -872,6 +932,7 @@ class SequenceBlock(nn.Module):
     def step(self, carry, x):
         """One step of a causal mixer: x [batch, d_model] -> (carry, y [batch, d_model])."""
         _checks.rank("x", x, 2, "[batch, d_model]")
+        x = _in_compute_dtype(self, x)
         z = self._normalise(x, True) if self.prenorm else x
         carry, z = self.mixer.step(carry, z)
         x = x + self._feed_forward(z, True)
