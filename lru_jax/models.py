@@ -261,10 +261,11 @@ class SequenceModel(nn.Module):
 
 
 def sample_logits(key, logits, temperature: float = 1.0, top_k: int = 0):
-    """Samples token ids [batch] from logits [batch, vocab]; temperature 0 takes the argmax."""
+    """Samples token ids [batch] from logits [batch, vocab]; temperature 0 takes the argmax.
+    The softmax it samples from is float32 whatever the logits' dtype (a bfloat16 model's)."""
     if temperature == 0.0:
         return jnp.argmax(logits, axis=-1)
-    logits = logits / temperature
+    logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32)) / temperature
     if top_k:
         kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
         logits = jnp.where(logits < kth, -jnp.inf, logits)
