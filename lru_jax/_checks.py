@@ -190,6 +190,22 @@ def one_of(name: str, value, choices: Sequence):
     return value
 
 
+# the dtypes a module may compute in or store its parameters in (mixed precision)
+FLOAT_DTYPES = ("float32", "bfloat16", "float16", "float64")
+
+
+def float_dtype(name: str, value, *, type_error=TypeError):
+    """A real floating dtype (a name like "bfloat16", a numpy/JAX dtype or scalar type) as a
+    numpy dtype; anything else refused by name."""
+    try:
+        dtype = jnp.dtype(value)
+    except TypeError:
+        dtype = None
+    if dtype is None or value is None or dtype.name not in FLOAT_DTYPES:
+        fail(name, f"a floating dtype, one of {list(FLOAT_DTYPES)}", value, type_error)
+    return dtype
+
+
 def feature_size(name: str, got: int, expected: int, what: str = "features"):
     if got != expected:
         raise ValueError(

@@ -153,12 +153,15 @@ def masked_softmax(scores, mask=None) -> jax.Array:
     """Softmax over the last axis that is exactly 0 where `mask` is False.
 
     scores [..., Tk]; mask bool broadcastable to scores. Fully masked rows give all zeros.
+    Computed in at least float32 (bfloat16 scores are cast up), returned in scores' dtype.
     """
+    dtype = scores.dtype
+    scores = scores.astype(jnp.promote_types(dtype, jnp.float32))
     if mask is None:
-        return jax.nn.softmax(scores, axis=-1)
+        return jax.nn.softmax(scores, axis=-1).astype(dtype)
     # A finite fill (not -inf) keeps fully masked rows NaN-free; `where` makes them exact 0.
     filled = jnp.where(mask, scores, jnp.finfo(scores.dtype).min)
-    return jnp.where(mask, jax.nn.softmax(filled, axis=-1), 0.0)
+    return jnp.where(mask, jax.nn.softmax(filled, axis=-1), 0.0).astype(dtype)
 
 
 def attend(weights, value, *, dropout_rate: float = 0.0, dropout_rng=None) -> jax.Array:

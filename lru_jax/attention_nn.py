@@ -10,11 +10,15 @@ masks. Every module sows its weights as `intermediates/attention_weights` (read 
 `CausalSelfAttention` is a sequence mixer for `SequenceBlock` (the Transformer baseline): the
 common call `layer(x, seq_lengths, initial_carry=..., return_carry=...)`, and `step` with a
 key/value cache for generation.
+
+Mixed precision (as in `lru_jax.nn`): every module takes `dtype` (computation: projections,
+scores, outputs) and `param_dtype` (parameter storage), float32 by default; the softmax runs
+in float32 whatever `dtype` (`attention.masked_softmax`), hard attention's scores too.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -24,6 +28,16 @@ from lru_jax import _checks
 from lru_jax import attention as att
 
 HARD_ESTIMATORS = ("reinforce", "gumbel")
+
+
+def compute_dtype(module: nn.Module):
+    """The module's `dtype` (checked): the dtype it computes in."""
+    return _checks.float_dtype("dtype", module.dtype)
+
+
+def _dense_dtypes(module: nn.Module) -> dict:
+    """The keyword arguments that make a Flax Dense compute and store as `module` does."""
+    return {"dtype": compute_dtype(module), "param_dtype": module.param_dtype}
 
 
 def _length_masks(q, kv, query_lengths, key_lengths):
@@ -67,6 +81,8 @@ class MultiHeadAttention(nn.Module):
     causal: bool = False
     dropout_rate: float = 0.0
     use_bias: bool = True
+    dtype: Any = jnp.float32  # computation (see the module docstring)
+    param_dtype: Any = jnp.float32  # parameter storage
 
     @nn.compact
     def __call__(
@@ -106,7 +122,7 @@ class MultiHeadAttention(nn.Module):
         mask = att.combine_masks(mask, causal, query_mask, key_mask)
 
         dense = lambda name: nn.DenseGeneral(  # noqa: E731
-            (heads, features // heads), use_bias=self.use_bias, name=name
+            (heads, features // heads), use_bias=self.use_bias, name=name, **_dense_dtypes(self)
         )
         q, k, v = dense("query")(inputs_q), dense("key")(inputs_kv), dense("value")(inputs_kv)
         rng = None
@@ -121,6 +137,7 @@ class MultiHeadAttention(nn.Module):
             axis=(-2, -1),
             use_bias=self.use_bias,
             name="out",
+            **_dense_dtypes(self),
         )(out)
         out = _zero_padded_queries(out, query_mask)
         return (out, weights) if return_weights else out
@@ -140,7 +157,7 @@ class _SingleHead(nn.Module):
     def _prepare(self, query, key, value, mask, query_lengths, key_lengths):
         value = key if value is None else value
         query, key, value = (
-            _checks.sequence(name, x)
+            _checks.sequence(name, x).astype(compute_dtype(self))
             for name, x in (("query", query), ("key", key), ("value", value))
         )
         if value.shape[:2] != key.shape[:2]:
@@ -151,7 +168,7 @@ class _SingleHead(nn.Module):
         if mask is not None:
             mask = jnp.expand_dims(mask, -3)  # a heads axis
         query_mask, key_mask = _length_masks(query, key, query_lengths, key_lengths)
-        return value, query_mask, att.combine_masks(mask, query_mask, key_mask)
+        return query, key, value, query_mask, att.combine_masks(mask, query_mask, key_mask)
 
     def _finish(self, out, weights, query_mask, return_weights):
         weights = weights[:, 0]  # [batch, Tq, Tk]
@@ -170,6 +187,8 @@ class DotProductAttention(_SingleHead):
 
     kind: str = "scaled"
     dropout_rate: float = 0.0
+    dtype: Any = jnp.float32  # computation (see the module docstring)
+    param_dtype: Any = jnp.float32  # parameter storage
 
     @nn.compact
     def __call__(
@@ -186,9 +205,11 @@ class DotProductAttention(_SingleHead):
     ):
         _checks.one_of("kind", self.kind, att.LUONG_KINDS)
         _checks.rate("dropout_rate", self.dropout_rate)
-        value, query_mask, mask = self._prepare(query, key, value, mask, query_lengths, key_lengths)
+        query, key, value, query_mask, mask = self._prepare(
+            query, key, value, mask, query_lengths, key_lengths
+        )
         if self.kind == "general":
-            key = nn.Dense(query.shape[-1], use_bias=False, name="W_a")(key)
+            key = nn.Dense(query.shape[-1], use_bias=False, name="W_a", **_dense_dtypes(self))(key)
         elif query.shape[-1] != key.shape[-1]:
             raise ValueError(
                 f"key: kind {self.kind!r} needs key features {query.shape[-1]} (query's), "
@@ -216,6 +237,8 @@ class AdditiveAttention(_SingleHead):
 
     hidden: int
     dropout_rate: float = 0.0
+    dtype: Any = jnp.float32  # computation (see the module docstring)
+    param_dtype: Any = jnp.float32  # parameter storage
 
     @nn.compact
     def __call__(
@@ -232,11 +255,14 @@ class AdditiveAttention(_SingleHead):
     ):
         hidden = _checks.positive_int("hidden", self.hidden)
         _checks.rate("dropout_rate", self.dropout_rate)
-        value, query_mask, mask = self._prepare(query, key, value, mask, query_lengths, key_lengths)
-        q = nn.Dense(hidden, use_bias=False, name="W_q")(query)
-        k = nn.Dense(hidden, name="W_k")(key)
+        query, key, value, query_mask, mask = self._prepare(
+            query, key, value, mask, query_lengths, key_lengths
+        )
+        q = nn.Dense(hidden, use_bias=False, name="W_q", **_dense_dtypes(self))(query)
+        k = nn.Dense(hidden, name="W_k", **_dense_dtypes(self))(key)
         # the score vector; its parameter keeps the name "v" that trained runs were saved with
-        score_vector = self.param("v", nn.initializers.lecun_normal(), (hidden, 1))[:, 0]
+        init = nn.initializers.lecun_normal()
+        score_vector = self.param("v", init, (hidden, 1), self.param_dtype)[:, 0].astype(q.dtype)
         rng = self.make_rng("dropout") if not deterministic and self.dropout_rate else None
         out, weights = att.additive_attention(
             q[:, :, None],
@@ -257,14 +283,18 @@ class AttentionPooling(nn.Module):
     time]); padded steps get weight exactly 0. A sequence of length 0 pools to zeros.
     """
 
+    dtype: Any = jnp.float32  # computation (see the module docstring)
+    param_dtype: Any = jnp.float32  # parameter storage
+
     @nn.compact
     def __call__(self, x, seq_lengths=None):
-        x = _checks.sequence("x", x)
+        x = _checks.sequence("x", x).astype(compute_dtype(self))
         mask = None
         if seq_lengths is not None:
             _checks.seq_lengths(seq_lengths, x.shape[0], x.shape[1])
             mask = att.padding_mask(seq_lengths, x.shape[1])
-        query = self.param("query", nn.initializers.normal(1.0), (x.shape[-1],))
+        init = nn.initializers.normal(1.0)
+        query = self.param("query", init, (x.shape[-1],), self.param_dtype)
         query = jnp.broadcast_to(query, (x.shape[0], 1, 1, x.shape[-1])).astype(x.dtype)
         out, weights = att.dot_product_attention(query, x[:, :, None], x[:, :, None], mask=mask)
         weights = weights[:, 0, 0]
@@ -307,6 +337,8 @@ class HardAttention(nn.Module):
     estimator: str = "gumbel"
     temperature: float = 1.0
     rng_collection: str = "dropout"
+    dtype: Any = jnp.float32  # computation (see the module docstring)
+    param_dtype: Any = jnp.float32  # parameter storage
 
     @nn.compact
     def __call__(
@@ -326,7 +358,7 @@ class HardAttention(nn.Module):
         k = _checks.positive_int("k", self.k)
         value = key if value is None else value
         query, key, value = (
-            _checks.sequence(name, x)
+            _checks.sequence(name, x).astype(compute_dtype(self))
             for name, x in (("query", query), ("key", key), ("value", value))
         )
         if k > key.shape[1]:
@@ -334,8 +366,9 @@ class HardAttention(nn.Module):
         mask = _single_head_mask(mask, query, key)
         _, key_mask = _length_masks(query, key, None, key_lengths)
         mask = att.combine_masks(mask, None if key_mask is None else key_mask[:, 0])
-        q = nn.Dense(key.shape[-1], use_bias=False, name="query")(query)
+        q = nn.Dense(key.shape[-1], use_bias=False, name="query", **_dense_dtypes(self))(query)
         scores = jnp.einsum("bqd,bkd->bqk", q, key) / jnp.sqrt(key.shape[-1])
+        scores = scores.astype(jnp.promote_types(scores.dtype, jnp.float32))  # sampled, logged
         temperature = self.temperature if temperature is None else temperature
         probs = att.masked_softmax(scores, mask)
         self.sow("intermediates", "attention_weights", probs)
@@ -352,7 +385,7 @@ class HardAttention(nn.Module):
             positions = att.sample_positions(rng, scores, k, mask=mask)
             picks = jax.nn.one_hot(positions, key.shape[1])
         self.sow("intermediates", "positions", positions)
-        output = jnp.einsum("bqjk,bkd->bqd", picks, value) / k
+        output = jnp.einsum("bqjk,bkd->bqd", picks.astype(value.dtype), value) / k
         return HardAttentionOutput(
             output=output,
             positions=positions,
@@ -398,14 +431,17 @@ class CausalSelfAttention(nn.Module):
     num_heads: int = 4
     max_len: int = 2048
     rope_base: float = 10_000.0
+    dtype: Any = jnp.float32  # computation (see the module docstring)
+    param_dtype: Any = jnp.float32  # parameter storage
 
     def setup(self):
         check_self_attention(self.d_model, self.num_heads, self.max_len)
         shape = (self.num_heads, self.d_model // self.num_heads)
-        self.query = nn.DenseGeneral(shape)
-        self.key = nn.DenseGeneral(shape)
-        self.value = nn.DenseGeneral(shape)
-        self.out = nn.DenseGeneral(self.d_model, axis=(-2, -1))
+        dtypes = _dense_dtypes(self)
+        self.query = nn.DenseGeneral(shape, **dtypes)
+        self.key = nn.DenseGeneral(shape, **dtypes)
+        self.value = nn.DenseGeneral(shape, **dtypes)
+        self.out = nn.DenseGeneral(self.d_model, axis=(-2, -1), **dtypes)
 
     def _project(self, x, positions):
         return rotary_project(self.query, self.key, self.value, x, positions, self.rope_base)
@@ -439,11 +475,13 @@ class CausalSelfAttention(nn.Module):
             max_len=self.max_len,
             return_carry=return_carry,
             resets=resets,
+            dtype=compute_dtype(self),
         )
         return (cache, y) if return_carry else y
 
-    def initial_carry(self, batch_size: int, dtype=jnp.float32) -> KVCache:
-        """An empty cache for `batch_size` sequences."""
+    def initial_carry(self, batch_size: int, dtype=None) -> KVCache:
+        """An empty cache for `batch_size` sequences, in `dtype` (None: the compute dtype)."""
+        dtype = compute_dtype(self) if dtype is None else dtype
         return empty_cache(batch_size, self.max_len, self.d_model, self.num_heads, dtype)
 
     def step(self, carry: KVCache, x):
@@ -452,7 +490,9 @@ class CausalSelfAttention(nn.Module):
         Equal to the parallel form at position `carry.index`. Steps past max_len are not
         stored (the cache is full): keep prompt + generated length <= max_len.
         """
-        return self_attention_step(self._project, self.out, carry, x, self.d_model)
+        return self_attention_step(
+            self._project, self.out, carry, x, self.d_model, compute_dtype(self)
+        )
 
 
 # Causal self-attention given its projections; the Linen and the NNX `CausalSelfAttention`
@@ -500,14 +540,17 @@ def self_attention_forward(
     max_len,
     return_carry,
     resets=None,
+    dtype=None,
 ):
     """x [batch, time, d_model] -> (KVCache or None where not `return_carry`, y [batch,
     time, d_model]); `cache`, a KVCache or None, holds earlier steps the new ones also see
     (those of their own document); `resets`, bool [batch, time] or None, marks where
-    documents start: a query attends only to keys of its own document."""
+    documents start: a query attends only to keys of its own document; x is cast to `dtype`
+    (the compute dtype; None: as it is)."""
     if reverse:
         raise ValueError("reverse: causal self-attention runs forwards only; got True")
     x = _checks.sequence("x", x)
+    x = x if dtype is None else x.astype(dtype)
     _checks.feature_size("x", x.shape[-1], d_model, "features (d_model)")
     batch, time = x.shape[:2]
     seq_lengths = _checks.seq_lengths(seq_lengths, batch, time)
@@ -540,7 +583,7 @@ def self_attention_forward(
     if not return_carry:
         return None, y
     if cache is None:
-        cache = empty_cache(batch, max_len, d_model, num_heads)
+        cache = empty_cache(batch, max_len, d_model, num_heads, x.dtype)
     lengths = jnp.full((batch,), time, jnp.int32) if seq_lengths is None else seq_lengths
     return _write(cache, k, v, lengths, resets), y
 
@@ -561,11 +604,12 @@ def _check_cache(cache, batch, time, d_model, num_heads, max_len):
         )
 
 
-def self_attention_step(project, out, carry: KVCache, x, d_model: int):
-    """One step at position `carry.index`: x [batch, d_model] -> (KVCache, y [batch,
-    d_model])."""
+def self_attention_step(project, out, carry: KVCache, x, d_model: int, dtype=None):
+    """One step at position `carry.index`: x [batch, d_model] (cast to `dtype` unless None)
+    -> (KVCache, y [batch, d_model])."""
     _checks.rank("x", x, 2, "[batch, d_model]")
     _checks.feature_size("x", x.shape[-1], d_model, "features (d_model)")
+    x = jnp.asarray(x) if dtype is None else jnp.asarray(x).astype(dtype)
     q, k, v = project(x[:, None], carry.index[:, None])
     carry = _write(carry, k, v, jnp.ones_like(carry.index))
     slots = jnp.arange(carry.key.shape[1])[None, :]

@@ -239,7 +239,9 @@ def unroll(
         the cell runs, as `scan.linear_scan`'s).
 
     Returns:
-      (carry, ys) with ys: [time, batch, hidden].
+      (carry, ys) with ys: [time, batch, hidden], computed (carry included) in
+      result_type(xs, w_hh): a nonlinear cell has no scan to accumulate in, so under mixed
+      precision (`nn.LSTM(dtype=jnp.bfloat16)` casts its parameters) it runs in bfloat16.
     """
     xs = check_input(params, xs)
     _checks.rank("xs", xs, 3, "[time, batch, features]")

@@ -23,6 +23,9 @@ W_o [H, 2N], uniform in ±1/sqrt(fan in) (PyTorch's Linear); biases zero; θ [N]
 (the authors' code); LayerNorm scale [2N] one and bias [2N] zero (epsilon 1e-5).
 
 The recurrence runs through `scan.linear_scan` with the time-varying complex decay λ_t e^{iθ}.
+
+Precision: the matmuls run in x's dtype (`mingru.dense`), the gates, the complex64 state and
+the norm's statistics in float32 whatever x's dtype; y comes back in x's dtype.
 """
 
 from __future__ import annotations
@@ -89,19 +92,23 @@ def lower_bound(params: Params) -> jax.Array:
 def terms(params: Params, x) -> tuple[jax.Array, jax.Array]:
     """(a, b) [..., N] complex64 of h_t = a_t h_{t-1} + b_t: a = λ e^{iθ}, b = (1 − λ) c."""
     gamma = lower_bound(params)
-    lam = gamma + (1.0 - gamma) * jax.nn.sigmoid(dense(x, params["W_f"], params["b_f"]))
-    c_re, c_im = jnp.split(jax.nn.silu(dense(x, params["W_c"], params["b_c"])), 2, axis=-1)
+    # the matmuls in x's dtype, the forget gate and the candidate in float32 (see the module)
+    forget = dense(x, params["W_f"], params["b_f"]).astype(jnp.float32)
+    lam = gamma + (1.0 - gamma) * jax.nn.sigmoid(forget)
+    candidate = jax.nn.silu(dense(x, params["W_c"], params["b_c"]).astype(jnp.float32))
+    c_re, c_im = jnp.split(candidate, 2, axis=-1)
     rotation = jnp.exp(1j * params["theta"])  # [N]: time-invariant, complex64
     return lam * rotation, (1.0 - lam) * jax.lax.complex(c_re, c_im)
 
 
 def readout(params: Params, h, x):
-    """y = W_o (LayerNorm([Re h, Im h]) ⊙ SiLU(W_g x + b_g)) + b_o: h [..., N], x [..., H]."""
+    """y = W_o (LayerNorm([Re h, Im h]) ⊙ SiLU(W_g x + b_g)) + b_o: h [..., N], x [..., H];
+    the norm's statistics in h's dtype (float32), its output and y in x's dtype."""
     feature = jnp.concatenate([h.real, h.imag], axis=-1)
     mean = jnp.mean(feature, axis=-1, keepdims=True)
     var = jnp.mean(jnp.square(feature - mean), axis=-1, keepdims=True)
     normed = (feature - mean) * jax.lax.rsqrt(var + NORM_EPSILON)
-    normed = normed * params["norm_scale"] + params["norm_bias"]
+    normed = (normed * params["norm_scale"] + params["norm_bias"]).astype(x.dtype)
     gate = jax.nn.silu(dense(x, params["W_g"], params["b_g"]))
     return dense(normed * gate, params["W_o"], params["b_o"])
 

@@ -13,6 +13,10 @@ Ring initialisation: |λ| uniform on the ring r_min <= |λ| <= r_max (by area), 
 
 The recurrence runs through `lru_jax.scan.linear_scan` with λ time-invariant, so the parallel
 forward and the one-step form (`step`) are the same computation in different orders.
+
+Precision: the matmuls B u and C h run in u's dtype (the weights are cast to it: bfloat16
+under mixed precision), λ, γ and the state h in complex64 / float32 whatever u's dtype (B u is
+cast up before the scan, the state cast down for the readout); y comes back in u's dtype.
 """
 
 from __future__ import annotations
@@ -111,12 +115,14 @@ def eigenvalues(params: Params) -> jax.Array:
 
 def complex_input(u: jax.Array, w_re: jax.Array, w_im: jax.Array) -> jax.Array:
     """(w_re + i w_im) u: u [..., H] real, w_re and w_im [N, H] -> [..., N] complex64, by two
-    real matmuls (also the S5's B̄ u).
+    real matmuls in u's dtype (the weights cast to it), the products cast up to float32
+    (also the S5's B̄ u).
 
     The leading axes are flattened first: XLA:CPU ran these matmuls (and their gradients) about
     twice as fast on [M, H] as on [time, batch, H] (docs/benchmarks.md).
     """
     flat = u.reshape(-1, u.shape[-1])
+    w_re, w_im = w_re.astype(u.dtype), w_im.astype(u.dtype)
     h = jax.lax.complex((flat @ w_re.T).astype(jnp.float32), (flat @ w_im.T).astype(jnp.float32))
     return h.reshape(u.shape[:-1] + (h.shape[-1],))
 
@@ -128,14 +134,15 @@ def input_term(params: Params, u: jax.Array) -> jax.Array:
 
 
 def readout(params: Params, h: jax.Array, u: jax.Array) -> jax.Array:
-    """Re(C h) + D ⊙ u: h [..., N] complex, u [..., H] -> [..., H] real (also the S5's).
+    """Re(C h) + D ⊙ u: h [..., N] complex, u [..., H] -> [..., H] real (also the S5's), in
+    u's dtype (the state and the weights cast to it).
 
     One matmul of [Re h, Im h] [M, 2N] with [C_re, -C_im], leading axes flattened.
     """
     flat = h.reshape(-1, h.shape[-1])
-    c = jnp.concatenate([params["C_re"], -params["C_im"]], 1)  # [H, 2N]
-    y = jnp.concatenate([flat.real, flat.imag], -1) @ c.T
-    return y.reshape(h.shape[:-1] + (y.shape[-1],)) + params["D"] * u
+    c = jnp.concatenate([params["C_re"], -params["C_im"]], 1).astype(u.dtype)  # [H, 2N]
+    y = jnp.concatenate([flat.real, flat.imag], -1).astype(u.dtype) @ c.T
+    return y.reshape(h.shape[:-1] + (y.shape[-1],)) + params["D"].astype(u.dtype) * u
 
 
 def check_input(params: Params, u, name: str = "u"):

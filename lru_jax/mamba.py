@@ -175,11 +175,14 @@ def selection(params: Params, x):
     _, _, n, _ = sizes(params)
     rank = params["W_dt"].shape[1]
     low_rank, b, c = jnp.split(dense(x, params["W_x"]), [rank, rank + n], axis=-1)
-    return jax.nn.softplus(dense(low_rank, params["W_dt"], params["b_dt"])), b, c
+    # Δ in float32 (it sets the decay exp(Δ A)); B and C in x's dtype, cast up by the scan
+    dt = dense(low_rank, params["W_dt"], params["b_dt"]).astype(jnp.float32)
+    return jax.nn.softplus(dt), b, c
 
 
 def _output(params: Params, y, z):
-    return dense(y * jax.nn.silu(z), params["W_out"])
+    """W_out (y ⊙ SiLU(z)) in z's (the input's) dtype, y the scan's float32 readout."""
+    return dense(y.astype(z.dtype) * jax.nn.silu(z), params["W_out"])
 
 
 def forward(

@@ -25,6 +25,9 @@ computed in one of two forms that give the same h (tested):
 
 Parameters are float32: W_h, W_z (minGRU) or W_f, W_i (minLSTM) [N, H], uniform in ±1/sqrt(H)
 (PyTorch's Linear); their biases b_* [N], zero; W_out [H, N], uniform in ±1/sqrt(N).
+
+Precision: the matmuls run in x's dtype (`dense` casts the weights), the gates, a, b and the
+state in float32 whatever x's dtype; y comes back in x's dtype.
 """
 
 from __future__ import annotations
@@ -72,9 +75,12 @@ def uniform(key, shape, fan_in):
 
 def dense(x, w, b=None):
     """x [..., in] @ w.T (+ b), the leading axes flattened: XLA:CPU runs [M, in] matmuls
-    faster than [time, batch, in] ones (see lru.input_term)."""
-    flat = x.reshape(-1, x.shape[-1]) @ w.T
-    flat = flat if b is None else flat + b
+    faster than [time, batch, in] ones (see lru.input_term).
+
+    Computed in x's dtype: w and b are cast to it (float32 parameters, bfloat16 activations:
+    a bfloat16 matmul), as Flax's Dense casts its kernel to the compute dtype."""
+    flat = x.reshape(-1, x.shape[-1]) @ w.T.astype(x.dtype)
+    flat = flat if b is None else flat + b.astype(x.dtype)
     return flat.reshape(x.shape[:-1] + flat.shape[-1:])
 
 
@@ -112,18 +118,24 @@ def log_g(v):
 
 
 def _linear(params, x, gate):
-    """W_gate x + b_gate: x [..., H] -> [..., N]."""
+    """W_gate x + b_gate: x [..., H] -> [..., N], in x's dtype."""
     return dense(x, params[f"W_{gate}"], params[f"b_{gate}"])
+
+
+def _gate(params, x, gate):
+    """A gate's pre-activation W_gate x + b_gate [..., N] in float32: the matmul runs in x's
+    dtype, the decay made from it in float32 (1 − z near 1 is not representable in bfloat16)."""
+    return _linear(params, x, gate).astype(jnp.float32)
 
 
 def log_gates(params: Params, x) -> tuple[jax.Array, jax.Array]:
     """(log a, log of the input gate) [..., N]: minGRU's (log(1 − z), log z), minLSTM's
     (log f', log i'), from x [..., H]."""
     if cell_of(params) == "mingru":
-        k = _linear(params, x, "z")
+        k = _gate(params, x, "z")
         return -jax.nn.softplus(k), -jax.nn.softplus(-k)
-    log_f = -jax.nn.softplus(-_linear(params, x, "f"))
-    log_i = -jax.nn.softplus(-_linear(params, x, "i"))
+    log_f = -jax.nn.softplus(-_gate(params, x, "f"))
+    log_i = -jax.nn.softplus(-_gate(params, x, "i"))
     total = jnp.logaddexp(log_f, log_i)
     return log_f - total, log_i - total
 
@@ -139,11 +151,12 @@ def terms(params: Params, x, activation: str = "g") -> tuple[jax.Array, jax.Arra
 def log_terms(params: Params, x) -> tuple[jax.Array, jax.Array]:
     """The log-space form's (log a, log b) [..., N], from x [..., H] (act "g")."""
     log_a, log_gate = log_gates(params, x)
-    return log_a, log_gate + log_g(_linear(params, x, "h"))
+    return log_a, log_gate + log_g(_gate(params, x, "h"))
 
 
 def readout(params: Params, h):
-    """y = W_out h (or h itself without W_out): h [..., N] -> [..., H]."""
+    """y = W_out h (or h itself without W_out): h [..., N] -> [..., H], in h's dtype (the
+    callers cast the float32 state to the input's dtype first)."""
     return dense(h, params["W_out"]) if "W_out" in params else h
 
 
@@ -228,7 +241,7 @@ def forward(
             hs = scan.linear_scan(
                 a, b, h0, method=method, reverse=reverse, resets=resets, scan_table=scan_table
             )
-        return hs, readout(params, hs)
+        return hs, readout(params, hs.astype(u.dtype))
 
     h_empty = jnp.zeros(x.shape[1:-1] + (params["W_h"].shape[0],), jnp.float32)
     h_empty = h_empty if h0 is None else h0
@@ -240,4 +253,4 @@ def step(params: Params, h, x, activation: str = "g") -> tuple[jax.Array, jax.Ar
     either form."""
     a, b = terms(params, x, activation)
     h = a * h + b
-    return h, readout(params, h)
+    return h, readout(params, h.astype(x.dtype))

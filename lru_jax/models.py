@@ -10,13 +10,18 @@ self-attention with rotary positions: a Transformer baseline). A language model 
 "none"-pooling model over tokens; `generate` samples from it one token at a time through every
 block's `step` (for attention, a key/value cache), so each new token costs one step, not a
 re-run of the prefix.
+
+Mixed precision: both models take `dtype` (computation) and `param_dtype` (storage), float32
+by default, and hand them to every module they build (`nn` describes what runs in which
+dtype). With dtype=jnp.bfloat16 the outputs (logits) come back in bfloat16; the training loss
+casts them to float32 (`training.steps.loss_sums`).
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -87,6 +92,8 @@ class SequenceModel(nn.Module):
       norm_bias: the blocks' norms learn a shift (see `nn.SequenceBlock`).
       encoder_bias: the Dense encoder of float inputs has a bias. Without it (and without norm
         bias) an input that is zero carries no constant into the recurrences.
+      dtype, param_dtype: the computation's and the parameters' dtypes, of every module the
+        model builds (see the module docstring); the outputs are in `dtype`.
     """
 
     num_outputs: int
@@ -115,6 +122,8 @@ class SequenceModel(nn.Module):
     layer_rings: tuple = ()
     norm_bias: bool = True
     encoder_bias: bool = True
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
 
     def setup(self):
         _checks.one_of("mixer", self.mixer, MIXERS)
@@ -125,10 +134,11 @@ class SequenceModel(nn.Module):
                 f"sequence_axis: sequence parallelism needs mixer 'lru', got mixer {self.mixer!r}"
             )
         _checks.one_of("pooling", self.pooling, POOLINGS)
+        dtypes = _dtypes(self)
         if self.vocab_size is None:
-            self.encoder = nn.Dense(self.d_model, use_bias=self.encoder_bias)
+            self.encoder = nn.Dense(self.d_model, use_bias=self.encoder_bias, **dtypes)
         else:
-            self.encoder = nn.Embed(self.vocab_size, self.d_model)
+            self.encoder = nn.Embed(self.vocab_size, self.d_model, **dtypes)
         _checks.positive_int("remat_chunk", self.remat_chunk)
         if self.remat and self.norm == "batch":
             raise ValueError("remat: needs norm 'layer'; batch statistics would differ per chunk")
@@ -143,26 +153,29 @@ class SequenceModel(nn.Module):
                 ffn=self.ffn,
                 dropout_rate=self.dropout_rate,
                 norm_bias=self.norm_bias,
+                **dtypes,
             )
             for layer in range(self.num_layers)
         ]
-        self.final_norm = nn.LayerNorm()
+        self.final_norm = nn.LayerNorm(**dtypes)
         if self.pooling == "attention":
-            self.attention_pool = lnn.AttentionPooling()
-        self.head = nn.Dense(self.num_outputs)
+            self.attention_pool = lnn.AttentionPooling(**dtypes)
+        self.head = nn.Dense(self.num_outputs, **dtypes)
 
     def _make_mixer(self, layer: int) -> nn.Module:
         if self.mixer == "lru":
-            return lnn.LRU(
+            mixer = lnn.LRU(
                 self.d_state,
                 *lru_ring(self, layer),
                 self.scan_method,
                 self.sequence_axis,
                 scan_table=self.scan_table,
             )
-        if self.mixer == "attention":
-            return lnn.CausalSelfAttention(self.d_model, self.num_heads, self.max_len)
-        return _make_recurrent_mixer(self, layer)
+        elif self.mixer == "attention":
+            mixer = lnn.CausalSelfAttention(self.d_model, self.num_heads, self.max_len)
+        else:
+            mixer = _make_recurrent_mixer(self, layer)
+        return _in_precision(self, mixer)
 
     def _check_inputs(self, x, name="inputs"):
         if self.vocab_size is None:
@@ -247,7 +260,8 @@ class SequenceModel(nn.Module):
         if self.pooling == "last":
             return padding.last_valid(jnp.swapaxes(h, 0, 1), lengths, jnp.zeros_like(h[:, 0]))
         mask = jnp.swapaxes(padding.step_mask(lengths, time), 0, 1)[..., None]
-        return jnp.sum(h * mask, axis=1) / jnp.maximum(lengths[:, None], 1)
+        total = jnp.sum(h * mask, axis=1, dtype=jnp.promote_types(h.dtype, jnp.float32))
+        return (total / jnp.maximum(lengths[:, None], 1)).astype(h.dtype)
 
     def initial_carry(self, batch_size: int):
         return lnn.stack_initial_carry(self.blocks, batch_size)
@@ -264,10 +278,11 @@ class SequenceModel(nn.Module):
 
 
 def sample_logits(key, logits, temperature: float = 1.0, top_k: int = 0):
-    """Samples token ids [batch] from logits [batch, vocab]; temperature 0 takes the argmax."""
+    """Samples token ids [batch] from logits [batch, vocab]; temperature 0 takes the argmax.
+    The softmax it samples from is float32 whatever the logits' dtype (a bfloat16 model's)."""
     if temperature == 0.0:
         return jnp.argmax(logits, axis=-1)
-    logits = logits / temperature
+    logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32)) / temperature
     if top_k:
         kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
         logits = jnp.where(logits < kth, -jnp.inf, logits)
@@ -417,6 +432,16 @@ OPTION_MIXERS["s5"] = _s5
 OPTION_MIXERS["mamba"] = _mamba
 
 
+def _dtypes(model) -> dict:
+    """The keyword arguments that give a Flax module `model`'s dtype and param_dtype."""
+    return {"dtype": _checks.float_dtype("dtype", model.dtype), "param_dtype": model.param_dtype}
+
+
+def _in_precision(model, mixer: nn.Module) -> nn.Module:
+    """`mixer` with `model`'s dtype and param_dtype (every mixer module takes both)."""
+    return mixer.clone(**_dtypes(model))
+
+
 def check_layer_rings(layer_rings: tuple, num_layers: int) -> None:
     """Refuses `layer_rings` that are not () or one valid (r_min, r_max, max_phase) per block."""
     if not layer_rings:
@@ -501,6 +526,7 @@ class EncoderDecoder(nn.Module):
       grad_chunk: as `SequenceModel.grad_chunk`.
       scan_table: as `SequenceModel.scan_table`.
       mixer_options: as `SequenceModel.mixer_options`.
+      dtype, param_dtype: as `SequenceModel`'s (the attention's softmax in float32).
     """
 
     vocab_size: int
@@ -528,6 +554,8 @@ class EncoderDecoder(nn.Module):
     mixer_options: tuple = ()
     layer_rings: tuple = ()
     norm_bias: bool = True
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
 
     def setup(self):
         _checks.positive_int("vocab_size", self.vocab_size)
@@ -540,30 +568,31 @@ class EncoderDecoder(nn.Module):
         _checks.one_of("hard_estimator", self.hard_estimator, lnn.HARD_ESTIMATORS)
         _checks.number("baseline_decay", self.baseline_decay, 0, 1, closed_high=False)
         _checks.number("entropy_weight", self.entropy_weight, 0)
-        self.embed = nn.Embed(self.vocab_size, self.d_model)
+        dtypes = _dtypes(self)
+        self.embed = nn.Embed(self.vocab_size, self.d_model, **dtypes)
         self.encoder_blocks = [
             self._block(self._encoder_mixer(layer)) for layer in range(self.num_layers)
         ]
-        self.encoder_norm = nn.LayerNorm()
-        self.summarise = nn.Dense(self.d_model)
-        self.bridge = nn.Dense(self.d_model)
+        self.encoder_norm = nn.LayerNorm(**dtypes)
+        self.summarise = nn.Dense(self.d_model, **dtypes)
+        self.bridge = nn.Dense(self.d_model, **dtypes)
         self.decoder_blocks = [
             self._block(self._make_mixer(layer)) for layer in range(self.num_layers)
         ]
-        self.decoder_norm = nn.LayerNorm()
+        self.decoder_norm = nn.LayerNorm(**dtypes)
         if self.attention == "hard":
             self.read = lnn.HardAttention(
-                estimator=self.hard_estimator, temperature=self.hard_temperature
+                estimator=self.hard_estimator, temperature=self.hard_temperature, **dtypes
             )
         if self._reinforced:
             self.reward_baseline = self.variable(BASELINES, "reward", att.init_baseline)
         elif self.attention == "soft" and self.score == "additive":
-            self.read = lnn.AdditiveAttention(hidden=self.d_model)
+            self.read = lnn.AdditiveAttention(hidden=self.d_model, **dtypes)
         elif self.attention == "soft":
-            self.read = lnn.DotProductAttention(kind="general")
+            self.read = lnn.DotProductAttention(kind="general", **dtypes)
         if self.attention != "none":
-            self.combine = nn.Dense(self.d_model)
-        self.head = nn.Dense(self.vocab_size)
+            self.combine = nn.Dense(self.d_model, **dtypes)
+        self.head = nn.Dense(self.vocab_size, **dtypes)
 
     @property
     def _reinforced(self) -> bool:
@@ -578,13 +607,14 @@ class EncoderDecoder(nn.Module):
             ffn=self.ffn,
             dropout_rate=self.dropout_rate,
             norm_bias=self.norm_bias,
+            **_dtypes(self),
         )
 
     def _make_mixer(self, layer: int) -> nn.Module:
         if self.mixer == "lru":
             settings = (self.d_state, *lru_ring(self, layer), self.scan_method)
-            return lnn.LRU(*settings, scan_table=self.scan_table)
-        return _make_recurrent_mixer(self, layer)
+            return _in_precision(self, lnn.LRU(*settings, scan_table=self.scan_table))
+        return _in_precision(self, _make_recurrent_mixer(self, layer))
 
     def _encoder_mixer(self, layer: int) -> nn.Module:
         if self.bidirectional:

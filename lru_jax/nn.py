@@ -13,6 +13,15 @@ last valid step. Causal layers also have `step(carry, x_t) -> (carry, y_t)` for 
 one step at a time with the trained variables (`module.apply(variables, c, x_t, method="step")`)
 and `initial_carry(batch_size)`.
 
+Mixed precision: every module takes `dtype`, the dtype it computes in (matmuls, activations,
+its output), and `param_dtype`, the dtype its parameters are stored in, both float32 by
+default, as Flax's own modules. With dtype=jnp.bfloat16 the parameters stay float32 and are
+cast where they meet the activations; what needs the range or the resolution of float32 stays
+there whatever the dtype: the recurrences' decays and states (every scan of `lru_jax.scan`
+accumulates in float32 / complex64, their inputs cast up at the boundary, the states cast down
+for the readout), the norms' statistics and the attention softmax. The nonlinear cells
+(SimpleRNN, LSTM, GRU) have no scan: they run wholly in `dtype`, their carry included.
+
 The attention modules (`MultiHeadAttention`, `DotProductAttention`, `AdditiveAttention`,
 `AttentionPooling`, `HardAttention` and the mixer `CausalSelfAttention`) live in
 `lru_jax.attention_nn` and are re-exported here.
@@ -23,6 +32,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -39,6 +49,7 @@ from lru_jax.attention_nn import (  # noqa: F401  (re-exported)
     HardAttentionOutput,
     KVCache,
     MultiHeadAttention,
+    compute_dtype,
 )
 from lru_jax.scan_table import ScanTable
 
@@ -69,6 +80,11 @@ def _time_major(x):
     return jnp.swapaxes(x, 0, 1)
 
 
+def _in_compute_dtype(module: nn.Module, x):
+    """x (already checked) cast to the module's compute dtype."""
+    return x.astype(compute_dtype(module))
+
+
 def _declare_params(module: nn.Module, names, init):
     """The module's parameters `names` as a dict, created together by `init(key)`.
 
@@ -76,11 +92,17 @@ def _declare_params(module: nn.Module, names, init):
     the module's first "params" key, so the Flax module and the functional form give the same
     parameters from the same key, under the same names. (When the parameters exist, Flax
     still traces each initialiser abstractly to check their shapes.)
+    The parameters are stored in the module's `param_dtype` (the initialiser's float32 cast).
     """
+    dtype = _checks.float_dtype("param_dtype", module.param_dtype)
     fresh = {}
     if module.is_initializing() and not module.has_variable("params", names[0]):
         fresh = init(module.make_rng("params"))
-    return {name: module.param(name, lambda key, n=name: (fresh or init(key))[n]) for name in names}
+
+    def declare(name):
+        return module.param(name, lambda key: (fresh or init(key))[name].astype(dtype))
+
+    return {name: declare(name) for name in names}
 
 
 class RecurrentLayer(nn.Module):
@@ -96,6 +118,8 @@ class RecurrentLayer(nn.Module):
     activation: str = "tanh"  # SimpleRNN only: "tanh" | "relu"
     unroll: int = 1
     grad_chunk: int | None = 16  # see cells.unroll; None: JAX's autodiff (allows jax.jvp)
+    dtype: Any = jnp.float32  # computation (see the module docstring)
+    param_dtype: Any = jnp.float32  # parameter storage
 
     def make_cell(self) -> cells.Cell:
         if self.cell == "simple_rnn":
@@ -119,6 +143,7 @@ class RecurrentLayer(nn.Module):
         """
         _checks.positive_int("hidden_size", self.hidden_size)
         x, seq_lengths = check_sequence(x, seq_lengths)
+        x = _in_compute_dtype(self, x)
         if self.has_variable("params", "w_ih"):
             _checks.feature_size("x", x.shape[-1], self.get_variable("params", "w_ih").shape[0])
         cell = self.make_cell()
@@ -126,6 +151,8 @@ class RecurrentLayer(nn.Module):
         params = _declare_params(
             self, names, lambda key: cell.init(key, x.shape[-1], self.hidden_size)
         )
+        # no scan to accumulate in: the cell runs wholly in the compute dtype
+        params = {k: v.astype(x.dtype) for k, v in params.items()}
         carry, ys = cells.unroll(
             cell,
             params,
@@ -140,13 +167,15 @@ class RecurrentLayer(nn.Module):
         ys = _time_major(ys)
         return (carry, ys) if return_carry else ys
 
-    def initial_carry(self, batch_size: int, dtype=jnp.float32):
-        """The zero carry for `batch_size` sequences."""
+    def initial_carry(self, batch_size: int, dtype=None):
+        """The zero carry for `batch_size` sequences, in `dtype` (None: the compute dtype)."""
+        dtype = compute_dtype(self) if dtype is None else dtype
         return self.make_cell().zero_carry((batch_size,), self.hidden_size, dtype)
 
     def step(self, carry, x):
         """One step: x [batch, in] -> (carry, y [batch, hidden]). Needs initialised variables."""
-        return _checked_step(self, cells.check_input, self.make_cell().step, carry, x, "features")
+        step = self.make_cell().step
+        return _checked_step(self, cells.check_input, step, carry, x, "features", cast_params=True)
 
 
 class SimpleRNN(RecurrentLayer):
@@ -186,6 +215,8 @@ class LRU(nn.Module):
     scan_method: str = "auto"
     sequence_axis: str | None = None
     scan_table: ScanTable | None = None
+    dtype: Any = jnp.float32  # computation (see the module docstring)
+    param_dtype: Any = jnp.float32  # parameter storage
 
     @nn.compact
     def __call__(
@@ -206,6 +237,7 @@ class LRU(nn.Module):
         lru.check_ring(self.r_min, self.r_max, self.max_phase)
         _check_scan(self.scan_method, self.scan_table)
         x, seq_lengths = check_sequence(x, seq_lengths)
+        x = _in_compute_dtype(self, x)
         if self.has_variable("params", "D"):
             _checks.feature_size("x", x.shape[-1], self.get_variable("params", "D").shape[0])
         params = _declare_params(
@@ -237,17 +269,27 @@ class LRU(nn.Module):
         return _checked_step(self, lru.check_input, lru.step, carry, x)
 
 
-def _checked_step(module, check_input, step, carry, x, features: str = "H"):
-    """A layer's one step with its trained parameters (see `checked_step`)."""
-    return checked_step(module.variables["params"], check_input, step, carry, x, features)
+def _checked_step(module, check_input, step, carry, x, features: str = "H", cast_params=False):
+    """A layer's one step with its trained parameters, in its compute dtype (see
+    `checked_step`)."""
+    params = module.variables["params"]
+    dtype = compute_dtype(module)
+    return checked_step(params, check_input, step, carry, x, features, dtype, cast_params)
 
 
-def checked_step(params, check_input, step, carry, x, features: str = "H"):
+def checked_step(
+    params, check_input, step, carry, x, features: str = "H", dtype=None, cast_params=False
+):
     """One step of a functional form with `params`: x [batch, features] checked against
-    them (`check_input(params, x, name)`), then `step(params, carry, x) -> (carry, y)`.
-    The Linen and the NNX layers both step through it."""
+    them (`check_input(params, x, name)`) and cast to `dtype` (the compute dtype; None: as
+    it is), then `step(params, carry, x) -> (carry, y)` (`cast_params`: with the parameters
+    cast to `dtype` too). The Linen and the NNX layers both step through it."""
     _checks.rank("x", x, 2, f"[batch, {features}]")
     x = check_input(params, x, "x")  # as an array (a nested list is converted)
+    if dtype is not None:
+        x = x.astype(dtype)
+    if cast_params:
+        params = {k: v.astype(x.dtype) for k, v in params.items()}
     return step(params, carry, x)
 
 
@@ -298,6 +340,8 @@ class MinRNN(nn.Module):
     activation: str = "g"
     scan_method: str = "auto"
     scan_table: ScanTable | None = None
+    dtype: Any = jnp.float32  # computation (see the module docstring)
+    param_dtype: Any = jnp.float32  # parameter storage
 
     @nn.compact
     def __call__(
@@ -318,6 +362,7 @@ class MinRNN(nn.Module):
         methods = scan.LOG_METHODS if self.log_space else scan.METHODS
         _check_scan(self.scan_method, self.scan_table, methods)
         x, seq_lengths = check_sequence(x, seq_lengths)
+        x = _in_compute_dtype(self, x)
         proj_out = mingru.check_cell(self.cell, x.shape[-1], self.d_state, self.proj_out)
         if self.has_variable("params", "W_h"):
             _checks.feature_size("x", x.shape[-1], self.get_variable("params", "W_h").shape[1])
@@ -378,6 +423,8 @@ class HGRN(nn.Module):
     lower_bound: float = 0.0
     scan_method: str = "auto"
     scan_table: ScanTable | None = None
+    dtype: Any = jnp.float32  # computation (see the module docstring)
+    param_dtype: Any = jnp.float32  # parameter storage
 
     @nn.compact
     def __call__(
@@ -398,6 +445,7 @@ class HGRN(nn.Module):
         hgrn.check_lower_bound(self.lower_bound)
         _check_scan(self.scan_method, self.scan_table)
         x, seq_lengths = check_sequence(x, seq_lengths)
+        x = _in_compute_dtype(self, x)
         if self.has_variable("params", "W_f"):
             _checks.feature_size("x", x.shape[-1], self.get_variable("params", "W_f").shape[1])
         params = _declare_params(
@@ -445,6 +493,8 @@ class S5(nn.Module):
     discretization: str = "zoh"
     scan_method: str = "auto"
     scan_table: ScanTable | None = None
+    dtype: Any = jnp.float32  # computation (see the module docstring)
+    param_dtype: Any = jnp.float32  # parameter storage
 
     @property
     def _form(self) -> dict:
@@ -469,6 +519,7 @@ class S5(nn.Module):
         s5.check_options(*settings, self.discretization)
         _check_scan(self.scan_method, self.scan_table)
         x, seq_lengths = check_sequence(x, seq_lengths)
+        x = _in_compute_dtype(self, x)
         if self.has_variable("params", "D"):
             _checks.feature_size("x", x.shape[-1], self.get_variable("params", "D").shape[0])
         params = _declare_params(
@@ -517,6 +568,8 @@ class RGLRU(nn.Module):
     r_max: float = 0.999
     scan_method: str = "auto"
     scan_table: ScanTable | None = None
+    dtype: Any = jnp.float32  # computation (see the module docstring)
+    param_dtype: Any = jnp.float32  # parameter storage
 
     @nn.compact
     def __call__(
@@ -533,6 +586,7 @@ class RGLRU(nn.Module):
         rglru.check_settings(self.width, self.num_heads, self.r_min, self.r_max)
         _check_scan(self.scan_method, self.scan_table)
         x, seq_lengths = check_sequence(x, seq_lengths)
+        x = _in_compute_dtype(self, x)
         _checks.feature_size("x", x.shape[-1], self.width, "features (width)")
         params = _declare_params(
             self,
@@ -579,6 +633,8 @@ class RecurrentBlock(nn.Module):
     r_max: float = 0.999
     scan_method: str = "auto"
     scan_table: ScanTable | None = None
+    dtype: Any = jnp.float32  # computation (see the module docstring)
+    param_dtype: Any = jnp.float32  # parameter storage
 
     @nn.compact
     def __call__(
@@ -595,6 +651,7 @@ class RecurrentBlock(nn.Module):
         rglru.check_settings(self.lru_width, self.num_heads, self.r_min, self.r_max)
         _check_scan(self.scan_method, self.scan_table)
         x, seq_lengths = check_sequence(x, seq_lengths)
+        x = _in_compute_dtype(self, x)
         rglru.check_block_settings(x.shape[-1], self.conv_width)
         if self.has_variable("params", "W_y"):
             _checks.feature_size("x", x.shape[-1], self.get_variable("params", "W_y").shape[1])
@@ -647,6 +704,8 @@ class Mamba(nn.Module):
     scan_method: str = "auto"
     chunk_size: int | None = None
     scan_table: ScanTable | None = None
+    dtype: Any = jnp.float32  # computation (see the module docstring)
+    param_dtype: Any = jnp.float32  # parameter storage
 
     @nn.compact
     def __call__(
@@ -666,6 +725,7 @@ class Mamba(nn.Module):
         if self.chunk_size is not None:
             _checks.positive_int("chunk_size", self.chunk_size)
         x, seq_lengths = check_sequence(x, seq_lengths)
+        x = _in_compute_dtype(self, x)
         if self.has_variable("params", "W_in"):
             _checks.feature_size("x", x.shape[-1], self.get_variable("params", "W_in").shape[1])
         params = _declare_params(
@@ -840,6 +900,8 @@ class SequenceBlock(nn.Module):
     turns dropout off and makes BatchNorm use its running averages. `norm_bias=False` drops the
     norm's learned shift: a constant it adds reaches the mixer as a DC input, which a long-memory
     LRU mode amplifies by up to γ/(1 - |λ|) (see docs/results.md, the adding problem).
+    `dtype`, `param_dtype`: the block's own (norm, feed-forward, residual stream); the mixer
+    has its own, which the models set to the same.
     """
 
     d_model: int
@@ -849,18 +911,22 @@ class SequenceBlock(nn.Module):
     ffn: str = "glu"
     dropout_rate: float = 0.0
     norm_bias: bool = True
+    dtype: Any = jnp.float32  # computation (see the module docstring)
+    param_dtype: Any = jnp.float32  # parameter storage
 
     def setup(self):
         _checks.positive_int("d_model", self.d_model)
         _checks.one_of("norm", self.norm, ("layer", "batch"))
         _checks.one_of("ffn", self.ffn, ("glu", "gelu"))
         _checks.rate("dropout_rate", self.dropout_rate)
+        # Flax's norms compute their statistics in float32 whatever `dtype`
+        dtypes = {"dtype": compute_dtype(self), "param_dtype": self.param_dtype}
         if self.norm == "layer":
-            self.norm_layer = nn.LayerNorm(use_bias=self.norm_bias)
+            self.norm_layer = nn.LayerNorm(use_bias=self.norm_bias, **dtypes)
         else:
-            self.norm_layer = nn.BatchNorm(momentum=0.9, use_bias=self.norm_bias)
+            self.norm_layer = nn.BatchNorm(momentum=0.9, use_bias=self.norm_bias, **dtypes)
         width = 2 * self.d_model if self.ffn == "glu" else self.d_model
-        self.out = nn.Dense(width)
+        self.out = nn.Dense(width, **dtypes)
         self.dropout = nn.Dropout(self.dropout_rate)
 
     def _normalise(self, x, deterministic, mask=None):
@@ -899,6 +965,7 @@ class SequenceBlock(nn.Module):
             mixer=self.mixer,
             feed_forward=lambda z: self._feed_forward(z, deterministic),
             resets=resets,
+            dtype=compute_dtype(self),
         )
         return (carry, x) if return_carry else x
 
@@ -914,6 +981,7 @@ class SequenceBlock(nn.Module):
             normalise=lambda x: self._normalise(x, True),
             mixer_step=self.mixer.step,
             feed_forward=lambda z: self._feed_forward(z, True),
+            dtype=compute_dtype(self),
         )
 
 
@@ -932,16 +1000,28 @@ def block_feed_forward(z, ffn: str, out, dropout):
 
 
 def block_forward(
-    x, seq_lengths, initial_carry, *, d_model, prenorm, normalise, mixer, feed_forward, resets=None
+    x,
+    seq_lengths,
+    initial_carry,
+    *,
+    d_model,
+    prenorm,
+    normalise,
+    mixer,
+    feed_forward,
+    resets=None,
+    dtype=None,
 ):
     """A `SequenceBlock` over whole sequences: `normalise(x, mask)` (mask bool [batch, time,
     1] of valid steps, or None), `mixer` a sequence layer, `feed_forward(z)`; `resets` (bool
-    [batch, time] or None) goes to the mixer when given.
+    [batch, time] or None) goes to the mixer when given; x is cast to `dtype` (the compute
+    dtype; None: as it is).
 
     x [batch, time, d_model] -> (the mixer's carry, y [batch, time, d_model]), y zero past
     each length.
     """
     x, seq_lengths = check_sequence(x, seq_lengths)
+    x = x if dtype is None else x.astype(dtype)
     _checks.feature_size("x", x.shape[-1], d_model, "features (d_model)")
     mask = None
     if seq_lengths is not None:
@@ -957,10 +1037,11 @@ def block_forward(
     return carry, x
 
 
-def block_step(carry, x, *, prenorm, normalise, mixer_step, feed_forward):
+def block_step(carry, x, *, prenorm, normalise, mixer_step, feed_forward, dtype=None):
     """One step of a `SequenceBlock` over a causal mixer (`normalise(x)` in its evaluation
-    form): x [batch, d_model] -> (carry, y [batch, d_model])."""
+    form): x [batch, d_model] (cast to `dtype` unless None) -> (carry, y [batch, d_model])."""
     _checks.rank("x", x, 2, "[batch, d_model]")
+    x = jnp.asarray(x) if dtype is None else jnp.asarray(x).astype(dtype)
     z = normalise(x) if prenorm else x
     carry, z = mixer_step(carry, z)
     x = x + feed_forward(z)

@@ -37,6 +37,10 @@ conv_w [W, N] variance 0.01/W (conv_w[W-1] multiplies the current input), biases
 `from_recurrentgemma` converts that package's parameters to these.
 
 The recurrence runs through `scan.linear_scan` with the time-varying decay a_t.
+
+Precision: the matmuls and the convolution's output are in the input's dtype (`mingru.dense`,
+`block_diagonal` cast the weights), the decay, the normaliser and the state in float32 whatever
+that dtype (the convolution's window keeps its state's dtype); y comes back in the input's dtype.
 """
 
 from __future__ import annotations
@@ -151,8 +155,9 @@ def block_diagonal(x, w, b):
     over [..., K, I] (measured at M = 8192, K = 4, I = O = 16, forward and backward)."""
     heads, _, size_in = w.shape
     blocks = jnp.moveaxis(x.reshape(-1, heads, size_in), 1, 0)  # [K, M, I]
-    y = jax.lax.dot_general(blocks, w, (((2,), (2,)), ((0,), (0,))))  # [K, M, O]
-    return jnp.moveaxis(y, 0, 1).reshape(x.shape[:-1] + (-1,)) + b
+    dims = (((2,), (2,)), ((0,), (0,)))
+    y = jax.lax.dot_general(blocks, w.astype(x.dtype), dims)  # [K, M, O], in x's dtype
+    return jnp.moveaxis(y, 0, 1).reshape(x.shape[:-1] + (-1,)) + b.astype(x.dtype)
 
 
 @jax.custom_jvp
@@ -174,7 +179,7 @@ def _reset_mask(resets, x):
 
 def log_decay(params: Params, x) -> jax.Array:
     """log a_t = −c r_t softplus(−Λ) [..., N] from x [..., N]."""
-    gate = jax.nn.sigmoid(block_diagonal(x, params["W_r"], params["b_r"]))
+    gate = jax.nn.sigmoid(block_diagonal(x, params["W_r"], params["b_r"]).astype(jnp.float32))
     return -C * gate * jax.nn.softplus(-params["Lambda"])
 
 
@@ -254,7 +259,7 @@ def forward(
 
     def run(u, resets, reverse):
         hs = _states(params, u, h_empty, resets, reverse, method, scan_table)
-        return hs, hs
+        return hs, hs.astype(u.dtype)
 
     return padding.run_within_lengths(run, x, seq_lengths, h_empty, reverse=reverse, resets=resets)
 
@@ -263,7 +268,7 @@ def step(params: Params, h, x) -> tuple[jax.Array, jax.Array]:
     """One step for generation (no reset): h [..., N], x [..., N] -> (h', y = h')."""
     a, b = terms(params, x)
     h = a * h + b
-    return h, h
+    return h, h.astype(x.dtype)
 
 
 # ---------------------------------------------------------------- Griffin's recurrent block
@@ -297,8 +302,9 @@ def causal_conv(params: Params, v, window, resets=None) -> tuple[jax.Array, jax.
             keep = ~after if keep is None else keep & ~after
             earlier = jnp.where(keep, earlier, 0.0)
         out = out + w[width - 1 - shift] * earlier
+    out = out.astype(v.dtype)
     if width == 1:
-        return out, jnp.zeros((time, *window.shape), v.dtype)
+        return out, jnp.zeros((time, *window.shape), padded.dtype)
     windows = [padded[k + 1 : k + 1 + time] for k in range(width - 1)]
     return out, jnp.stack(windows, axis=-2)
 
@@ -372,7 +378,7 @@ def block_forward(
             params, dense(u, params["W_x"], params["b_x"]), state0.window, resets
         )
         hs = _states(params, x, state0.h, resets, False, method, scan_table)
-        y = dense(hs * _block_gate(params, u), params["W_out"], params["b_out"])
+        y = dense(hs.astype(u.dtype) * _block_gate(params, u), params["W_out"], params["b_out"])
         return BlockState(hs, windows), y
 
     return padding.run_within_lengths(run, u, seq_lengths, state0, reverse=reverse, resets=resets)
@@ -383,7 +389,7 @@ def block_step(params: Params, state: BlockState, u) -> tuple[BlockState, jax.Ar
     h, window = state
     x, window = conv_step(params, window, dense(u, params["W_x"], params["b_x"]))
     h, _ = step(params, h, x)
-    y = dense(h * _block_gate(params, u), params["W_out"], params["b_out"])
+    y = dense(h.astype(u.dtype) * _block_gate(params, u), params["W_out"], params["b_out"])
     return BlockState(h, window), y
 
 
@@ -392,7 +398,7 @@ def conv_step(params: Params, window, v) -> tuple[jax.Array, jax.Array]:
     (x [..., N], the window after v)."""
     inputs = jnp.concatenate([window, v[..., None, :]], axis=-2)  # [..., W, N], oldest first
     x = jnp.sum(params["conv_w"] * inputs, axis=-2) + params["conv_b"]
-    return x, inputs[..., 1:, :]
+    return x.astype(v.dtype), inputs[..., 1:, :]
 
 
 # ---------------------------------------------------------------- recurrentgemma's layout

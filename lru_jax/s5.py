@@ -26,6 +26,9 @@ log_step uniform in [log dt_min, log dt_max] (paper: 0.001, 0.1).
 
 Parameters (float32): Lambda_re, Lambda_im [P'], B_re, B_im [P', H], C_re, C_im [H, P'],
 D [H], log_step [P']. The recurrence runs through `scan.linear_scan` with Λ̄ time-invariant.
+
+Precision: as the LRU's (`lru.complex_input`, `lru.readout`): the matmuls in u's dtype, Λ̄, B̄
+and the complex64 state in float32 whatever u's dtype; y comes back in u's dtype.
 """
 
 from __future__ import annotations

@@ -51,6 +51,10 @@ zero (docs/recurrences-min.md).
 state [batch, D, N] per step, read out y_t = h_t C_t as it runs: time in blocks, one block's
 states at a time (each block `linear_scan`'s, or a loop body that reads out), rematerialised
 under differentiation, so that no [time, batch, D, N] array exists (docs/recurrences-mamba.md).
+
+Precision: every scan accumulates in at least float32 (`accumulation_dtype`): inputs of a
+lower precision (bfloat16 activations under mixed precision) are cast up at the boundary, so
+the states come back float32 (complex64 for complex inputs) whatever the compute dtype.
 """
 
 from __future__ import annotations
@@ -75,6 +79,14 @@ LOG_METHODS = ("sequential", "associative", "cumsum")
 MEASURED_RULE_BACKENDS = ("cpu",)
 # the name scope around every "auto" scan: dtype name, time steps, state elements per step
 AUTO_SCOPE = "lru_jax.linear_scan[auto {dtype} {time}x{state_size}]"
+
+
+def accumulation_dtype(*arrays):
+    """The dtype a scan of `arrays` runs and returns its states in: their common dtype,
+    promoted to at least float32 (bfloat16 and float16 inputs give float32, complex ones
+    complex64): a decay close to 1 is not representable in bfloat16 (its spacing below 1 is
+    2^-8), and a state summed over many steps would lose its small terms."""
+    return jnp.result_type(*(v for v in arrays if v is not None), jnp.float32)
 
 
 def linear_scan(
@@ -119,7 +131,8 @@ def linear_scan(
         adjoint (reverse mode only).
 
     Returns:
-      h: [time, ...] with shape broadcast(a, b) and dtype result_type(a, b, h0).
+      h: [time, ...] with shape broadcast(a, b) and dtype `accumulation_dtype(a, b, h0)`:
+      result_type(a, b, h0), at least float32 (bfloat16 inputs are cast up at the boundary).
     """
     a, b, h0, resets, out_shape = _validate(a, b, h0, resets)
     if chunk_size is not None:
@@ -134,11 +147,11 @@ def linear_scan(
         if method == "pallas":
             raise ValueError("method: 'pallas' does not take a sequence_axis yet; use another")
     if out_shape[0] == 0:  # no steps: nothing to scan (and no method to choose)
-        return jnp.zeros(out_shape, jnp.result_type(a, b, *(() if h0 is None else (h0,))))
+        return jnp.zeros(out_shape, accumulation_dtype(a, b, h0))
 
     kw = dict(out_shape=out_shape, reverse=reverse, chunk_size=chunk_size, adjoint=adjoint)
     if method == "auto" and sequence_axis is None:
-        dtype = jnp.result_type(a, b, *(() if h0 is None else (h0,)))
+        dtype = accumulation_dtype(a, b, h0)
         time, size = out_shape[0], math.prod(out_shape[1:])
         with _auto_scope(time, size, dtype):
             method = choose_method(time, size, dtype=dtype, scan_table=scan_table)
@@ -199,7 +212,7 @@ def _scan(
     scan_table=None,
 ):
     """`linear_scan` of validated inputs with one method (not "auto" unless sequence_axis)."""
-    dtype = jnp.result_type(a, b, *(() if h0 is None else (h0,)))
+    dtype = accumulation_dtype(a, b, h0)
     time = out_shape[0]
     a = jnp.asarray(a, dtype)
     b = jnp.broadcast_to(jnp.asarray(b, dtype), out_shape)
@@ -576,7 +589,8 @@ def log_linear_scan(
       return_log: return log h instead of h.
 
     Returns:
-      h (or log h): real [time, ...] of shape broadcast(log_a, log_b).
+      h (or log h): real [time, ...] of shape broadcast(log_a, log_b), dtype
+      `accumulation_dtype(log_a, log_b, log_h0)` (at least float32).
     """
     names = ("log_a", "log_b", "log_h0")
     log_a, log_b, log_h0, resets, out_shape = _validate(
@@ -587,7 +601,7 @@ def log_linear_scan(
     _checks.boolean("return_log", return_log)
     if method == "cumsum" and resets is not None:
         raise ValueError("resets: method 'cumsum' cannot restart the state; use another method")
-    dtype = jnp.result_type(log_a, log_b, *(() if log_h0 is None else (log_h0,)))
+    dtype = accumulation_dtype(log_a, log_b, log_h0)
     if out_shape[0] == 0:  # no steps: nothing to scan (h = 0, log h = -inf: never used)
         return jnp.full(out_shape, -jnp.inf if return_log else 0.0, dtype)
     if method == "auto":
@@ -693,7 +707,8 @@ def selective_scan(
 
     Returns:
       (y [time, batch, D], h_last [batch, D, N]): the outputs and the state after the last step
-      (the first if `reverse`).
+      (the first if `reverse`), both `accumulation_dtype` of the inputs (at least float32:
+      bfloat16 inputs are cast up at the boundary; the caller casts y back if it wants).
     """
     x, delta, A, B, C, D, h0, resets = _validate_selective(x, delta, A, B, C, D, h0, resets)
     _checks.one_of("method", method, (*SELECTIVE_METHODS, "auto"))
@@ -702,7 +717,7 @@ def selective_scan(
         _checks.positive_int("chunk_size", chunk_size)
     check_scan_table(scan_table)
     time, batch, channels = x.shape
-    dtype = jnp.result_type(x, delta, A, B, C, *(v for v in (D, h0) if v is not None))
+    dtype = accumulation_dtype(x, delta, A, B, C, D, h0)
     x, delta, A, B, C = (jnp.asarray(v, dtype) for v in (x, delta, A, B, C))
     h0 = jnp.zeros((batch, channels, A.shape[1]), dtype) if h0 is None else jnp.asarray(h0, dtype)
     if time == 0:  # no steps: no outputs, the state as it was

@@ -117,3 +117,13 @@ def test_the_command_line_runs_as_a_module():
     assert done.returncode == 0, done.stderr
     for flag in ("--suite", "--lengths", "--sizes", "--modes", "--out", "--trace"):
         assert flag in done.stdout
+
+
+def test_the_precision_rows_time_a_mixer_in_bfloat16_against_float32():
+    assert cli.parse_args(["--precision"]).precision and not cli.parse_args([]).precision
+    lru_only = {"lru_jax lru": layer_suite.mixer_modules(4)["lru_jax lru"]}
+    rows = layer_suite.mixer_precision_rows(2, 6, 4, 2, lru_only)
+    assert [r.name for r in rows] == ["lru_jax lru float32", "lru_jax lru bfloat16"]
+    assert {r.group for r in rows} == {"lru_jax lru B=2 T=6 H=N=4 fwd+bwd float32 vs bfloat16"}
+    assert rows[0].speedup == 1.0  # float32 is the baseline
+    assert rows[1].speedup == rows[0].median_ms / rows[1].median_ms

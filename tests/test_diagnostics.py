@@ -99,7 +99,9 @@ def test_probe_gradients_equal_finite_differences(cell):
     x64 = cell == "lstm"
     dtype = np.float64 if x64 else np.float32
     batch = tasks.get_task("adding", seq_len=6, seed=0).batch("train", 0, 2)
-    model = models.SequenceModel(1, mixer=cell, d_model=4, d_state=3, num_layers=1, pooling="last")
+    model = models.SequenceModel(
+        1, mixer=cell, d_model=4, d_state=3, num_layers=1, pooling="last", dtype=dtype
+    )
     rng = np.random.default_rng(0)
     with jax.enable_x64(x64):
         inputs, targets = jnp.asarray(batch["inputs"], dtype), jnp.asarray(batch["targets"], dtype)

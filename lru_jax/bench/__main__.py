@@ -58,6 +58,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--selective-shape", type=_ints, default=[8, 4096, 512, 16], help="B,T,D,N of the scan"
     )
+    p.add_argument(
+        "--precision",
+        action="store_true",
+        help="layers suite: also each mixer in bfloat16 against float32 (at --mixer-shape)",
+    )
     p.add_argument("--config-dir", default="configs")
     p.add_argument("--limits-size", type=_ints, default=[256, 2048], help="copy MiB, matmul n")
     p.add_argument("--out", default=None, help="directory for bench.json and plots")
@@ -124,6 +129,9 @@ def run(args: argparse.Namespace) -> dict:
                 new = layer_suite.rnn_layer_rows(
                     batch, length, inputs, hidden, args.repeats, limits
                 )
+                if args.precision:
+                    shape = args.mixer_shape
+                    new += layer_suite.mixer_precision_rows(*shape, args.repeats)
                 new += layer_suite.lru_layer_rows(*args.lru_shape, args.repeats, limits)
                 new += layer_suite.mixer_layer_rows(
                     *args.mixer_shape, args.repeats, limits, args.mixers

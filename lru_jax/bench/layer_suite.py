@@ -1,5 +1,5 @@
 """The layers suite: our recurrent layers and LRU against Flax's, PyTorch's and a paper-style
-LRU, forward+backward."""
+LRU, forward+backward; with `--precision`, each mixer in bfloat16 against float32."""
 
 from __future__ import annotations
 
@@ -190,6 +190,30 @@ def mixer_layer_rows(batch, length, width, repeats, limits, kinds=None) -> list[
         for name, measured in timing.measure_named(group, named, repeats):
             rows.append(report.row("layers", group, name, measured))
     report.set_speedups(rows, lambda r: r.name == "lru_jax lstm")
+    return rows
+
+
+PRECISIONS = ("float32", "bfloat16")
+
+
+def mixer_precision_rows(batch, length, width, repeats, modules=None) -> list[Row]:
+    """Each recurrent mixer (`mixer_modules`, or the given {name: module}) computing in
+    bfloat16 against itself in float32, forward+backward with "auto" scans: a group per mixer,
+    its float32 row the baseline. The parameters are float32 in both (mixed precision: only
+    the computation's dtype changes, see `lru_jax.nn`)."""
+    rows = []
+    u = jax.random.normal(jax.random.key(1), (batch, length, width))
+    modules = mixer_modules(width) if modules is None else modules
+    for name, module in modules.items():
+        group = f"{name} B={batch} T={length} H=N={width} fwd+bwd float32 vs bfloat16"
+        params = module.init(jax.random.key(0), u)["params"]
+        named = []
+        for dtype in PRECISIONS:
+            fn = _grad_of_squares(_module_fn(module.clone(dtype=jnp.dtype(dtype))))
+            named.append((f"{name} {dtype}", (fn, (params, u))))
+        for row_name, measured in timing.measure_named(group, named, repeats):
+            rows.append(report.row("layers", group, row_name, measured))
+    report.set_speedups(rows, lambda r: r.name.endswith(" float32"))
     return rows
 
 

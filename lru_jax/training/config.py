@@ -45,6 +45,9 @@ def named_errors():
 LONG_RANGE_RING = {"r_min": 0.9, "r_max": 0.999, "max_phase": 2 * math.pi / 10}
 
 
+# model.dtype: what the model computes in (parameters and optimiser state stay float32)
+DTYPES = ("float32", "bfloat16")
+
 MIN_RNN_OPTIONS = {"expansion": 1.0, "log_space": False, "activation": "g", "scan_method": "auto"}
 
 
@@ -76,6 +79,10 @@ def default_config() -> ml_collections.ConfigDict:
             # encoder's bias); a constant input is what long LRU modes amplify most
             "norm_bias": True,
             "encoder_bias": True,
+            # the computation's dtype: float32 | bfloat16 (mixed precision: matmuls and
+            # activations in bfloat16; parameters, optimiser state, the recurrences' states,
+            # norm statistics, softmax and loss in float32)
+            "dtype": "float32",
             "lru": {  # the LRU mixer
                 "d_state": 128,  # state size N
                 "r_min": 0.0,  # the ring |lambda| is initialised on
@@ -388,6 +395,7 @@ def _validate_model(config) -> None:
         )
     _choice(config, "model.norm_bias", (True, False))
     _choice(config, "model.encoder_bias", (True, False))
+    _choice(config, "model.dtype", DTYPES)
     rings = _pairs(m.lru.layer_rings, "model.lru.layer_rings")
     try:
         lru.check_ring(m.lru.r_min, m.lru.r_max, m.lru.max_phase)
@@ -585,6 +593,7 @@ def build_model(
         "mixer_options": _mixer_options(m),
         "layer_rings": _pairs(m.lru.layer_rings, "model.lru.layer_rings"),
         "norm_bias": m.norm_bias,
+        "dtype": m.dtype,
     }
     if spec.kind == "seq2seq":
         s2s = m.seq2seq

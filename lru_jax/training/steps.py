@@ -30,8 +30,10 @@ LN2 = math.log(2.0)
 def loss_sums(spec: TaskSpec, outputs, batch) -> dict[str, jax.Array]:
     """Summed loss, example/step count and summed correct predictions for one batch.
 
-    outputs: [batch, num_outputs] (classification, regression) or [batch, time, vocab].
+    outputs: [batch, num_outputs] (classification, regression) or [batch, time, vocab], in
+    any floating dtype (a bfloat16 model's): the loss is computed in at least float32.
     """
+    outputs = outputs.astype(jnp.promote_types(outputs.dtype, jnp.float32))
     targets = batch["targets"]
     if spec.kind == "regression":
         per_example = jnp.mean((outputs - targets) ** 2, axis=-1)
