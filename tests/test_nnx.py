@@ -322,6 +322,52 @@ def test_blocks_in_a_stack_equal_their_linen_twins_and_step_as_they_run():
     )
 
 
+def test_bfloat16_blocks_in_a_stack_equal_their_linen_twins():
+    """Blocks computing in bfloat16 over attention (a LayerNorm GLU block with float32
+    parameters, a BatchNorm block storing them in bfloat16, both pre-norm so the residual
+    stream's dtype reaches the output): the Linen twin's storage dtypes, outputs and caches
+    in the same dtypes, the values within two bfloat16 steps (flax's NNX LayerNorm rounds
+    its scale and bias to bfloat16, Linen's does not)."""
+    low = {"dtype": BF16, "param_dtype": BF16}
+
+    def make():
+        def attention(**dtypes):
+            return nnx.CausalSelfAttention(H, num_heads=2, max_len=8, **dtypes, rngs=_rngs())
+
+        return nnx.Stack(
+            [
+                nnx.SequenceBlock(H, attention(dtype=BF16), dtype=BF16, rngs=_rngs()),
+                nnx.SequenceBlock(H, attention(**low), norm="batch", **low, rngs=_rngs()),
+            ]
+        )
+
+    linen = nn.Stack(
+        [
+            nn.SequenceBlock(H, nn.CausalSelfAttention(H, 2, 8, dtype=BF16), dtype=BF16),
+            nn.SequenceBlock(H, nn.CausalSelfAttention(H, 2, 8, **low), norm="batch", **low),
+        ]
+    )
+    x = _x()
+    shapes = _linen_shapes(linen, x)
+    assert {dtype for _, dtype in shapes.values()} == {jnp.dtype(jnp.float32), jnp.dtype(BF16)}
+    variables = _drawn(shapes)
+    module = nnx.load_linen(fnnx.eval_shape(make), variables)
+    assert _shapes(_flat(nnx.linen_variables(module))) == shapes
+
+    @fnnx.jit
+    def run(module, variables, x):
+        ours = module(x, LENGTHS, return_carry=True)
+        return ours, linen.apply(variables, x, LENGTHS, return_carry=True)
+
+    ours, theirs = run(module, variables, x)
+    assert theirs[1].dtype == BF16
+    assert [a.dtype for a in jax.tree.leaves(ours)] == [a.dtype for a in jax.tree.leaves(theirs)]
+    assert jax.tree.structure(ours) == jax.tree.structure(theirs)
+    bound = 2.0**-7 * float(jnp.max(jnp.abs(theirs[1].astype(jnp.float32))))
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs), strict=True):
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), atol=bound)
+
+
 def test_variables_come_back_from_an_nnx_module_unchanged():
     """NNX -> Linen: `linen_variables` returns what `load_linen` set, every collection."""
     x = _x()
@@ -371,6 +417,10 @@ def test_bad_input_is_named():
         lstm.step(lstm.initial_carry(B), jnp.zeros((B,)))
     with pytest.raises(ValueError, match="cell: expected one of"):
         nnx.RecurrentLayer(H, 3, cell="rnn", rngs=_rngs())
+    with pytest.raises(TypeError, match=r"^dtype: expected a floating dtype, one of \["):
+        nnx.LRU(H, 6, dtype="int32", rngs=_rngs())
+    with pytest.raises(TypeError, match=r"^param_dtype: expected a floating dtype"):
+        nnx.CausalSelfAttention(H, num_heads=2, param_dtype="bf16", rngs=_rngs())
     block = fnnx.eval_shape(
         lambda: nnx.SequenceBlock(H, nnx.LSTM(H, H, rngs=_rngs()), rngs=_rngs())
     )
