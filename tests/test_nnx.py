@@ -1,6 +1,7 @@
 """The NNX layers against their Linen twins (lru_jax.nn): the same parameters give the same
-outputs, carries and gradients; variables move both ways; steps equal the full call; bad
-input is named; a few nnx.Optimizer steps train a model.
+outputs, carries and gradients, in float32 and in bfloat16 (mixed precision); variables move
+both ways; steps equal the full call; bad input is named; a few nnx.Optimizer steps train a
+model.
 
 The suite's time goes to compiling, so a layer whose two forms share every operation is
 compared by tracing both (the same program computes the same outputs, carries and gradients
