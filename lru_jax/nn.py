@@ -288,8 +288,8 @@ def checked_step(
     x = check_input(params, x, "x")  # as an array (a nested list is converted)
     if dtype is not None:
         x = x.astype(dtype)
-    if cast_params:
-        params = {k: v.astype(x.dtype) for k, v in params.items()}
+    if cast_params:  # in the keys' sorted order, whatever the dict's: one program for both forms
+        params = jax.tree.map(lambda v: v.astype(x.dtype), params)
     return step(params, carry, x)
 
 

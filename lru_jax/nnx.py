@@ -13,6 +13,12 @@ with x [batch, time, features] (`resets` where the Linen layer takes it, `determ
 width (`in_features`) and an `nnx.Rngs` (`rngs.params()` seeds the parameters; `Stack` and
 `SequenceBlock` draw dropout from `rngs.dropout()`, falling back to the default stream).
 
+Mixed precision as in `lru_jax.nn`: every layer but `Bidirectional` and `Stack` (which hold
+layers, each with its own) takes `dtype` (computation) and `param_dtype` (parameter storage),
+float32 by default, checked at construction, and passes them where its Linen twin does: its
+parameters are stored in `param_dtype`, x is cast to `dtype` by the same shared functions,
+its Linear layers and norms get both; its step computes in `dtype` too.
+
 Parameters are `nnx.Param`s and BatchNorm's averages `nnx.BatchStat`s, at the paths the Linen
 module keeps them under; `linen_variables(module)` returns them as a Linen `variables` dict and
 `load_linen(module, variables)` sets a module's from one, so a model moves between the two
@@ -36,17 +42,32 @@ from lru_jax.scan_table import ScanTable
 COLLECTIONS = {nnx.Param: "params", nnx.BatchStat: "batch_stats"}
 
 
+def _dtypes(dtype, param_dtype) -> dict:
+    """The checked compute and storage dtypes, as the keyword arguments of flax's layers."""
+    return {
+        "dtype": _checks.float_dtype("dtype", dtype),
+        "param_dtype": _checks.float_dtype("param_dtype", param_dtype),
+    }
+
+
 class _Functional(nnx.Module):
     """A layer over a functional form: its parameters are the dict `init(key)` returned,
-    one `nnx.Param` attribute per name; `_forward`/`_step` take them as that dict."""
+    one `nnx.Param` attribute per name, stored in `param_dtype`; `_forward`/`_step` take
+    them as that dict, x in the compute dtype `dtype`."""
 
     in_features: int
     _features: str = "H"  # the input's feature axis in step's error messages
+    _cast_params = False  # whether step computes with the parameters cast to `dtype`
+
+    def _set_dtypes(self, dtype, param_dtype) -> None:
+        for name, value in _dtypes(dtype, param_dtype).items():
+            setattr(self, name, value)
 
     def _declare(self, params: dict) -> None:
+        """Keeps the functional initialiser's `params` (float32) in `param_dtype`."""
         self._names = tuple(params)
         for name, value in params.items():
-            setattr(self, name, nnx.Param(value))
+            setattr(self, name, nnx.Param(value.astype(self.param_dtype)))
 
     def params(self) -> dict:
         """The parameters as the functional form takes them: {name: array}."""
@@ -73,6 +94,7 @@ class _Functional(nnx.Module):
         `resets`, optional bool [batch, time], restarts the state from zero at those steps.
         """
         x, seq_lengths = linen_nn.check_sequence(x, seq_lengths)
+        x = x.astype(self.dtype)
         _checks.feature_size("x", x.shape[-1], self.in_features)
         return linen_nn._call_forward(
             self._forward,
@@ -87,17 +109,27 @@ class _Functional(nnx.Module):
 
     def step(self, carry, x):
         """One step: x [batch, in_features] -> (carry, y [batch, out]), equal to the full
-        call."""
+        call; x is cast to `dtype`."""
         return linen_nn.checked_step(
-            self.params(), self._check_input, self._step, carry, x, self._features
+            self.params(),
+            self._check_input,
+            self._step,
+            carry,
+            x,
+            self._features,
+            self.dtype,
+            self._cast_params,
         )
 
 
 class RecurrentLayer(_Functional):
     """A layer running a functional cell (`lru_jax.cells`), as `nn.RecurrentLayer`:
-    SimpleRNN, LSTM and GRU fix `cell`. Parameters: the cell's (`Cell.init`). No `resets`."""
+    SimpleRNN, LSTM and GRU fix `cell`. Parameters: the cell's (`Cell.init`). With no scan
+    to accumulate in, the cell runs wholly in `dtype`, its parameters cast to it, its carry
+    in it (`initial_carry`'s default)."""
 
     _features = "features"
+    _cast_params = True
     cell_name = "lstm"
 
     def __init__(
@@ -109,10 +141,13 @@ class RecurrentLayer(_Functional):
         activation: str = "tanh",
         unroll: int = 1,
         grad_chunk: int | None = 16,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
         rngs: nnx.Rngs,
     ):
         self.in_features = _checks.positive_int("in_features", in_features)
         self.hidden_size = _checks.positive_int("hidden_size", hidden_size)
+        self._set_dtypes(dtype, param_dtype)
         self.cell = _checks.one_of("cell", cell or self.cell_name, ("simple_rnn", "lstm", "gru"))
         self.activation = activation
         self.unroll = unroll
@@ -139,10 +174,12 @@ class RecurrentLayer(_Functional):
         `resets`, optional bool [batch, time], zeroes the carry before those steps.
         """
         x, seq_lengths = linen_nn.check_sequence(x, seq_lengths)
+        x = x.astype(self.dtype)
         _checks.feature_size("x", x.shape[-1], self.in_features)
+        params = {k: v.astype(x.dtype) for k, v in self.params().items()}
         carry, ys = cells.unroll(
             self.make_cell(),
-            self.params(),
+            params,
             linen_nn._time_major(x),
             initial_carry,
             seq_lengths=seq_lengths,
@@ -154,8 +191,9 @@ class RecurrentLayer(_Functional):
         ys = linen_nn._time_major(ys)
         return (carry, ys) if return_carry else ys
 
-    def initial_carry(self, batch_size: int, dtype=jnp.float32):
-        """The zero carry for `batch_size` sequences."""
+    def initial_carry(self, batch_size: int, dtype=None):
+        """The zero carry for `batch_size` sequences, in `dtype` (None: the compute dtype)."""
+        dtype = self.dtype if dtype is None else dtype
         return self.make_cell().zero_carry((batch_size,), self.hidden_size, dtype)
 
     _check_input = staticmethod(cells.check_input)
@@ -209,8 +247,11 @@ class LRU(_Scanned):
         scan_method: str = "auto",
         sequence_axis: str | None = None,
         scan_table: ScanTable | None = None,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
         rngs: nnx.Rngs,
     ):
+        self._set_dtypes(dtype, param_dtype)
         self.in_features = _checks.positive_int("in_features", in_features)
         self.d_state = _checks.positive_int("d_state", d_state)
         lru.check_ring(r_min, r_max, max_phase)
@@ -245,8 +286,11 @@ class MinRNN(_Scanned):
         activation: str = "g",
         scan_method: str = "auto",
         scan_table: ScanTable | None = None,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
         rngs: nnx.Rngs,
     ):
+        self._set_dtypes(dtype, param_dtype)
         cell = cell or self.cell_name
         _checks.positive_int("in_features", in_features)
         mingru.check_form(log_space, activation)
@@ -301,8 +345,11 @@ class HGRN(_Scanned):
         lower_bound: float = 0.0,
         scan_method: str = "auto",
         scan_table: ScanTable | None = None,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
         rngs: nnx.Rngs,
     ):
+        self._set_dtypes(dtype, param_dtype)
         self.in_features = _checks.positive_int("in_features", in_features)
         self.d_state = _checks.positive_int("d_state", d_state)
         hgrn.check_lower_bound(lower_bound)
@@ -335,8 +382,11 @@ class S5(_Scanned):
         discretization: str = "zoh",
         scan_method: str = "auto",
         scan_table: ScanTable | None = None,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
         rngs: nnx.Rngs,
     ):
+        self._set_dtypes(dtype, param_dtype)
         self.in_features = _checks.positive_int("in_features", in_features)
         settings = (d_state, blocks, conj_sym, dt_min, dt_max)
         s5.check_options(*settings, discretization)
@@ -374,8 +424,11 @@ class RGLRU(_Scanned):
         r_max: float = 0.999,
         scan_method: str = "auto",
         scan_table: ScanTable | None = None,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
         rngs: nnx.Rngs,
     ):
+        self._set_dtypes(dtype, param_dtype)
         rglru.check_settings(width, num_heads, r_min, r_max)
         self._set_scan(scan_method, scan_table)
         self.in_features = self.width = width
@@ -406,8 +459,11 @@ class RecurrentBlock(_Scanned):
         r_max: float = 0.999,
         scan_method: str = "auto",
         scan_table: ScanTable | None = None,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
         rngs: nnx.Rngs,
     ):
+        self._set_dtypes(dtype, param_dtype)
         rglru.check_settings(lru_width, num_heads, r_min, r_max)
         self._set_scan(scan_method, scan_table)
         self.in_features = _checks.positive_int("in_features", in_features)
@@ -443,8 +499,11 @@ class Mamba(_Scanned):
         scan_method: str = "auto",
         chunk_size: int | None = None,
         scan_table: ScanTable | None = None,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
         rngs: nnx.Rngs,
     ):
+        self._set_dtypes(dtype, param_dtype)
         settings = (d_inner, d_state, d_conv, dt_rank, dt_min, dt_max)
         mamba.check_settings(*settings)
         self._set_scan(scan_method, scan_table, scan.SELECTIVE_METHODS)
@@ -551,6 +610,8 @@ class SequenceBlock(nnx.Module):
     Parameters: the mixer's, `norm_layer` (LayerNorm or BatchNorm, whose running averages are
     `nnx.BatchStat`s, momentum 0.9) and `out` (kernel [d_model, 2 d_model] for the GLU).
     `deterministic` turns dropout off and makes BatchNorm use its running averages.
+    `dtype`, `param_dtype`: the block's own (norm, feed-forward, residual stream, x cast to
+    `dtype`); the mixer keeps its own.
     """
 
     def __init__(
@@ -563,19 +624,27 @@ class SequenceBlock(nnx.Module):
         ffn: str = "glu",
         dropout_rate: float = 0.0,
         norm_bias: bool = True,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
         rngs: nnx.Rngs,
     ):
         self.d_model = _checks.positive_int("d_model", d_model)
+        dtypes = _dtypes(dtype, param_dtype)
+        self.dtype, self.param_dtype = dtypes["dtype"], dtypes["param_dtype"]
         self.norm = _checks.one_of("norm", norm, ("layer", "batch"))
         self.ffn = _checks.one_of("ffn", ffn, ("glu", "gelu"))
         self.dropout_rate = _checks.rate("dropout_rate", dropout_rate)
         self.prenorm = prenorm
         self.mixer = mixer
+        # flax's norms compute their statistics in float32 whatever `dtype`
         if norm == "layer":
-            self.norm_layer = nnx.LayerNorm(d_model, use_bias=norm_bias, rngs=rngs)
+            self.norm_layer = nnx.LayerNorm(d_model, use_bias=norm_bias, **dtypes, rngs=rngs)
         else:  # Linen's BatchNorm defaults: momentum 0.9 as `nn.SequenceBlock`, epsilon 1e-5
-            self.norm_layer = nnx.BatchNorm(d_model, momentum=0.9, use_bias=norm_bias, rngs=rngs)
-        self.out = nnx.Linear(d_model, 2 * d_model if ffn == "glu" else d_model, rngs=rngs)
+            self.norm_layer = nnx.BatchNorm(
+                d_model, momentum=0.9, use_bias=norm_bias, **dtypes, rngs=rngs
+            )
+        width = 2 * d_model if ffn == "glu" else d_model
+        self.out = nnx.Linear(d_model, width, **dtypes, rngs=rngs)
         # no random stream where nothing is dropped: the state is then parameters only
         self.dropout = nnx.Dropout(dropout_rate, rngs=rngs if dropout_rate > 0.0 else None)
 
@@ -609,6 +678,7 @@ class SequenceBlock(nnx.Module):
             mixer=self.mixer,
             feed_forward=lambda z: self._feed_forward(z, deterministic),
             resets=resets,
+            dtype=self.dtype,
         )
         return (carry, x) if return_carry else x
 
@@ -624,6 +694,7 @@ class SequenceBlock(nnx.Module):
             normalise=lambda x: self._normalise(x, True),
             mixer_step=self.mixer.step,
             feed_forward=lambda z: self._feed_forward(z, True),
+            dtype=self.dtype,
         )
 
 
@@ -631,7 +702,8 @@ class CausalSelfAttention(nnx.Module):
     """Causal multi-head self-attention with rotary positions, a sequence mixer
     (`nn.CausalSelfAttention`): the carry is an `nn.KVCache` of at most `max_len` steps.
     Parameters: `query`, `key`, `value` (kernel [d_model, heads, head_dim], bias [heads,
-    head_dim]) and `out` (kernel [heads, head_dim, d_model], bias [d_model])."""
+    head_dim]) and `out` (kernel [heads, head_dim, d_model], bias [d_model]), stored in
+    `param_dtype`; the projections, scores and cache in `dtype` (the softmax in float32)."""
 
     def __init__(
         self,
@@ -640,16 +712,20 @@ class CausalSelfAttention(nnx.Module):
         num_heads: int = 4,
         max_len: int = 2048,
         rope_base: float = 10_000.0,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
         rngs: nnx.Rngs,
     ):
         attention_nn.check_self_attention(d_model, num_heads, max_len)
         self.d_model, self.num_heads, self.max_len = d_model, num_heads, max_len
         self.rope_base = rope_base
+        dtypes = _dtypes(dtype, param_dtype)
+        self.dtype, self.param_dtype = dtypes["dtype"], dtypes["param_dtype"]
         shape = (num_heads, d_model // num_heads)
-        self.query = nnx.LinearGeneral(d_model, shape, rngs=rngs)
-        self.key = nnx.LinearGeneral(d_model, shape, rngs=rngs)
-        self.value = nnx.LinearGeneral(d_model, shape, rngs=rngs)
-        self.out = nnx.LinearGeneral(shape, d_model, axis=(-2, -1), rngs=rngs)
+        self.query = nnx.LinearGeneral(d_model, shape, **dtypes, rngs=rngs)
+        self.key = nnx.LinearGeneral(d_model, shape, **dtypes, rngs=rngs)
+        self.value = nnx.LinearGeneral(d_model, shape, **dtypes, rngs=rngs)
+        self.out = nnx.LinearGeneral(shape, d_model, axis=(-2, -1), **dtypes, rngs=rngs)
 
     def _project(self, x, positions):
         return attention_nn.rotary_project(
@@ -680,18 +756,22 @@ class CausalSelfAttention(nnx.Module):
             max_len=self.max_len,
             return_carry=return_carry,
             resets=resets,
+            dtype=self.dtype,
         )
         return (cache, y) if return_carry else y
 
-    def initial_carry(self, batch_size: int, dtype=jnp.float32):
-        """An empty cache for `batch_size` sequences."""
+    def initial_carry(self, batch_size: int, dtype=None):
+        """An empty cache for `batch_size` sequences, in `dtype` (None: the compute dtype)."""
+        dtype = self.dtype if dtype is None else dtype
         return attention_nn.empty_cache(
             batch_size, self.max_len, self.d_model, self.num_heads, dtype
         )
 
     def step(self, carry, x):
         """One step at position `carry.index`: x [batch, d_model] -> (KVCache, y)."""
-        return attention_nn.self_attention_step(self._project, self.out, carry, x, self.d_model)
+        return attention_nn.self_attention_step(
+            self._project, self.out, carry, x, self.d_model, self.dtype
+        )
 
 
 # Moving parameters between the two forms.

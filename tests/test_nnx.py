@@ -1,6 +1,7 @@
 """The NNX layers against their Linen twins (lru_jax.nn): the same parameters give the same
-outputs, carries and gradients; variables move both ways; steps equal the full call; bad
-input is named; a few nnx.Optimizer steps train a model.
+outputs, carries and gradients, in float32 and in bfloat16 (mixed precision); variables move
+both ways; steps equal the full call; bad input is named; a few nnx.Optimizer steps train a
+model.
 
 The suite's time goes to compiling, so a layer whose two forms share every operation is
 compared by tracing both (the same program computes the same outputs, carries and gradients
@@ -95,6 +96,35 @@ CASES = {
     ),
 }
 
+BF16 = jnp.bfloat16
+# Layers computing in bfloat16, as their Linen twins (Mamba and attention storing their
+# parameters in bfloat16 too): x cast, parameters stored and cast, flax's Linear layers set,
+# where the Linen twin does it.
+BF16_CASES = {
+    "LRU-bfloat16": (
+        lambda: nnx.LRU(H, 6, dtype=BF16, rngs=_rngs()),
+        nn.LRU(6, dtype=BF16),
+        {"resets": True},
+    ),
+    "LSTM-bfloat16": (
+        lambda: nnx.LSTM(H, 3, dtype=BF16, rngs=_rngs()),
+        nn.LSTM(3, dtype=BF16),
+        {"reverse": True},
+    ),
+    "Mamba-bfloat16": (
+        lambda: nnx.Mamba(H, 8, d_state=3, dtype=BF16, param_dtype=BF16, rngs=_rngs()),
+        nn.Mamba(8, d_state=3, dtype=BF16, param_dtype=BF16),
+        {},
+    ),
+    "CausalSelfAttention-bfloat16": (
+        lambda: nnx.CausalSelfAttention(
+            H, num_heads=2, max_len=8, dtype=BF16, param_dtype=BF16, rngs=_rngs()
+        ),
+        nn.CausalSelfAttention(H, num_heads=2, max_len=8, dtype=BF16, param_dtype=BF16),
+        {"resets": True},
+    ),
+}
+
 RESETS = np.zeros((B, T), bool)
 RESETS[0, 2] = True
 
@@ -126,19 +156,25 @@ def _assert_trees_close(got, want, what):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=2e-5, err_msg=what)
 
 
+def _shapes(flat):
+    """{path: (shape, dtype)} of flat variables (arrays or ShapeDtypeStructs)."""
+    return {path: (tuple(v.shape), jnp.dtype(v.dtype)) for path, v in flat.items()}
+
+
 def _linen_shapes(linen, x, extra=()):
-    """{path: shape} of the variables `linen.init` makes (traced, not run)."""
+    """{path: (shape, dtype)} of the variables `linen.init` makes (traced, not run)."""
     init = functools.partial(linen.init, **_call_kwargs(extra))
-    return jax.tree.map(jnp.shape, _flat(jax.eval_shape(init, jax.random.key(0), x)))
+    return _shapes(_flat(jax.eval_shape(init, jax.random.key(0), x)))
 
 
 def _drawn(shapes, seed=0):
-    """Linen variables of these {path: shape} drawn at random: magnitudes in [0.2, 0.7] with
-    either sign (positive for BatchNorm's variance), off any initialiser's special values."""
+    """Linen variables of these {path: (shape, dtype)} drawn at random: magnitudes in [0.2,
+    0.7] with either sign (positive for BatchNorm's variance), off any initialiser's special
+    values."""
     draw, flat = np.random.default_rng(seed), {}
-    for path, shape in shapes.items():
+    for path, (shape, dtype) in shapes.items():
         value = draw.uniform(0.2, 0.7, shape) * draw.choice([-1.0, 1.0], shape)
-        flat[path] = (np.abs(value) if path[-1] == "var" else value).astype(np.float32)
+        flat[path] = jnp.asarray(np.abs(value) if path[-1] == "var" else value, dtype)
     return traverse_util.unflatten_dict(flat)
 
 
@@ -173,22 +209,24 @@ def _nnx_loss(make, extra):
 SAME_PROGRAM = [name for name in CASES if name not in ("SequenceBlock", "Stack")]
 
 
-@pytest.mark.parametrize("name", SAME_PROGRAM)
+@pytest.mark.parametrize("name", SAME_PROGRAM + list(BF16_CASES))
 def test_a_layer_computes_the_same_program_as_its_linen_twin(name):
     """With `load_linen`'s parameters the NNX form's loss and gradients (and its step) are the
     Linen twin's program, operation for operation: so its outputs, carries and gradients are
-    the Linen ones at every input. (Tracing both is cheap; compiling both would not be.)"""
-    make, linen, extra = CASES[name]
+    the Linen ones at every input. (Tracing both is cheap; compiling both would not be.)
+    The bfloat16 cases: the same mixed-precision program, the parameters in the same dtype."""
+    make, linen, extra = {**CASES, **BF16_CASES}[name]
     x = _x()
     module = fnnx.eval_shape(make)  # the parameters' shapes, nothing computed
-    variables = nnx.linen_variables(module)
     shapes = _linen_shapes(linen, x, extra)
-    assert jax.tree.map(jnp.shape, _flat(variables)) == shapes  # the twin's names and shapes
+    # the twin's names, shapes and storage dtypes
+    assert _shapes(_flat(nnx.linen_variables(module))) == shapes
     variables = _drawn(shapes)
     nnx_program = jax.make_jaxpr(_nnx_loss(make, extra))(variables, x)
     linen_program = jax.make_jaxpr(_linen_loss(linen, extra))(variables, x)
     assert str(nnx_program) == str(linen_program)
     assert len(nnx_program.eqns) > 5  # a real program, not a constant
+    assert ("bf16[" in str(nnx_program)) == (name in BF16_CASES)
     if name != "Bidirectional":  # a causal layer: its step is the twin's step too
 
         def nnx_step(variables, carry, x_t):
@@ -236,7 +274,7 @@ def test_blocks_in_a_stack_equal_their_linen_twins_and_step_as_they_run():
     x = _x()
     variables = _drawn(_linen_shapes(linen, x))
     module = nnx.load_linen(fnnx.eval_shape(make), variables)
-    assert jax.tree.map(jnp.shape, _flat(nnx.linen_variables(module))) == _linen_shapes(linen, x)
+    assert _shapes(_flat(nnx.linen_variables(module))) == _linen_shapes(linen, x)
 
     @fnnx.jit
     def run(module, variables, x):
@@ -285,6 +323,52 @@ def test_blocks_in_a_stack_equal_their_linen_twins_and_step_as_they_run():
     )
 
 
+def test_bfloat16_blocks_in_a_stack_equal_their_linen_twins():
+    """Blocks computing in bfloat16 over attention (a LayerNorm GLU block with float32
+    parameters, a BatchNorm block storing them in bfloat16, both pre-norm so the residual
+    stream's dtype reaches the output): the Linen twin's storage dtypes, outputs and caches
+    in the same dtypes, the values within two bfloat16 steps (flax's NNX LayerNorm rounds
+    its scale and bias to bfloat16, Linen's does not)."""
+    low = {"dtype": BF16, "param_dtype": BF16}
+
+    def make():
+        def attention(**dtypes):
+            return nnx.CausalSelfAttention(H, num_heads=2, max_len=8, **dtypes, rngs=_rngs())
+
+        return nnx.Stack(
+            [
+                nnx.SequenceBlock(H, attention(dtype=BF16), dtype=BF16, rngs=_rngs()),
+                nnx.SequenceBlock(H, attention(**low), norm="batch", **low, rngs=_rngs()),
+            ]
+        )
+
+    linen = nn.Stack(
+        [
+            nn.SequenceBlock(H, nn.CausalSelfAttention(H, 2, 8, dtype=BF16), dtype=BF16),
+            nn.SequenceBlock(H, nn.CausalSelfAttention(H, 2, 8, **low), norm="batch", **low),
+        ]
+    )
+    x = _x()
+    shapes = _linen_shapes(linen, x)
+    assert {dtype for _, dtype in shapes.values()} == {jnp.dtype(jnp.float32), jnp.dtype(BF16)}
+    variables = _drawn(shapes)
+    module = nnx.load_linen(fnnx.eval_shape(make), variables)
+    assert _shapes(_flat(nnx.linen_variables(module))) == shapes
+
+    @fnnx.jit
+    def run(module, variables, x):
+        ours = module(x, LENGTHS, return_carry=True)
+        return ours, linen.apply(variables, x, LENGTHS, return_carry=True)
+
+    ours, theirs = run(module, variables, x)
+    assert theirs[1].dtype == BF16
+    assert [a.dtype for a in jax.tree.leaves(ours)] == [a.dtype for a in jax.tree.leaves(theirs)]
+    assert jax.tree.structure(ours) == jax.tree.structure(theirs)
+    bound = 2.0**-7 * float(jnp.max(jnp.abs(theirs[1].astype(jnp.float32))))
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs), strict=True):
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), atol=bound)
+
+
 def test_variables_come_back_from_an_nnx_module_unchanged():
     """NNX -> Linen: `linen_variables` returns what `load_linen` set, every collection."""
     x = _x()
@@ -320,7 +404,7 @@ def test_bad_input_is_named():
         nnx.LRU(H, 0.5, rngs=_rngs())
     with pytest.raises(ValueError, match="reverse: causal self-attention runs forwards only"):
         fnnx.eval_shape(CASES["CausalSelfAttention"][0])(_x(), reverse=True)
-    variables = _drawn(jax.tree.map(jnp.shape, _flat(nnx.linen_variables(layer))))
+    variables = _drawn(_shapes(_flat(nnx.linen_variables(layer))))
     with pytest.raises(ValueError, match=r"variables\['params'\].*\('D',\) missing"):
         nnx.load_linen(
             layer, {"params": {k: v for k, v in variables["params"].items() if k != "D"}}
@@ -334,6 +418,10 @@ def test_bad_input_is_named():
         lstm.step(lstm.initial_carry(B), jnp.zeros((B,)))
     with pytest.raises(ValueError, match="cell: expected one of"):
         nnx.RecurrentLayer(H, 3, cell="rnn", rngs=_rngs())
+    with pytest.raises(TypeError, match=r"^dtype: expected a floating dtype, one of \["):
+        nnx.LRU(H, 6, dtype="int32", rngs=_rngs())
+    with pytest.raises(TypeError, match=r"^param_dtype: expected a floating dtype"):
+        nnx.CausalSelfAttention(H, num_heads=2, param_dtype="bf16", rngs=_rngs())
     block = fnnx.eval_shape(
         lambda: nnx.SequenceBlock(H, nnx.LSTM(H, H, rngs=_rngs()), rngs=_rngs())
     )
