@@ -71,8 +71,11 @@ def _tbptt_parts(k, mixer="lru"):
     tx = make_optimizer(config.train)
     state = TrainState.create(model.init(jax.random.key(0), batch["inputs"]), tx)
     key = jax.random.key(1)
-    full = steps.gradients(model, task.spec, state, batch, key)
-    truncated = steps._truncated_bptt(model, task.spec, state, batch, key, k)
+    # jitted: run eagerly, op by op, these take several times longer than compiling them
+    full = jax.jit(steps.gradients, static_argnums=(0, 1))(model, task.spec, state, batch, key)
+    truncated = jax.jit(steps._truncated_bptt, static_argnums=(0, 1, 5))(
+        model, task.spec, state, batch, key, k
+    )
     return full, truncated
 
 
