@@ -80,12 +80,11 @@ def test_remat_gives_the_same_outputs_and_gradients(cell, pooling):
         carry_part = sum(jnp.sum(jnp.abs(c) ** 2) for c in jax.tree.leaves(carries))
         return jnp.mean(out**2) + 0.1 * carry_part, out
 
-    (want, want_out), want_grads = jax.value_and_grad(lambda p: loss(plain, p), has_aux=True)(
-        variables["params"]
-    )
-    (got, got_out), got_grads = jax.value_and_grad(lambda p: loss(remat, p), has_aux=True)(
-        variables["params"]
-    )
+    def value_and_grad(model):  # compiled: op by op it takes several times longer
+        return jax.jit(jax.value_and_grad(lambda p: loss(model, p), has_aux=True))
+
+    (want, want_out), want_grads = value_and_grad(plain)(variables["params"])
+    (got, got_out), got_grads = value_and_grad(remat)(variables["params"])
     np.testing.assert_allclose(got_out, want_out, atol=1e-5)
     np.testing.assert_allclose(got, want, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads), strict=True):
@@ -136,8 +135,8 @@ def test_config_grad_chunk_zero_selects_autodiff_with_the_same_gradient():
     def loss(model):
         return lambda p: jnp.sum(model.apply({"params": p}, x) ** 2)
 
-    got = jax.grad(loss(chunked))(variables["params"])
-    want = jax.grad(loss(autodiff))(variables["params"])
+    got = jax.jit(jax.grad(loss(chunked)))(variables["params"])
+    want = jax.jit(jax.grad(loss(autodiff)))(variables["params"])
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
     # Forward mode needs the autodiff loop: a custom VJP has no JVP rule.
