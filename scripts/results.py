@@ -31,7 +31,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from lru_jax.training import config as config_lib  # noqa: E402
-from lru_jax.training.loop import train_and_evaluate  # noqa: E402
+from lru_jax.training.loop import build_task, train_and_evaluate  # noqa: E402
 
 HEADLINE = ("adding-lru", "mnist1d-lru", "listops-lru", "stdlib-lru")  # run with 3 seeds
 # name, config file, overrides, the metric to report, reference shown beside it.
@@ -58,12 +58,12 @@ EXPERIMENTS = [
     ),
     ("listops-lru", "listops.py", {}, "accuracy", "majority class"),
     ("listops-attention", "listops.py", {"model.mixer": "attention"}, "accuracy", "majority class"),
-    ("jokes-lru", "default.py", {}, "bits_per_char", "unigram entropy"),
+    ("jokes-lru", "default.py", {}, "bits_per_char", "compressors"),
     ("copy-lru", "copy.py", {}, "loss", "baseline"),
     ("copy-attention", "copy.py", {"model.mixer": "attention"}, "loss", "baseline"),
     ("selective-copy-lru", "selective_copy.py", {}, "loss", "baseline"),
     ("recall-lru", "associative_recall.py", {}, "loss", "baseline"),
-    ("stdlib-lru", "stdlib_text.py", {}, "bits_per_char", "unigram entropy"),
+    ("stdlib-lru", "stdlib_text.py", {}, "bits_per_char", "compressors"),
 ]
 # The diagonal recurrences (and Mamba) on the adding problem, ListOps and associative recall.
 DIAGONAL_MIXERS = ("mingru", "minlstm", "hgrn", "rglru", "s5", "mamba")
@@ -83,7 +83,17 @@ def load_config(filename: str, overrides: dict):
     return config_lib.load_config(os.path.join(ROOT, "configs", filename), overrides)
 
 
-def baseline_text(final: dict, metric: str, reference: str) -> str:
+def compressor_text(config) -> str:
+    """What bz2 and `xz -9e` spend per byte of the test text once they have read the training
+    text, computed here from the task's own splits."""
+    task = build_task(config)
+    bz2, xz = (task.compressor_bits_per_byte("test", c) for c in ("bz2", "xz"))
+    return f"test given train: bz2 {bz2:.3f}, xz -9e {xz:.3f} bpc"
+
+
+def baseline_text(final: dict, metric: str, reference: str, config=None) -> str:
+    if reference == "compressors":
+        return compressor_text(config)
     ((name, value),) = final["baseline"].items()
     if metric == "bits_per_char" and name == "loss":
         return f"{reference}: {value / 0.6931471805599453:.2f} bpc"
@@ -114,9 +124,10 @@ def run(name, filename, overrides, metric, reference, workdir, resume=False, see
         "metric": metric,
         "valid": final["valid"][metric],
         "test": final["test"][metric],
-        "reference": baseline_text(final, metric, reference),
+        "reference": baseline_text(final, metric, reference, config),
         "wall_s": time.perf_counter() - start,
         "samples": final.get("samples", []),
+        "sample_word_share": final.get("sample_word_share"),
         "curve": validation_curve(os.path.join(directory, "metrics.jsonl"), metric),
     }
     with open(result_path, "w") as f:
@@ -158,6 +169,9 @@ def summary(runs: list[dict]) -> dict:
             f" ± {values.std(ddof=1):.4f}" if len(runs) > 1 else ""
         )
     row["seeds"] = len(runs)
+    shares = [r["sample_word_share"] for r in runs if r.get("sample_word_share") is not None]
+    if shares:
+        row["sample_word_share"] = float(np.mean(shares))
     row["wall_s"] = float(np.mean([r["wall_s"] for r in runs]))
     row["measured"] = time.strftime("%Y-%m-%d")
     row["machine"] = f"{os.cpu_count()}-core {platform.machine()} CPU, jax {jax.__version__}"
@@ -189,7 +203,11 @@ def table(rows: list[dict]) -> str:
         )
     for r in rows:
         if r["samples"]:
-            lines += ["", f"Samples from {r['name']} (temperature 0.8, unedited):", ""]
+            words = ""
+            if r.get("sample_word_share") is not None:
+                share = r["sample_word_share"]
+                words = f"; {share:.0%} of their words are words of the training text"
+            lines += ["", f"Samples from {r['name']} (temperature 0.8, unedited{words}):", ""]
             if any("\n" in s for s in r["samples"]):  # code: keep its lines as they are
                 lines += ["```text", *("\n".join(r["samples"]).splitlines()), "```"]
             else:

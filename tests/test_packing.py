@@ -132,26 +132,27 @@ def _start_mask(docs):
 def test_text_batches_mark_exactly_the_document_starts():
     task = CharText(corpus="jokes", seq_len=48, pack_documents=True)
     plain = CharText(corpus="jokes", seq_len=48)
-    for split in ("train", "valid"):
-        docs = task.documents(split)
-        text = "".join(docs).encode("utf-8")
-        starts = _start_mask(docs)
-        batch = task.batch(split, 1, 16)
-        assert batch["resets"].dtype == np.bool_ and batch["resets"].shape == (16, 48)
-        # Packing adds the resets and changes nothing else.
-        old = plain.batch(split, 1, 16)
-        assert set(batch) == set(old) | {"resets"} and "resets" not in old
-        for name in old:
-            np.testing.assert_array_equal(batch[name], old[name])
-        found = 0
-        for row, resets in zip(batch["inputs"], batch["resets"], strict=True):
-            window = bytes(row.astype(np.uint8))
-            at = text.find(window)
-            assert at >= 0
-            if text.count(window) == 1:  # where the window sits in the split is certain
-                np.testing.assert_array_equal(resets, starts[at : at + 48])
-                found += resets.sum()
-        assert found > 0  # some windows hold a document start (jokes are short)
+    # Training windows (valid and test rows of whole documents: tests/test_tasks.py)
+    split = "train"
+    docs = task.documents(split)
+    text = "".join(docs).encode("utf-8")
+    starts = _start_mask(docs)
+    batch = task.batch(split, 1, 16)
+    assert batch["resets"].dtype == np.bool_ and batch["resets"].shape == (16, 48)
+    # Packing adds the resets and changes nothing else.
+    old = plain.batch(split, 1, 16)
+    assert set(batch) == set(old) | {"resets"} and "resets" not in old
+    for name in old:
+        np.testing.assert_array_equal(batch[name], old[name])
+    found = 0
+    for row, resets in zip(batch["inputs"], batch["resets"], strict=True):
+        window = bytes(row.astype(np.uint8))
+        at = text.find(window)
+        assert at >= 0
+        if text.count(window) == 1:  # where the window sits in the split is certain
+            np.testing.assert_array_equal(resets, starts[at : at + 48])
+            found += resets.sum()
+    assert found > 0  # some windows hold a document start (jokes are short)
 
 
 def test_the_text_configs_pack_and_older_configs_do_not():

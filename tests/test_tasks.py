@@ -3,6 +3,8 @@ separate code, baselines measured on batches, and a second ListOps evaluator bui
 
 import collections
 import math
+import shutil
+import subprocess
 
 import numpy as np
 import pytest
@@ -22,6 +24,7 @@ from lru_jax.tasks import (
     get_task,
 )
 from lru_jax.tasks import listops as listops_lib
+from lru_jax.tasks.text import compressed_bits_per_byte, known_word_share
 
 SPLITS = ("train", "valid", "test")
 
@@ -451,6 +454,100 @@ def test_jokes_corpus_is_every_english_joke():
     jokes = CharText(corpus="jokes")
     ours = {d for s in SPLITS for d in jokes.documents(s)}
     assert ours == {j + "\n" for j in get_jokes("en", "all")}
+
+
+def _document_rows_by_hand(docs: list[bytes], width: int) -> list[bytes]:
+    """Rows of whole documents, a plain loop: the reference for packed evaluation batches.
+    The split's last byte predicts nothing, so it is dropped first."""
+    docs = docs[:-1] + [docs[-1][:-1]]
+    rows, row = [], b""
+    for doc in docs:
+        if len(row) + len(doc) <= width:
+            row += doc
+            continue
+        if row:
+            rows.append(row)
+        while len(doc) > width:  # a document longer than a row: cut into rows
+            rows.append(doc[:width])
+            doc = doc[width:]
+        row = doc
+    return rows + [row] if row else rows
+
+
+@pytest.mark.parametrize("width", [160, 48])  # longer than every joke; shorter than many
+def test_packed_evaluation_rows_hold_whole_documents(width):
+    task = CharText(corpus="jokes", seq_len=32, pack_documents=True, eval_seq_len=width)
+    for split in ("valid", "test"):
+        docs = [d.encode("utf-8") for d in task.documents(split)]
+        text = b"".join(docs)
+        expected = _document_rows_by_hand(docs, width)
+        n = task.num_examples(split)
+        assert n == len(expected)
+        b = task.batch(split, 0, n)
+        assert b["inputs"].shape == b["mask"].shape == b["resets"].shape == (n, width)
+        first = 0
+        for i, row in enumerate(expected):
+            size = len(row)
+            np.testing.assert_array_equal(b["mask"][i], [1] * size + [0] * (width - size))
+            assert bytes(b["inputs"][i, :size].astype(np.uint8)) == row
+            assert (
+                bytes(b["targets"][i, :size].astype(np.uint8)) == text[first + 1 : first + size + 1]
+            )
+            starts = {
+                first + j
+                for j in range(size)
+                if text[: first + j].endswith(b"\n") or first + j == 0
+            }
+            assert set(np.flatnonzero(b["resets"][i]) + first) == starts
+            assert not b["inputs"][i, size:].any() and not b["resets"][i, size:].any()
+            first += size
+        assert first == len(text) - 1  # every predicted byte once
+    if width == 160:  # every row starts at a document
+        assert b["resets"][:, 0].all()
+
+
+def test_text_split_fractions_and_evaluation_errors():
+    task = CharText(corpus="jokes", valid_fraction=0.1, test_fraction=0.2)
+    total = sum(len(task.documents(s)) for s in SPLITS)
+    assert len(task.documents("test")) == round(0.2 * total)
+    assert len(task.documents("valid")) == round(0.1 * total)
+    for kwargs, name in [
+        ({"eval_seq_len": -1}, "eval_seq_len"),
+        ({"valid_fraction": 0.7}, "valid_fraction"),
+        ({"test_fraction": "0.1"}, "test_fraction"),
+    ]:
+        with pytest.raises((ValueError, TypeError), match=name):
+            CharText(corpus="jokes", **kwargs)
+    with pytest.raises(ValueError, match="compressor"):
+        task.compressor_bits_per_byte("test", "zip")
+
+
+@pytest.mark.parametrize("compressor, command", [("bz2", "bzip2 -9"), ("xz", "xz -9e")])
+def test_compressed_bits_per_byte_equals_the_command_line_tools(compressor, command):
+    program = command.split()[0]
+    if shutil.which(program) is None:
+        pytest.skip(f"{program} is not installed")
+    context = b"the quick brown fox jumps over the lazy dog\n" * 40
+    text = b"the lazy dog jumps over the quick brown fox\n" * 3
+
+    def size(data):
+        return len(subprocess.run([*command.split(), "-c"], input=data, capture_output=True).stdout)
+
+    expected = 8 * (size(context + text) - size(context)) / len(text)
+    assert compressed_bits_per_byte(context, text, compressor) == pytest.approx(expected)
+    # seen before, the same bytes cost far less than new ones
+    noise = np.random.default_rng(0).bytes(4000)
+    assert compressed_bits_per_byte(noise, noise, compressor) < 2
+    assert compressed_bits_per_byte(b"", noise, compressor) > 7.5
+
+
+def test_known_word_share_counted_by_hand():
+    reference = "The cat sat on the mat. Don't!"
+    assert known_word_share(["the cat sat, dogz don't"], reference) == (3 / 5, 5)
+    assert known_word_share(["1 2 3 ..."], reference) == (0.0, 0)
+    task = CharText(corpus="jokes")
+    share, count = task.known_word_share(["Chuck Norris writes code qwzx"])
+    assert (share, count) == (4 / 5, 5)
 
 
 # ---------------------------------------------------------------- seq2seq: reverse and sort

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import bz2
 import functools
+import lzma
 import os
+import re
 import sysconfig
 
 import numpy as np
@@ -20,7 +23,12 @@ from lru_jax.tasks.base import (
 
 CORPORA = ("jokes", "stdlib")
 STDLIB_MAX_BYTES = 3_000_000  # cap on the "stdlib" corpus
-SPLIT_FRACTIONS = {"valid": 0.05, "test": 0.05}  # of the documents; train takes the rest
+# The general-purpose compressors a language model's test bits per byte are held against.
+COMPRESSORS = {
+    "bz2": lambda data: bz2.compress(data, 9),
+    "xz": lambda data: lzma.compress(data, preset=9 | lzma.PRESET_EXTREME),  # xz -9e
+}
+WORD = re.compile(r"[A-Za-z]+(?:'[A-Za-z]+)?")
 
 
 @functools.lru_cache(maxsize=2)
@@ -68,12 +76,38 @@ def decode(ids) -> str:
     return bytes(ids.astype(np.uint8).ravel()).decode("utf-8", errors="replace")
 
 
+def compressed_bits_per_byte(context: bytes, text: bytes, compressor: str) -> float:
+    """Bits per byte a compressor spends on `text` once it has seen `context`:
+    8 * (len(compress(context + text)) - len(compress(context))) / len(text), the cost a
+    language model trained on `context` is compared with. `compressor`: bz2 (level 9) | xz
+    (preset 9, extreme: `xz -9e`)."""
+    _checks.one_of("compressor", compressor, tuple(COMPRESSORS))
+    for name, value in (("context", context), ("text", text)):
+        if not isinstance(value, bytes):
+            raise TypeError(f"{name}: expected bytes, got {type(value).__name__}")
+    if not text:
+        raise ValueError("text: expected at least one byte, got none")
+    compress = COMPRESSORS[compressor]
+    return 8 * (len(compress(context + text)) - len(compress(context))) / len(text)
+
+
+def known_word_share(texts: list[str], reference: str) -> tuple[float, int]:
+    """(share, count): of the `count` words (runs of letters, with an apostrophe inside) in
+    `texts`, the share that also occur as words of `reference`, case kept (0.0 if none)."""
+    vocabulary = set(WORD.findall(reference))
+    words = [w for text in texts for w in WORD.findall(text)]
+    if not words:
+        return 0.0, 0
+    return sum(w in vocabulary for w in words) / len(words), len(words)
+
+
 class CharText:
     """Predict the next byte of text: byte-level language modelling (vocabulary 256).
 
     The corpus's documents are split by a permutation drawn from `split_seed` (kept apart from
-    `seed` so every run evaluates on the same text): about 5% valid, 5% test, the rest train,
-    so no document is in two splits. A split's text is its documents concatenated.
+    `seed` so every run evaluates on the same text): `valid_fraction` and `test_fraction` of
+    them (5% each by default), the rest train, so no document is in two splits. A split's text
+    is its documents concatenated.
 
     Batches: inputs and targets int32 [batch, seq_len], targets the inputs shifted by one byte
     (the next byte), mask float32 all ones. Train windows start at offsets drawn from
@@ -82,13 +116,18 @@ class CharText:
     `num_examples` counts those windows (None for train). The baseline is the unigram entropy of
     the training bytes in nats: the loss of a model that ignores context.
 
-    `pack_documents`: the windows stay the same (documents back to back, no padding, a long
-    document running on into the next window), and batches also carry `resets`, bool
+    `pack_documents`: training windows stay the same (documents back to back, no padding, a
+    long document running on into the next window), and batches also carry `resets`, bool
     [batch_size, seq_len], true at each byte that starts a document, so the model restarts
     its state there (`SequenceModel(..., resets=...)`) and no document sees the one before.
     The last byte of a document still has the next document's first byte as its target.
-    Without it (the default, which configs saved before the flag existed get) there are no
-    resets and the state runs on from one document into the next.
+    Valid and test rows then hold whole documents: rows of `eval_seq_len` bytes (0: seq_len),
+    filled with documents back to back, a document that does not fit starting the next row,
+    the rest of the row padded (mask 0); only a document longer than a row is cut, into
+    row-sized pieces. So every byte is predicted from its document's start, as it is when a
+    compressor reads the text, not from the start of an arbitrary window.
+    Without `pack_documents` (the default, which configs saved before the flag existed get)
+    there are no resets and the state runs on from one document into the next.
     """
 
     def __init__(
@@ -98,15 +137,24 @@ class CharText:
         seed: int = 0,
         split_seed: int = 0,
         pack_documents: bool = False,
+        eval_seq_len: int = 0,
+        valid_fraction: float = 0.05,
+        test_fraction: float = 0.05,
     ):
         self.corpus = _checks.one_of("corpus", corpus, CORPORA)
         self.seq_len = _checks.integer("seq_len", seq_len, 1)
         self.seed = _checks.integer("seed", seed, 0)
         self.split_seed = _checks.integer("split_seed", split_seed, 0)
         self.pack_documents = _checks.boolean("pack_documents", pack_documents)
+        self.eval_seq_len = _checks.integer("eval_seq_len", eval_seq_len, 0) or self.seq_len
+        self.fractions = {
+            "valid": _checks.number("valid_fraction", valid_fraction, 0.0, 0.5),
+            "test": _checks.number("test_fraction", test_fraction, 0.0, 0.5),
+        }
         self._docs = self._split_documents(load_corpus(corpus))
         self._text = {s: encode("".join(self._docs[s])).astype(np.uint8) for s in SPLITS}
         self._starts = {s: self._document_starts(self._docs[s]) for s in SPLITS}
+        self._rows = {s: self._document_rows(s) for s in ("valid", "test")}
         for split, text in self._text.items():
             if len(text) < self.seq_len + 1:
                 raise ValueError(
@@ -126,7 +174,7 @@ class CharText:
 
     def _split_documents(self, docs: tuple[str, ...]) -> dict[str, list[str]]:
         order = np.random.default_rng([self.split_seed, 0xD0C5]).permutation(len(docs))
-        counts = {s: max(1, round(f * len(docs))) for s, f in SPLIT_FRACTIONS.items()}
+        counts = {s: max(1, round(f * len(docs))) for s, f in self.fractions.items()}
         valid_end = counts["valid"]
         test_end = valid_end + counts["test"]
         parts = {"valid": order[:valid_end], "test": order[valid_end:test_end]}
@@ -141,6 +189,27 @@ class CharText:
         starts = np.zeros(int(lengths.sum()), bool)
         starts[np.cumsum(lengths) - lengths] = True
         return starts
+
+    def _document_rows(self, split: str) -> np.ndarray | None:
+        """int [rows, 2]: (first, end) of each evaluation row of `split` (with
+        pack_documents), positions of predicted bytes (a byte at p predicts the byte at p + 1),
+        rows cut only at document starts unless a document is longer than eval_seq_len."""
+        if not self.pack_documents:
+            return None
+        end = len(self._text[split]) - 1  # the last byte predicts nothing
+        starts = np.flatnonzero(self._starts[split])
+        rows, first = [], 0
+        while first < end:
+            limit = first + self.eval_seq_len
+            if limit >= end:
+                last = end
+            else:
+                # the last document start inside (first, limit]; none: a long document, cut
+                inside = starts[(starts > first) & (starts <= limit)]
+                last = int(inside[-1]) if len(inside) else limit
+            rows.append((first, last))
+            first = last
+        return np.array(rows, np.int64)
 
     @staticmethod
     def _unigram_entropy(text: np.ndarray) -> float:
@@ -160,14 +229,19 @@ class CharText:
         check_split(split)
         if split == "train":
             return None
+        if self.pack_documents:
+            return len(self._rows[split])
         return (len(self._text[split]) - 1) // self.seq_len
 
     def batch(self, split: str, index: int, batch_size: int) -> dict[str, np.ndarray]:
         """Returns inputs, targets int32 [batch_size, seq_len] and mask float32 [batch_size,
         seq_len] (all ones); with `pack_documents`, also resets bool [batch_size, seq_len]
-        (true at the first byte of each document)."""
+        (true at the first byte of each document), and valid and test batches are
+        [batch_size, eval_seq_len] rows of whole documents (mask 0 on the padding)."""
         check_split(split)
         index, batch_size = check_batch_args(index, batch_size)
+        if split != "train" and self.pack_documents:
+            return self._document_batch(split, index, batch_size)
         text, t = self._text[split], self.seq_len
         if split == "train":
             starts = split_rng(self.seed, split, index).integers(0, len(text) - t, batch_size)
@@ -183,3 +257,28 @@ class CharText:
         if self.pack_documents:
             batch["resets"] = self._starts[split][positions[:, :-1]]
         return batch
+
+    def _document_batch(self, split: str, index: int, batch_size: int) -> dict[str, np.ndarray]:
+        rows = self._rows[split][sequential_indices(len(self._rows[split]), index, batch_size)]
+        t = self.eval_seq_len
+        offsets = np.arange(t)
+        valid = offsets[None] < (rows[:, 1] - rows[:, 0])[:, None]
+        positions = np.where(valid, rows[:, :1] + offsets, 0)
+        text = self._text[split]
+        return {
+            "inputs": np.where(valid, text[positions], 0).astype(np.int32),
+            "targets": np.where(valid, text[positions + 1], 0).astype(np.int32),
+            "mask": valid.astype(np.float32),
+            "resets": valid & self._starts[split][positions],
+        }
+
+    def compressor_bits_per_byte(self, split: str, compressor: str) -> float:
+        """What `compressor` spends per byte of `split`'s text given the training text (see
+        `compressed_bits_per_byte`): the number this task's bits_per_char is held against."""
+        check_split(split)
+        context = bytes(self._text["train"]) if split != "train" else b""
+        return compressed_bits_per_byte(context, bytes(self._text[split]), compressor)
+
+    def known_word_share(self, texts: list[str]) -> tuple[float, int]:
+        """(share, count) of the words in `texts` that are words of the training text."""
+        return known_word_share(texts, "".join(self._docs["train"]))

@@ -57,8 +57,18 @@ def default_config() -> ml_collections.ConfigDict:
     c.seed = 0
     # pack_documents: the text task's batches mark document starts (`resets`), where every
     # mixer restarts; a saved config without the key loads without it (the older behaviour).
+    # eval_seq_len: valid and test rows of whole documents (0: seq_len); the fractions: of the
+    # documents held out for valid and test
     c.task = ml_collections.ConfigDict(
-        {"name": "text", "corpus": "jokes", "seq_len": 128, "pack_documents": True}
+        {
+            "name": "text",
+            "corpus": "jokes",
+            "seq_len": 128,
+            "pack_documents": True,
+            "eval_seq_len": 0,
+            "valid_fraction": 0.05,
+            "test_fraction": 0.05,
+        }
     )
     # Keys every mixer shares sit at the top of `model`; each mixer's own keys in its group.
     c.model = ml_collections.ConfigDict(

@@ -316,6 +316,12 @@ def _train_and_evaluate(config, workdir: str, task, layout: sharding.Layout) -> 
         print("final: valid " + _format(final["valid"]) + " | test " + _format(final["test"]))
     if spec.is_language_model and config.generate.num_samples:  # every process generates
         final["samples"] = write_samples(model, state, task, config.generate, workdir, main)
+        if hasattr(task, "known_word_share"):  # text: how many sampled words are real ones
+            continuations = [s[len(config.generate.prompt) :] for s in final["samples"]]
+            share, count = task.known_word_share(continuations)
+            final["sample_word_share"] = share
+            if main:
+                print(f"{share:.0%} of the samples' {count} words are words of the training text")
     if main:
         with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
             json.dump(final, f, indent=2)
