@@ -24,7 +24,7 @@ from lru_jax.tasks import (
     get_task,
 )
 from lru_jax.tasks import listops as listops_lib
-from lru_jax.tasks.text import compressed_bits_per_byte, known_word_share
+from lru_jax.tasks.text import compressed_bits_per_byte, known_word_share, load_corpus
 
 SPLITS = ("train", "valid", "test")
 
@@ -539,6 +539,43 @@ def test_compressed_bits_per_byte_equals_the_command_line_tools(compressor, comm
     noise = np.random.default_rng(0).bytes(4000)
     assert compressed_bits_per_byte(noise, noise, compressor) < 2
     assert compressed_bits_per_byte(b"", noise, compressor) > 7.5
+
+
+def test_extra_training_text_fills_its_share_of_training_rows():
+    plain = CharText(corpus="jokes", seq_len=40, pack_documents=True)
+    mixed = CharText(
+        corpus="jokes", seq_len=40, pack_documents=True, extra_corpus="pydoc", extra_fraction=0.25
+    )
+    jokes = "".join(plain.documents("train")).encode("utf-8")
+    pydoc_docs = list(load_corpus("pydoc"))
+    pydoc = "".join(pydoc_docs).encode("utf-8")
+    extra_rows = 0
+    for index in range(4):
+        b, old = mixed.batch("train", index, 64), plain.batch("train", index, 64)
+        for i in range(64):
+            window = bytes(np.append(b["inputs"][i], b["targets"][i, -1]).astype(np.uint8))
+            if (b["inputs"][i] == old["inputs"][i]).all():  # a jokes row, drawn as before
+                assert window in jokes
+                continue
+            extra_rows += 1
+            at = pydoc.find(window)
+            assert at >= 0
+            starts = {at + j for j in range(40) if at + j == 0 or pydoc[at + j - 1] == 10}
+            assert set(np.flatnonzero(b["resets"][i]) + at) == starts
+    assert 0.15 < extra_rows / 256 < 0.35
+    # valid and test are the main corpus's alone; the compressor reads both training texts
+    for name in ("valid", "test"):
+        np.testing.assert_array_equal(
+            mixed.batch(name, 0, 4)["inputs"], plain.batch(name, 0, 4)["inputs"]
+        )
+    test = "".join(mixed.documents("test")).encode("utf-8")
+    expected = compressed_bits_per_byte(pydoc + jokes, test, "bz2")
+    assert mixed.compressor_bits_per_byte("test", "bz2") == expected
+    assert all(len(d.split()) >= 5 and d.count("\n") == 1 for d in pydoc_docs)
+    with pytest.raises(ValueError, match="extra_corpus"):
+        CharText(corpus="jokes", extra_corpus="jokes")
+    with pytest.raises(ValueError, match="extra_corpus"):
+        CharText(corpus="jokes", extra_corpus="poems")
 
 
 def test_known_word_share_counted_by_hand():

@@ -21,7 +21,7 @@ from lru_jax.tasks.base import (
     split_rng,
 )
 
-CORPORA = ("jokes", "stdlib")
+CORPORA = ("jokes", "stdlib", "pydoc")
 STDLIB_MAX_BYTES = 3_000_000  # cap on the "stdlib" corpus
 # The general-purpose compressors a language model's test bits per byte are held against.
 COMPRESSORS = {
@@ -38,12 +38,21 @@ def load_corpus(corpus: str) -> tuple[str, ...]:
     "jokes": every English joke of the `pyjokes` package (all categories), one per document.
     "stdlib": the top-level .py files of this Python's standard library in sorted order, up to
     STDLIB_MAX_BYTES in all, one file per document (so it differs between Python versions).
+    "pydoc": the English prose of Python's interactive help (`pydoc_data.topics`), one paragraph
+    per document, its lines joined into one (as a joke is one line), paragraphs of fewer than
+    five words left out; about 330 KB.
     """
     _checks.one_of("corpus", corpus, CORPORA)
     if corpus == "jokes":
         from pyjokes.jokes_en import jokes_en
 
         docs = [joke + "\n" for category in jokes_en.values() for joke in category]
+    elif corpus == "pydoc":
+        from pydoc_data.topics import topics
+
+        paragraphs = (p for name in sorted(topics) for p in re.split(r"\n\s*\n", topics[name]))
+        lines = (" ".join(p.split()) for p in paragraphs)
+        docs = [line + "\n" for line in lines if len(line.split()) >= 5]
     else:
         root = sysconfig.get_paths()["stdlib"]
         docs, total = [], 0
@@ -140,6 +149,8 @@ class CharText:
         eval_seq_len: int = 0,
         valid_fraction: float = 0.05,
         test_fraction: float = 0.05,
+        extra_corpus: str = "",
+        extra_fraction: float = 0.5,
     ):
         self.corpus = _checks.one_of("corpus", corpus, CORPORA)
         self.seq_len = _checks.integer("seq_len", seq_len, 1)
@@ -152,6 +163,15 @@ class CharText:
             "test": _checks.number("test_fraction", test_fraction, 0.0, 0.5),
         }
         self._docs = self._split_documents(load_corpus(corpus))
+        if extra_corpus != "":
+            _checks.one_of("extra_corpus", extra_corpus, CORPORA)
+        self.extra_corpus = extra_corpus
+        if self.extra_corpus == corpus:
+            raise ValueError(f"extra_corpus: expected a corpus other than {corpus!r}, got it")
+        self.extra_fraction = _checks.number("extra_fraction", extra_fraction, 0.0, 1.0)
+        self._extra_docs = list(load_corpus(extra_corpus)) if extra_corpus else []
+        self._extra_text = encode("".join(self._extra_docs)).astype(np.uint8)
+        self._extra_starts = self._document_starts(self._extra_docs)
         self._text = {s: encode("".join(self._docs[s])).astype(np.uint8) for s in SPLITS}
         self._starts = {s: self._document_starts(self._docs[s]) for s in SPLITS}
         self._rows = {s: self._document_rows(s) for s in ("valid", "test")}
@@ -242,9 +262,17 @@ class CharText:
         index, batch_size = check_batch_args(index, batch_size)
         if split != "train" and self.pack_documents:
             return self._document_batch(split, index, batch_size)
-        text, t = self._text[split], self.seq_len
+        text, doc_starts, t = self._text[split], self._starts[split], self.seq_len
         if split == "train":
-            starts = split_rng(self.seed, split, index).integers(0, len(text) - t, batch_size)
+            rng = split_rng(self.seed, split, index)
+            starts = rng.integers(0, len(text) - t, batch_size)
+            if self.extra_corpus:  # rows drawn from the extra text instead, after the above
+                extra = rng.random(batch_size) < self.extra_fraction
+                extra_starts = rng.integers(0, len(self._extra_text) - t, batch_size)
+                # one text: the split's, then the extra one, offsets into the second shifted
+                text = np.concatenate([text, self._extra_text])
+                doc_starts = np.concatenate([doc_starts, self._extra_starts])
+                starts = np.where(extra, len(self._text[split]) + extra_starts, starts)
         else:
             starts = t * sequential_indices(self.num_examples(split), index, batch_size)
         positions = starts[:, None] + np.arange(t + 1)
@@ -255,7 +283,7 @@ class CharText:
             "mask": np.ones((batch_size, t), np.float32),
         }
         if self.pack_documents:
-            batch["resets"] = self._starts[split][positions[:, :-1]]
+            batch["resets"] = doc_starts[positions[:, :-1]]
         return batch
 
     def _document_batch(self, split: str, index: int, batch_size: int) -> dict[str, np.ndarray]:
@@ -276,9 +304,9 @@ class CharText:
         """What `compressor` spends per byte of `split`'s text given the training text (see
         `compressed_bits_per_byte`): the number this task's bits_per_char is held against."""
         check_split(split)
-        context = bytes(self._text["train"]) if split != "train" else b""
+        context = bytes(self._extra_text) + bytes(self._text["train"]) if split != "train" else b""
         return compressed_bits_per_byte(context, bytes(self._text[split]), compressor)
 
     def known_word_share(self, texts: list[str]) -> tuple[float, int]:
         """(share, count) of the words in `texts` that are words of the training text."""
-        return known_word_share(texts, "".join(self._docs["train"]))
+        return known_word_share(texts, "".join(self._extra_docs + self._docs["train"]))

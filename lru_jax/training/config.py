@@ -57,8 +57,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.seed = 0
     # pack_documents: the text task's batches mark document starts (`resets`), where every
     # mixer restarts; a saved config without the key loads without it (the older behaviour).
-    # eval_seq_len: valid and test rows of whole documents (0: seq_len); the fractions: of the
-    # documents held out for valid and test
+    # eval_seq_len: valid and test rows of whole documents (0: seq_len); valid_ and
+    # test_fraction: of the documents held out; extra_corpus: more training text (a corpus
+    # name; "": none), extra_fraction of the training rows drawn from it
     c.task = ml_collections.ConfigDict(
         {
             "name": "text",
@@ -68,6 +69,8 @@ def default_config() -> ml_collections.ConfigDict:
             "eval_seq_len": 0,
             "valid_fraction": 0.05,
             "test_fraction": 0.05,
+            "extra_corpus": "",
+            "extra_fraction": 0.5,
         }
     )
     # Keys every mixer shares sit at the top of `model`; each mixer's own keys in its group.
