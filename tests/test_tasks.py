@@ -572,6 +572,15 @@ def test_extra_training_text_fills_its_share_of_training_rows():
     expected = compressed_bits_per_byte(pydoc + jokes, test, "bz2")
     assert mixed.compressor_bits_per_byte("test", "bz2") == expected
     assert all(len(d.split()) >= 5 and d.count("\n") == 1 for d in pydoc_docs)
+    # a pretraining on the extra text that hands over: the share falls linearly to 0
+    handover = CharText(
+        corpus="jokes", seq_len=40, pack_documents=True, extra_corpus="pydoc", extra_steps=100
+    )
+    shares = [handover.extra_share(i) for i in (0, 50, 100, 300)]
+    assert shares == [0.5, 0.25, 0.0, 0.0] and plain.extra_share(0) == 0.0
+    np.testing.assert_array_equal(
+        handover.batch("train", 150, 16)["inputs"], plain.batch("train", 150, 16)["inputs"]
+    )
     with pytest.raises(ValueError, match="extra_corpus"):
         CharText(corpus="jokes", extra_corpus="jokes")
     with pytest.raises(ValueError, match="extra_corpus"):

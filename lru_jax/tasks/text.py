@@ -40,7 +40,7 @@ def load_corpus(corpus: str) -> tuple[str, ...]:
     STDLIB_MAX_BYTES in all, one file per document (so it differs between Python versions).
     "pydoc": the English prose of Python's interactive help (`pydoc_data.topics`), one paragraph
     per document, its lines joined into one (as a joke is one line), paragraphs of fewer than
-    five words left out; about 330 KB.
+    five words left out; about 330 KB (its text, like stdlib's, depends on the Python version).
     """
     _checks.one_of("corpus", corpus, CORPORA)
     if corpus == "jokes":
@@ -151,6 +151,7 @@ class CharText:
         test_fraction: float = 0.05,
         extra_corpus: str = "",
         extra_fraction: float = 0.5,
+        extra_steps: int = 0,
     ):
         self.corpus = _checks.one_of("corpus", corpus, CORPORA)
         self.seq_len = _checks.integer("seq_len", seq_len, 1)
@@ -169,6 +170,7 @@ class CharText:
         if self.extra_corpus == corpus:
             raise ValueError(f"extra_corpus: expected a corpus other than {corpus!r}, got it")
         self.extra_fraction = _checks.number("extra_fraction", extra_fraction, 0.0, 1.0)
+        self.extra_steps = _checks.integer("extra_steps", extra_steps, 0)
         self._extra_docs = list(load_corpus(extra_corpus)) if extra_corpus else []
         self._extra_text = encode("".join(self._extra_docs)).astype(np.uint8)
         self._extra_starts = self._document_starts(self._extra_docs)
@@ -267,7 +269,7 @@ class CharText:
             rng = split_rng(self.seed, split, index)
             starts = rng.integers(0, len(text) - t, batch_size)
             if self.extra_corpus:  # rows drawn from the extra text instead, after the above
-                extra = rng.random(batch_size) < self.extra_fraction
+                extra = rng.random(batch_size) < self.extra_share(index)
                 extra_starts = rng.integers(0, len(self._extra_text) - t, batch_size)
                 # one text: the split's, then the extra one, offsets into the second shifted
                 text = np.concatenate([text, self._extra_text])
@@ -285,6 +287,16 @@ class CharText:
         if self.pack_documents:
             batch["resets"] = doc_starts[positions[:, :-1]]
         return batch
+
+    def extra_share(self, index: int) -> float:
+        """The share of training batch `index`'s rows drawn from the extra corpus:
+        extra_fraction, falling linearly to 0 at batch extra_steps if that is set (a
+        pretraining on the extra text that hands over to the main corpus)."""
+        if not self.extra_corpus:
+            return 0.0
+        if not self.extra_steps:
+            return self.extra_fraction
+        return self.extra_fraction * max(0.0, 1.0 - index / self.extra_steps)
 
     def _document_batch(self, split: str, index: int, batch_size: int) -> dict[str, np.ndarray]:
         rows = self._rows[split][sequential_indices(len(self._rows[split]), index, batch_size)]

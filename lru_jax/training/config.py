@@ -59,7 +59,8 @@ def default_config() -> ml_collections.ConfigDict:
     # mixer restarts; a saved config without the key loads without it (the older behaviour).
     # eval_seq_len: valid and test rows of whole documents (0: seq_len); valid_ and
     # test_fraction: of the documents held out; extra_corpus: more training text (a corpus
-    # name; "": none), extra_fraction of the training rows drawn from it
+    # name; "": none), extra_fraction of the training rows drawn from it, falling linearly to
+    # 0 at step extra_steps (0: constant)
     c.task = ml_collections.ConfigDict(
         {
             "name": "text",
@@ -71,6 +72,7 @@ def default_config() -> ml_collections.ConfigDict:
             "test_fraction": 0.05,
             "extra_corpus": "",
             "extra_fraction": 0.5,
+            "extra_steps": 0,
         }
     )
     # Keys every mixer shares sit at the top of `model`; each mixer's own keys in its group.
