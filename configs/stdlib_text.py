@@ -11,7 +11,7 @@ from lru_jax.training.config import LONG_RANGE_RING, default_config
 
 def get_config():
     c = default_config()
-    c.task = {"name": "text", "corpus": "stdlib", "seq_len": 128, "pack_documents": True}
+    c.task.update({"corpus": "stdlib", "seq_len": 128})
     c.model.update(
         {
             "d_model": 128,
