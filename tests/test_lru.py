@@ -180,6 +180,7 @@ def test_gradients_numerically():
     p = _params(r_min=0.5, r_max=0.95, h=2, n=3)
     u = rng.normal(size=(6, 2, 2)).astype(np.float32)
 
+    @jax.jit  # check_grads evaluates f many times: compiled once, not op by op each time
     def f(p):
         return lru.forward(p, u, method="associative")[0]
 

@@ -110,6 +110,7 @@ def test_gradients_numerically_complex_reverse_resets(method):
     rng = np.random.default_rng(3)
     a, b, h0, resets = _case(rng, 11, complex_=True, time_varying=False)
 
+    @jax.jit  # check_grads evaluates f many times: compiled once, not op by op each time
     def f(a, b, h0):
         return linear_scan(a, b, h0, method=method, reverse=True, resets=resets)
 
