@@ -1,6 +1,8 @@
 """HGRN's HGRU against the paper's equations as a complex128 numpy loop; the depth-dependent
 lower bound, steps, padding and resets."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -52,14 +54,25 @@ def _params(h=3, n=4, lower_bound=0.6, seed=0):
 @pytest.mark.parametrize("method", ["sequential", "associative"])
 def test_forward_matches_the_papers_equations(method):
     rng = np.random.default_rng(1)
+    cases = []
     for p in (_params(), _params(lower_bound=0.0)):
         x = rng.normal(size=(10, 2, 3)).astype(np.float32)
         h0 = (rng.normal(size=(2, 4)) + 1j * rng.normal(size=(2, 4))).astype(np.complex64)
-        for kwargs in ({}, {"h0": h0, "reverse": True}):
-            y, h_last = hgrn.forward(p, x, method=method, **kwargs)
-            y_ref, h_ref = numpy_hgrn(p, x, **kwargs)
-            np.testing.assert_allclose(np.asarray(y), y_ref, atol=5e-5, rtol=5e-5)
-            np.testing.assert_allclose(np.asarray(h_last), h_ref, atol=2e-5, rtol=2e-5)
+        cases += [(p, x, {}), (p, x, {"h0": h0, "reverse": True})]
+    reverses = [kwargs.get("reverse", False) for *_, kwargs in cases]  # static, not traced
+
+    @jax.jit  # the four forward passes in one compiled program, not op by op
+    def forwards(arrays):
+        return [
+            hgrn.forward(p, x, h0, method=method, reverse=reverse)
+            for (p, x, h0), reverse in zip(arrays, reverses, strict=True)
+        ]
+
+    arrays = [(p, x, kwargs.get("h0")) for p, x, kwargs in cases]
+    for (p, x, kwargs), (y, h_last) in zip(cases, forwards(arrays), strict=True):
+        y_ref, h_ref = numpy_hgrn(p, x, **kwargs)
+        np.testing.assert_allclose(np.asarray(y), y_ref, atol=5e-5, rtol=5e-5)
+        np.testing.assert_allclose(np.asarray(h_last), h_ref, atol=2e-5, rtol=2e-5)
 
 
 def test_the_forget_gate_stays_above_its_lower_bound():
@@ -103,9 +116,9 @@ def test_module_steps_padding_and_resets():
     # steps equal the full call
     h0 = (rng.normal(size=(3, 4)) + 1j * rng.normal(size=(3, 4))).astype(np.complex64)
     y = layer.apply(variables, x, initial_carry=h0)
-    h = h0
+    h, step = h0, jax.jit(functools.partial(layer.apply, method="step"))  # compiled once
     for t in range(7):
-        h, y_t = layer.apply(variables, h, x[:, t], method="step")
+        h, y_t = step(variables, h, x[:, t])
         np.testing.assert_allclose(np.asarray(y_t), np.asarray(y[:, t]), atol=2e-5)
     carry = layer.initial_carry(3)
     assert carry.shape == (3, 4) and carry.dtype == jnp.complex64

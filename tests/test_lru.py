@@ -1,5 +1,6 @@
 """The LRU against the paper's equations written as a numpy loop, and its initialisation."""
 
+import functools
 import math
 
 import jax
@@ -23,14 +24,24 @@ def _params(key=0, h=3, n=5, **ring):
 def test_forward_matches_paper_equations(method):
     rng = np.random.default_rng(0)
     p = _params(r_min=0.5, r_max=0.99)
+    cases = []
     for time in (1, 8, 33):
         u = rng.normal(size=(time, 2, 3)).astype(np.float32)
         h0 = (rng.normal(size=(2, 5)) + 1j * rng.normal(size=(2, 5))).astype(np.complex64)
-        for reverse in (False, True):
-            y, h_last = lru.forward(p, u, h0, reverse=reverse, method=method)
-            y_ref, h_ref = numpy_lru(p, u, h0, reverse=reverse)
-            np.testing.assert_allclose(np.asarray(y), y_ref, atol=2e-5, rtol=2e-5)
-            np.testing.assert_allclose(np.asarray(h_last), h_ref, atol=2e-5, rtol=2e-5)
+        cases += [(u, h0, reverse) for reverse in (False, True)]
+
+    @jax.jit  # the six forward passes in one compiled program, not op by op
+    def forwards(p, inputs):
+        return [
+            lru.forward(p, u, h0, reverse=reverse, method=method)
+            for (u, h0), (*_, reverse) in zip(inputs, cases, strict=True)
+        ]
+
+    outputs = forwards(p, [(u, h0) for u, h0, _ in cases])
+    for (u, h0, reverse), (y, h_last) in zip(cases, outputs, strict=True):
+        y_ref, h_ref = numpy_lru(p, u, h0, reverse=reverse)
+        np.testing.assert_allclose(np.asarray(y), y_ref, atol=2e-5, rtol=2e-5)
+        np.testing.assert_allclose(np.asarray(h_last), h_ref, atol=2e-5, rtol=2e-5)
 
 
 def test_resets_restart_the_state():
@@ -167,9 +178,9 @@ def test_flax_step_and_initial_carry():
     variables = layer.init(jax.random.key(1), x)
     h0 = (rng.normal(size=(2, 4)) + 1j * rng.normal(size=(2, 4))).astype(np.complex64)
     y = layer.apply(variables, x, initial_carry=h0)
-    h = h0
+    h, step = h0, jax.jit(functools.partial(layer.apply, method="step"))  # compiled once
     for t in range(6):
-        h, y_t = layer.apply(variables, h, x[:, t], method="step")
+        h, y_t = step(variables, h, x[:, t])
         np.testing.assert_allclose(np.asarray(y_t), np.asarray(y[:, t]), atol=1e-5)
     assert layer.initial_carry(2).shape == (2, 4)
     assert layer.initial_carry(2).dtype == jnp.complex64
@@ -180,6 +191,7 @@ def test_gradients_numerically():
     p = _params(r_min=0.5, r_max=0.95, h=2, n=3)
     u = rng.normal(size=(6, 2, 2)).astype(np.float32)
 
+    @jax.jit  # check_grads evaluates f many times: compiled once, not op by op each time
     def f(p):
         return lru.forward(p, u, method="associative")[0]
 

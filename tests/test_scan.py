@@ -70,15 +70,22 @@ def _close(got, want, tol=2e-5):
 @pytest.mark.parametrize("reverse", [False, True])
 def test_forward_matches_numpy_loop(method, reverse):
     rng = np.random.default_rng(0)
+    cases = []
     for time in (1, 7, 200):
         for complex_ in (False, True):
             for time_varying in (True, False):
                 a, b, h0, resets = _case(rng, time, complex_, time_varying)
                 for kwargs in ({}, {"h0": h0}, {"h0": h0, "resets": resets}):
-                    got = linear_scan(a, b, method=method, reverse=reverse, **kwargs)
-                    want = numpy_scan(a, b, reverse=reverse, **kwargs)
-                    _close(got, want)
-                    assert got.dtype == b.dtype
+                    cases.append((a, b, kwargs))
+
+    # all 36 scans in one compiled program: one compilation instead of 36 op-by-op runs
+    @jax.jit
+    def scans(cases):
+        return [linear_scan(a, b, method=method, reverse=reverse, **kw) for a, b, kw in cases]
+
+    for (a, b, kwargs), got in zip(cases, scans(cases), strict=True):
+        _close(got, numpy_scan(a, b, reverse=reverse, **kwargs))
+        assert got.dtype == b.dtype
 
 
 @pytest.mark.parametrize("chunk_size", [1, 3, 16, 64, 300])
@@ -92,14 +99,17 @@ def test_chunked_any_block_length(chunk_size):
 @pytest.mark.parametrize("method", METHODS)
 def test_gradients_match_adjoint_loop(method):
     rng = np.random.default_rng(2)
+    cases = []
     for time in (1, 9, 64):
         a, b, h0, _ = _case(rng, time)
-        cot = rng.normal(size=b.shape).astype(np.float32)
+        cases.append((a, b, h0, rng.normal(size=b.shape).astype(np.float32)))
 
-        def loss(a, b, h0, cot=cot):
-            return jnp.sum(cot * linear_scan(a, b, h0, method=method))
+    def loss(a, b, h0, cot):
+        return jnp.sum(cot * linear_scan(a, b, h0, method=method))
 
-        got = jax.grad(loss, argnums=(0, 1, 2))(a, b, h0)
+    # the three gradients in one compiled program, not op by op
+    grads = jax.jit(lambda cases: [jax.grad(loss, argnums=(0, 1, 2))(*c) for c in cases])
+    for (a, b, h0, cot), got in zip(cases, grads(cases), strict=True):
         for g, w in zip(got, numpy_scan_grads(a, b, h0, cot), strict=True):
             _close(g, w, tol=1e-4)
 
@@ -110,6 +120,7 @@ def test_gradients_numerically_complex_reverse_resets(method):
     rng = np.random.default_rng(3)
     a, b, h0, resets = _case(rng, 11, complex_=True, time_varying=False)
 
+    @jax.jit  # check_grads evaluates f many times: compiled once, not op by op each time
     def f(a, b, h0):
         return linear_scan(a, b, h0, method=method, reverse=True, resets=resets)
 
