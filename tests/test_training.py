@@ -395,4 +395,10 @@ def test_train_py_runs_a_config_file_with_overrides(tmp_path):
     final = json.loads((tmp_path / "run" / "final_metrics.json").read_text())
     assert final["steps"] == 3 and len(final["samples"]) == 2
     assert (tmp_path / "run" / "samples.txt").exists()
+    # the share of sampled words that are words of the training text (jokes and prose)
+    config = config_lib.load_config(f"{ROOT}/configs/default.py")
+    task = tasks.CharText(**{k: v for k, v in config.task.items() if k != "name"})
+    share, count = task.known_word_share(final["samples"])
+    assert final["sample_word_share"] == share
+    assert f"{share:.0%} of the samples' {count} words are words of the training text" in run.stdout
     assert any(f.startswith("events") for f in os.listdir(tmp_path / "run" / "tensorboard"))
