@@ -173,9 +173,13 @@ class CharText:
         self.extra_steps = _checks.integer("extra_steps", extra_steps, 0)
         self._extra_docs = list(load_corpus(extra_corpus)) if extra_corpus else []
         self._extra_text = encode("".join(self._extra_docs)).astype(np.uint8)
-        self._extra_starts = self._document_starts(self._extra_docs)
         self._text = {s: encode("".join(self._docs[s])).astype(np.uint8) for s in SPLITS}
         self._starts = {s: self._document_starts(self._docs[s]) for s in SPLITS}
+        # training rows are cut from one stream: the training split, then the extra text
+        self._train_stream = np.concatenate([self._text["train"], self._extra_text])
+        self._train_stream_starts = np.concatenate(
+            [self._starts["train"], self._document_starts(self._extra_docs)]
+        )
         self._rows = {s: self._document_rows(s) for s in ("valid", "test")}
         for split, text in self._text.items():
             if len(text) < self.seq_len + 1:
@@ -227,8 +231,8 @@ class CharText:
                 last = end
             else:
                 # the last document start inside (first, limit]; none: a long document, cut
-                inside = starts[(starts > first) & (starts <= limit)]
-                last = int(inside[-1]) if len(inside) else limit
+                k = np.searchsorted(starts, limit, side="right") - 1
+                last = int(starts[k]) if k >= 0 and starts[k] > first else limit
             rows.append((first, last))
             first = last
         return np.array(rows, np.int64)
@@ -266,15 +270,13 @@ class CharText:
             return self._document_batch(split, index, batch_size)
         text, doc_starts, t = self._text[split], self._starts[split], self.seq_len
         if split == "train":
+            text, doc_starts = self._train_stream, self._train_stream_starts
             rng = split_rng(self.seed, split, index)
-            starts = rng.integers(0, len(text) - t, batch_size)
+            starts = rng.integers(0, len(self._text["train"]) - t, batch_size)
             if self.extra_corpus:  # rows drawn from the extra text instead, after the above
                 extra = rng.random(batch_size) < self.extra_share(index)
                 extra_starts = rng.integers(0, len(self._extra_text) - t, batch_size)
-                # one text: the split's, then the extra one, offsets into the second shifted
-                text = np.concatenate([text, self._extra_text])
-                doc_starts = np.concatenate([doc_starts, self._extra_starts])
-                starts = np.where(extra, len(self._text[split]) + extra_starts, starts)
+                starts = np.where(extra, len(self._text["train"]) + extra_starts, starts)
         else:
             starts = t * sequential_indices(self.num_examples(split), index, batch_size)
         positions = starts[:, None] + np.arange(t + 1)
