@@ -34,7 +34,8 @@ from lru_jax.training import commands, record, runs  # noqa: E402
 
 
 def load_run(workdir: str):
-    """(config, task, model, variables) of the latest checkpoint of a seq2seq run in `workdir`."""
+    """(config, task, model, variables) of the latest checkpoint of a seq2seq run in `workdir`
+    (the parameter average if the run kept one)."""
     config = runs.read_config(workdir)
     model, task, state, step = runs.load(config, workdir)
     if task.spec.kind != "seq2seq":
@@ -44,7 +45,7 @@ def load_run(workdir: str):
         )
     if step == 0:
         raise record.WorkdirError(f"workdir: expected a run with a checkpoint, got {workdir!r}")
-    return config, task, model, jax.device_get(state.variables())
+    return config, task, model, jax.device_get(state.for_evaluation().variables())
 
 
 def token_label(token: int, num_cues: int = 0) -> str:

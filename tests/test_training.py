@@ -18,10 +18,10 @@ from tiny_configs import tiny_config
 
 from lru_jax import nn as lnn
 from lru_jax import scan, scan_choices, tasks
-from lru_jax.training import autotune, loop, steps
+from lru_jax.training import autotune, loop, runs, steps
 from lru_jax.training import config as config_lib
 from lru_jax.training.metrics import read_jsonl
-from lru_jax.training.optim import make_optimizer, param_groups
+from lru_jax.training.optim import average_params, averaged_params, make_optimizer, param_groups
 from lru_jax.training.state import TrainState
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -239,6 +239,7 @@ def test_truncated_bptt_trains_end_to_end(tmp_path):
         ("model.seq2seq", "hard_estimator", "score", "config.model.seq2seq.hard_estimator"),
         ("model.seq2seq", "baseline_decay", 1.0, "config.model.seq2seq.baseline_decay"),
         ("model.seq2seq", "entropy_weight", -0.1, "config.model.seq2seq.entropy_weight"),
+        ("train", "ema_decay", 1.0, "config.train.ema_decay"),
     ],
 )
 def test_bad_config_values_are_named(section, key, value, match):
@@ -365,6 +366,39 @@ def test_optimizer_groups_and_lru_learning_rate_factor():
     for name in ("nu_log", "B_im"):
         np.testing.assert_array_equal(np.asarray(before[name]), np.asarray(after[name]))
     assert not np.allclose(np.asarray(before["C_re"]), np.asarray(after["C_re"]))
+
+
+def test_the_parameter_average_follows_its_recurrence():
+    """Against a numpy loop of SGD on 0.5 ||p - target||^2 and a <- d a + (1 - d) p."""
+    decay, lr, target = 0.8, 0.3, np.array([1.0, -2.0, 0.5])
+    tx = optax.chain(optax.sgd(lr), average_params(decay))
+    params = {"w": jnp.zeros(3)}
+    opt_state = tx.init(params)
+    p, average = np.zeros(3), np.zeros(3)
+    for _ in range(5):
+        updates, opt_state = tx.update({"w": params["w"] - target}, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        p = p - lr * (p - target)
+        average = decay * average + (1 - decay) * p
+    np.testing.assert_allclose(np.asarray(params["w"]), p, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(averaged_params(opt_state)["w"]), average, rtol=1e-6)
+    assert averaged_params(optax.sgd(lr).init(params)) is None
+
+
+def test_evaluation_reads_the_parameter_average(tmp_path):
+    """With train.ema_decay the final metrics are those of the averaged parameters, which a
+    checkpoint keeps; the live parameters score differently."""
+    config = tiny_config(ema_decay=0.7, num_steps=8)
+    final = loop.train_and_evaluate(config, str(tmp_path))
+    model, task, state, step = runs.load(runs.read_config(str(tmp_path)), str(tmp_path))
+    assert step == 8
+    evaluate = steps.make_eval_step(model, task.spec)
+
+    def valid_loss(state):
+        return loop.evaluate(evaluate, state, task, "valid", 4, 1)["loss"]
+
+    np.testing.assert_allclose(valid_loss(state.for_evaluation()), final["valid"]["loss"], 1e-6)
+    assert abs(valid_loss(state) - final["valid"]["loss"]) > 1e-4
 
 
 def _train_py(*args, cwd):

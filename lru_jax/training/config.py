@@ -183,6 +183,9 @@ def default_config() -> ml_collections.ConfigDict:
             "optimizer": "adamw",  # adamw | sgd (momentum 0.9)
             "lru_lr_factor": 0.5,  # ν, θ, γ, B learn at lr * factor, without weight decay
             "grad_clip_norm": 1.0,  # 0 turns clipping off
+            # > 0: evaluation, the test and sampling use an exponential moving average of the
+            # parameters, over about 1 / (1 - ema_decay) steps (e.g. 0.99); 0: the parameters
+            "ema_decay": 0.0,
             "tbptt_length": 0,  # > 0: truncated BPTT with segments of this many steps
             # a length curriculum: ((seq_len, steps), ...) trains that many steps at each
             # seq_len in turn, then the task's own seq_len (tasks with a seq_len key)
@@ -506,6 +509,7 @@ def _validate_train(config) -> None:
             _checks.integer(key, value, 1, type_error=ValueError)
     for name in ("lru_lr_factor", "weight_decay", "grad_clip_norm"):
         _number(config, f"train.{name}", 0)
+    _number(config, "train.ema_decay", 0, 1, closed_high=False)
     choices = t.get("scan_choices", "auto")
     settings = ("auto", "measure", "")
     if not isinstance(choices, str) or not (choices in settings or os.path.isfile(choices)):

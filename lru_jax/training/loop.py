@@ -259,8 +259,9 @@ def _train_and_evaluate(config, workdir: str, task, layout: sharding.Layout) -> 
 
     def run_eval(state, split):
         compiling = eval_step.seconds
+        evaluated = state.for_evaluation()  # the parameter average, with train.ema_decay
         metrics = evaluate(
-            eval_step, state, task, split, batch_size, tc.eval_batches, layout.put_batch
+            eval_step, evaluated, task, split, batch_size, tc.eval_batches, layout.put_batch
         )
         progress.off_clock(eval_step.seconds - compiling)
         return metrics
@@ -315,7 +316,9 @@ def _train_and_evaluate(config, workdir: str, task, layout: sharding.Layout) -> 
     if main:
         print("final: valid " + _format(final["valid"]) + " | test " + _format(final["test"]))
     if spec.is_language_model and config.generate.num_samples:  # every process generates
-        final["samples"] = write_samples(model, state, task, config.generate, workdir, main)
+        final["samples"] = write_samples(
+            model, state.for_evaluation(), task, config.generate, workdir, main
+        )
         if hasattr(task, "known_word_share"):  # text: how many sampled words are real ones
             continuations = [s[len(config.generate.prompt) :] for s in final["samples"]]
             share, count = task.known_word_share(continuations)

@@ -1,5 +1,5 @@
 """The optimiser: AdamW (or SGD with momentum) on a warmup + cosine schedule with global-norm
-clipping.
+clipping, optionally keeping an exponential moving average of the parameters (`ema_decay`).
 
 Parameter groups (as in the LRU paper):
   "recurrent": the LRU's ν, θ, γ and B: learning rate scaled by `lru_lr_factor`, no decay;
@@ -9,6 +9,8 @@ Parameter groups (as in the LRU paper):
 """
 
 from __future__ import annotations
+
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -76,6 +78,38 @@ def _group_transforms(c, lr, scaled) -> dict[str, optax.GradientTransformation]:
     }
 
 
+class ParamAverage(NamedTuple):
+    """The optimiser state of `average_params`: `average`, a pytree like the parameters."""
+
+    average: Any
+
+
+def average_params(decay: float) -> optax.GradientTransformation:
+    """Polyak averaging: after each update, average <- decay * average + (1 - decay) * params
+    (params after the update), starting from the initial parameters, so no debiasing is
+    needed. The updates pass unchanged; it must come last in a chain. Evaluation reads the
+    average (`averaged_params`): it smooths the step-to-step noise of the final parameters,
+    an average over about 1 / (1 - decay) steps."""
+
+    def init(params):
+        return ParamAverage(jax.tree.map(jnp.asarray, params))
+
+    def update(updates, state, params):
+        new = optax.apply_updates(params, updates)
+        average = jax.tree.map(lambda a, p: decay * a + (1 - decay) * p, state.average, new)
+        return updates, ParamAverage(average)
+
+    return optax.GradientTransformation(init, update)
+
+
+def averaged_params(opt_state):
+    """The parameter average an `average_params` transformation keeps in `opt_state`, or None
+    if the optimiser keeps none."""
+    found = jax.tree.leaves(opt_state, is_leaf=lambda node: isinstance(node, ParamAverage))
+    averages = [node.average for node in found if isinstance(node, ParamAverage)]
+    return averages[0] if averages else None
+
+
 def make_optimizer(train_config) -> optax.GradientTransformation:
     c = train_config
     lr = schedule(c)
@@ -86,4 +120,6 @@ def make_optimizer(train_config) -> optax.GradientTransformation:
     chain = [optax.multi_transform(_group_transforms(c, lr, scaled), param_groups)]
     if c.grad_clip_norm > 0:
         chain.insert(0, optax.clip_by_global_norm(c.grad_clip_norm))
+    if c.ema_decay > 0:
+        chain.append(average_params(c.ema_decay))
     return optax.chain(*chain)

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from lru_jax import nn as lnn
+from lru_jax.training.optim import averaged_params
 
 
 @flax.struct.dataclass
@@ -38,6 +39,13 @@ class TrainState:
     def variables(self):
         """The model's variables, for `model.apply`."""
         return {"params": self.params, **self.model_state}
+
+    def for_evaluation(self) -> TrainState:
+        """This state with the optimiser's parameter average as its parameters, if it keeps
+        one (`train.ema_decay` > 0), else itself: what evaluation, the test and sampling use.
+        BatchNorm's running statistics stay those of training."""
+        average = averaged_params(self.opt_state)
+        return self if average is None else self.replace(params=average)
 
 
 # Checkpoints saved before `model_state` existed hold BatchNorm's averages in a top-level
