@@ -36,7 +36,9 @@ the transpose of h_t = a_t h_{t-1} + b_t is the same recurrence run the other wa
 g_t = a_{t+1} g_{t+1} + ct_t (JAX's cotangents are transposes: no conjugation for complex
 values), run by the forward's own method in the opposite direction, and then db_t = g_t,
 dh0 = a_first g_first and da_t = g_t h_{t-1} (summed over time and the broadcast axes for a
-time-invariant a). Resets set a_t = 0 before the scan, which cuts g there too. The backward
+time-invariant a; the sequential method then sums it inside the adjoint's own loop, for states
+of at least `FUSED_ADJOINT_MIN_BYTES`). Resets set a_t = 0 before the scan, which cuts g there
+too. The backward
 pass keeps only a, h0 and h, where autodiff of a method keeps its intermediates as well (the
 associative scan's partial products of every level). A custom VJP has no forward mode:
 `adjoint=False` gives JAX's autodiff of the method, for `jax.jvp` and `jax.jacfwd`.
@@ -242,7 +244,9 @@ def _scan(
         scan_table=scan_table,
     )
     if adjoint:
-        return _with_adjoint(core, a, b, h0, reverse, time_varying)
+        fused = method == "sequential" and sequence_axis is None and not time_varying
+        fused = fused and math.prod(out_shape[1:]) * b.dtype.itemsize >= FUSED_ADJOINT_MIN_BYTES
+        return _with_adjoint(core, a, b, h0, reverse, time_varying, fused)
     return core(a, b, h0, reverse)
 
 
@@ -257,8 +261,9 @@ def _core(a, b, h0, reverse, *, time_varying, method, chunk_size, sequence_axis,
     return jnp.flip(h, 0) if reverse else h
 
 
-def _with_adjoint(core, a, b, h0, reverse, time_varying):
-    """`core(a, b, h0, reverse)` with the adjoint scan as its VJP (`_adjoint`)."""
+def _with_adjoint(core, a, b, h0, reverse, time_varying, fused=False):
+    """`core(a, b, h0, reverse)` with the adjoint scan as its VJP (`_adjoint`; with `fused`,
+    the sequential loop that sums a time-invariant a's gradient as it goes)."""
 
     @jax.custom_vjp
     def scan(a, b, h0):
@@ -269,6 +274,8 @@ def _with_adjoint(core, a, b, h0, reverse, time_varying):
         return h, (a, h0, h)
 
     def scan_bwd(residuals, ct):
+        if fused:
+            return _sequential_adjoint(*residuals, ct, reverse)
         return _adjoint(core, *residuals, ct, reverse, time_varying)
 
     scan.defvjp(scan_fwd, scan_bwd)
@@ -300,6 +307,33 @@ def _adjoint(core, a, h0, h, ct, reverse, time_varying):
         da = _sum_to(g[later] * h[earlier], a.shape) + _sum_to(g[first] * h_start, a.shape)
     dh0 = None if h0 is None else (a[first] if time_varying else a) * g[first]
     return da, g, dh0
+
+
+# A step's state of at least this many bytes takes the one-loop adjoint: below it the loop's
+# second carry costs more per step than the second pass over g and h (docs/benchmarks.md).
+FUSED_ADJOINT_MIN_BYTES = 4096
+
+
+def _sequential_adjoint(a, h0, h, ct, reverse):
+    """`_adjoint` for the sequential method and a time-invariant a in one loop: each step
+    reads ct_t and h_t, writes g_t and adds g_{t+1} h_t to da in the carry, so the backward
+    pass reads h once instead of making a second pass over g and h. (For a time-varying a the
+    loop would have to read h_{t-1} and a_{t+1} by index or from shifted copies: measured
+    slower than the two passes.) `reverse` mirrors every index as in `_adjoint`."""
+
+    def step(carry, inputs):
+        g_next, da_sum = carry  # g of the step after t (zero after the last)
+        ct_t, h_t = inputs
+        g = a * g_next + ct_t
+        return (g, da_sum + g_next * h_t), g
+
+    zeros = jnp.zeros(h.shape[1:], h.dtype)
+    (_, da_sum), g = jax.lax.scan(step, (zeros, zeros), (ct, h), reverse=not reverse)
+    first = 0 if not reverse else -1
+    if h0 is not None:  # the first step's term g h0 (h0 = 0 contributes nothing)
+        da_sum = da_sum + g[first] * h0
+    dh0 = None if h0 is None else a * g[first]
+    return _sum_to(da_sum, a.shape), g, dh0
 
 
 def _sum_to(x, shape):

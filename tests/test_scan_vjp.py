@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from lru_jax import scan
 from lru_jax.scan import linear_scan
 
 METHODS = ["sequential", "associative", "chunked", "pallas", "auto"]
@@ -19,6 +20,7 @@ CASES = [
     (True, "ti", True, True, True),
     (True, "tv", True, False, False),
     (False, "ti2", False, False, True),
+    (True, "ti", True, False, False),
 ]
 T, B, N = 7, 2, 3
 
@@ -102,6 +104,17 @@ def test_adjoint_matches_numpy_loop_and_sequential_autodiff(method):
             assert g.shape == p.shape and g.dtype == p.dtype, case
             np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-5, err_msg=str(case))
             np.testing.assert_allclose(g, p, rtol=2e-5, atol=2e-5, err_msg=str(case))
+
+
+def test_the_one_loop_sequential_adjoint_matches(monkeypatch):
+    """The sequential method's adjoint for a time-invariant a (the loop that sums da as it
+    goes), taken here at any state size."""
+    monkeypatch.setattr(scan, "FUSED_ADJOINT_MIN_BYTES", 0)
+    for i, case in enumerate(CASES):
+        args, resets, ct, want, _ = _case(i)
+        got = _vjp("sequential", True, case[2], resets)(args, ct)
+        for g, w in zip(got, want, strict=False):
+            np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-5, err_msg=str(case))
 
 
 def _residual_bytes(f, *args):
