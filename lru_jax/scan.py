@@ -38,9 +38,8 @@ values), run by the forward's own method in the opposite direction, and then db_
 dh0 = a_first g_first and da_t = g_t h_{t-1} (summed over time and the broadcast axes for a
 time-invariant a; the sequential method then sums it inside the adjoint's own loop, for states
 of at least `FUSED_ADJOINT_MIN_BYTES`). Resets set a_t = 0 before the scan, which cuts g there
-too. The backward
-pass keeps only a, h0 and h, where autodiff of a method keeps its intermediates as well (the
-associative scan's partial products of every level). A custom VJP has no forward mode:
+too. The backward pass keeps only a, h0 and h, where autodiff of a method keeps its
+intermediates as well (the associative scan's partial products of every level). A custom VJP has no forward mode:
 `adjoint=False` gives JAX's autodiff of the method, for `jax.jvp` and `jax.jacfwd`.
 "pallas" has its kernel's own adjoint (see above).
 
