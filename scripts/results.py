@@ -63,6 +63,7 @@ EXPERIMENTS = [
     ("copy-attention", "copy.py", {"model.mixer": "attention"}, "loss", "baseline"),
     ("selective-copy-lru", "selective_copy.py", {}, "loss", "baseline"),
     ("recall-lru", "associative_recall.py", {}, "loss", "baseline"),
+    ("recall-attention", "associative_recall.py", {"model.mixer": "attention"}, "loss", "baseline"),
     ("stdlib-lru", "stdlib_text.py", {}, "bits_per_char", "compressors"),
 ]
 # The diagonal recurrences (and Mamba) on the adding problem, ListOps and associative recall.
