@@ -310,7 +310,7 @@ def _adjoint(core, a, h0, h, ct, reverse, time_varying):
 
 # A step's state of at least this many bytes takes the one-loop adjoint: below it the loop's
 # second carry costs more per step than the second pass over g and h (docs/benchmarks.md).
-FUSED_ADJOINT_MIN_BYTES = 4096
+FUSED_ADJOINT_MIN_BYTES = 2048
 
 
 def _sequential_adjoint(a, h0, h, ct, reverse):
