@@ -127,3 +127,24 @@ def test_the_precision_rows_time_a_mixer_in_bfloat16_against_float32():
     assert {r.group for r in rows} == {"lru_jax lru B=2 T=6 H=N=4 fwd+bwd float32 vs bfloat16"}
     assert rows[0].speedup == 1.0  # float32 is the baseline
     assert rows[1].speedup == rows[0].median_ms / rows[1].median_ms
+
+
+def test_the_rnn_profile_times_the_matmuls_it_names():
+    """The profile's parts compute what their names say (numpy loops of the same steps)."""
+    named = dict(layer_suite.rnn_profile_candidates("lstm", 2, 3, 4, 5))  # B, T, in, H
+    fn, (x, w, h, dz) = named["batched matmuls (projection, weight gradients)"]
+    x, w, h, dz = (np.asarray(v, np.float64) for v in (x, w, h, dz))
+    flat = dz.reshape(-1, 20)
+    for got, want in zip(fn(x, w, h, dz), (x @ w, flat @ w.T, x.T @ flat, h.T @ flat), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    fn, (u, dz) = named["step-by-step matmuls (h U, g Uᵀ)"]
+    u, dz_np = np.asarray(u, np.float64), np.asarray(dz, np.float64)
+    forward, backward = np.zeros((2, 5)), np.zeros((2, 5))
+    for t in range(3):
+        forward = 0.5 * (forward @ u)[:, :5] + dz_np[t, :, :5]
+        backward = 0.5 * (np.tile(backward, (1, 4)) + dz_np[t]) @ u.T
+    for got, want in zip(fn(u, dz), (forward, backward), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    fn, args = named["lru_jax lstm"]
+    grads = fn(*args)
+    assert jax.tree.map(np.shape, grads[0]) == jax.tree.map(np.shape, args[0])

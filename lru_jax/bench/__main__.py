@@ -63,6 +63,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         action="store_true",
         help="layers suite: also each mixer in bfloat16 against float32 (at --mixer-shape)",
     )
+    p.add_argument(
+        "--rnn-profile",
+        action="store_true",
+        help="layers suite: also the LSTM and GRU split into matmuls and loop (at --rnn-shape)",
+    )
     p.add_argument("--config-dir", default="configs")
     p.add_argument("--limits-size", type=_ints, default=[256, 2048], help="copy MiB, matmul n")
     p.add_argument("--out", default=None, help="directory for bench.json and plots")
@@ -129,6 +134,8 @@ def run(args: argparse.Namespace) -> dict:
                 new = layer_suite.rnn_layer_rows(
                     batch, length, inputs, hidden, args.repeats, limits
                 )
+                if args.rnn_profile:
+                    new += layer_suite.rnn_profile_rows(batch, length, inputs, hidden, args.repeats)
                 if args.precision:
                     shape = args.mixer_shape
                     new += layer_suite.mixer_precision_rows(*shape, args.repeats)

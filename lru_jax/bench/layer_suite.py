@@ -58,10 +58,12 @@ def _flax_rnn(cell_name: str, hidden: int):
     return fnn.RNN(flax_cell)
 
 
+GATES = {"simple_rnn": 1, "lstm": 4, "gru": 3}  # matrices per cell, stacked in its matmuls
+
+
 def rnn_flops(cell_name: str, batch: int, length: int, inputs: int, hidden: int) -> float:
     """Matmul FLOPs of fwd+bwd (3x the forward's two matmuls per step)."""
-    gates = {"simple_rnn": 1, "lstm": 4, "gru": 3}[cell_name]
-    return 3 * 2 * batch * length * (inputs + hidden) * gates * hidden
+    return 3 * 2 * batch * length * (inputs + hidden) * GATES[cell_name] * hidden
 
 
 def rnn_layer_rows(batch, length, inputs, hidden, repeats, limits) -> list[Row]:
@@ -94,6 +96,95 @@ def rnn_layer_rows(batch, length, inputs, hidden, repeats, limits) -> list[Row]:
             row.work = {"flops": rnn_flops(cell_name, batch, length, inputs, hidden)}
             report.flop_rate(row, limits)
             rows.append(row)
+    report.set_speedups(rows, lambda r: r.name.startswith("flax"))
+    return rows
+
+
+def rnn_profile_candidates(cell_name, batch, length, inputs, hidden) -> list:
+    """Named (fn, args) whose times split a recurrent layer's fwd+bwd (see `rnn_profile_rows`):
+    the whole layer (ours, flax's); the matmuls that need not run step by step (the input
+    projection x W, its gradients and the recurrent weight's, each one batched matmul); the
+    matmuls that must (h U forward and g Uᵀ backward, T steps each, in two loops); and the
+    same two loops with one multiply-add per step instead (the loops' own cost)."""
+    keys = jax.random.split(jax.random.key(2), 5)
+    width = GATES[cell_name] * hidden
+    x = jax.random.normal(keys[0], (length * batch, inputs))
+    w = jax.random.normal(keys[1], (inputs, width)) / math.sqrt(inputs)
+    u = jax.random.normal(keys[2], (hidden, width)) / math.sqrt(hidden)
+    dz = jax.random.normal(keys[3], (length, batch, width))
+    h = jax.random.normal(keys[4], (length * batch, hidden))
+
+    def batched(x, w, h, dz):  # x W; the gradients of x, W and U from all steps at once
+        dz = dz.reshape(-1, width)
+        return x @ w, dz @ w.T, x.T @ dz, h.T @ dz
+
+    def stepwise(u, dz):  # the forward's h_{t-1} U and the backward's dz_t Uᵀ, step by step
+        def forward(h, dz_t):
+            return 0.5 * (h @ u)[:, :hidden] + dz_t[:, :hidden], None
+
+        def backward(g, dz_t):
+            return 0.5 * (jnp.tile(g, (1, width // hidden)) + dz_t) @ u.T, None
+
+        start = jnp.zeros((batch, hidden))
+        return jax.lax.scan(forward, start, dz)[0], jax.lax.scan(backward, start, dz)[0]
+
+    def loops(scale, dz):  # the same two loops with one multiply-add per step
+        def step(h, dz_t):
+            return scale * h + dz_t[:, :hidden], None
+
+        start = jnp.zeros((batch, hidden))
+        return jax.lax.scan(step, start, dz)[0], jax.lax.scan(step, start, dz, reverse=True)[0]
+
+    inputs_x = x.reshape(batch, length, inputs)
+    flax_rnn = _flax_rnn(cell_name, hidden)
+    ours = lnn.RecurrentLayer(hidden, cell=cell_name, grad_chunk=16)
+    return [
+        (
+            f"lru_jax {cell_name}",
+            (_grad_of_squares(_module_fn(ours)), (_params(ours, inputs_x), inputs_x)),
+        ),
+        (
+            f"flax nn.RNN({type(flax_rnn.cell).__name__})",
+            (
+                _grad_of_squares(flax_rnn.apply),
+                (flax_rnn.init(jax.random.key(0), inputs_x), inputs_x),
+            ),
+        ),
+        ("batched matmuls (projection, weight gradients)", (batched, (x, w, h, dz))),
+        ("step-by-step matmuls (h U, g Uᵀ)", (stepwise, (u, dz))),
+        ("the two loops alone (a multiply-add per step)", (loops, (jnp.float32(0.5), dz))),
+    ]
+
+
+def _params(module, x):
+    return module.init(jax.random.key(0), x)["params"]
+
+
+def rnn_profile_rows(batch, length, inputs, hidden, repeats) -> list[Row]:
+    """The LSTM's and GRU's fwd+bwd split into what bounds it. Only h_{t-1} U (forward) and
+    dz_t Uᵀ (backward) must run step by step; the input projection and every weight gradient
+    can be one batched matmul each (ours does that; flax's step runs both matmuls). The floor
+    is (batched matmuls) + (step-by-step matmuls), which includes the loops' own cost; each
+    row's rate column is its time over that floor. A layer whose gates cost nothing would run
+    at the floor, so flax's time / floor bounds how much faster than flax's any schedule of
+    this loop can be."""
+    rows = []
+    for cell_name in ("lstm", "gru"):
+        group = f"{cell_name} profile B={batch} T={length} in={inputs} H={hidden} fwd+bwd"
+        named = rnn_profile_candidates(cell_name, batch, length, inputs, hidden)
+        group_rows = [
+            report.row("layers", group, name, measured)
+            for name, measured in timing.measure_named(group, named, repeats)
+        ]
+        ms = {r.name: r.median_ms for r in group_rows}
+        parts = (
+            "batched matmuls (projection, weight gradients)",
+            "step-by-step matmuls (h U, g Uᵀ)",
+        )
+        floor = sum(ms.get(name, math.nan) for name in parts)
+        for r in group_rows:
+            r.rate = f"{r.median_ms / floor:.2f}x our floor"
+        rows += group_rows
     report.set_speedups(rows, lambda r: r.name.startswith("flax"))
     return rows
 
