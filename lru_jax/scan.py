@@ -39,8 +39,9 @@ dh0 = a_first g_first and da_t = g_t h_{t-1} (summed over time and the broadcast
 time-invariant a; the sequential method then sums it inside the adjoint's own loop, for states
 of at least `FUSED_ADJOINT_MIN_BYTES`). Resets set a_t = 0 before the scan, which cuts g there
 too. The backward pass keeps only a, h0 and h, where autodiff of a method keeps its
-intermediates as well (the associative scan's partial products of every level). A custom VJP has no forward mode:
-`adjoint=False` gives JAX's autodiff of the method, for `jax.jvp` and `jax.jacfwd`.
+intermediates as well (the associative scan's partial products of every level). A custom VJP
+has no forward mode: `adjoint=False` gives JAX's autodiff of the method, for `jax.jvp` and
+`jax.jacfwd`.
 "pallas" has its kernel's own adjoint (see above).
 
 `log_linear_scan` is the same recurrence for positive a and b given as log a_t and log b_t,

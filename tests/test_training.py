@@ -401,6 +401,36 @@ def test_evaluation_reads_the_parameter_average(tmp_path):
     assert abs(valid_loss(state) - final["valid"]["loss"]) > 1e-4
 
 
+def test_batchnorm_averages_are_re_estimated_for_the_parameter_average(tmp_path):
+    """BatchNorm's running averages were gathered under the live parameters; evaluation of
+    the averaged ones re-estimates them on training batches: many steps on one batch converge
+    to that batch's statistics of the first norm's input (the embedding rows of its tokens,
+    computed here in numpy), and the final metrics are those of the re-estimated state."""
+    config = tiny_config(ema_decay=0.7, num_steps=8, ema_bn_batches=3)
+    config.model.update({"norm": "batch", "dropout_rate": 0.0})
+    final = loop.train_and_evaluate(config, str(tmp_path))
+    model, task, state, _ = runs.load(runs.read_config(str(tmp_path)), str(tmp_path))
+    averaged = state.for_evaluation()
+    statistics_step = steps.make_statistics_step(model, config.seed + 2)
+
+    batch = task.batch("train", 0, 4)
+    converged = steps.recalibrated(statistics_step, averaged, [batch] * 80)
+    rows = np.asarray(averaged.params["encoder"]["embedding"])[np.asarray(batch["inputs"])]
+    stats = converged.model_state["batch_stats"]["blocks_0"]["norm_layer"]
+    np.testing.assert_allclose(stats["mean"], rows.mean(axis=(0, 1)), rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(stats["var"], rows.var(axis=(0, 1)), rtol=1e-3, atol=1e-4)
+    np.testing.assert_array_equal(  # the parameters stay the average
+        converged.params["encoder"]["embedding"], averaged.params["encoder"]["embedding"]
+    )
+
+    last_steps = [task.batch("train", index, 4) for index in (7, 6, 5)]
+    evaluated = steps.recalibrated(statistics_step, averaged, last_steps)
+    evaluate = steps.make_eval_step(model, task.spec)
+    got = loop.evaluate(evaluate, evaluated, task, "valid", 4, 1)["loss"]
+    np.testing.assert_allclose(got, final["valid"]["loss"], rtol=1e-6)
+    assert abs(loop.evaluate(evaluate, averaged, task, "valid", 4, 1)["loss"] - got) > 1e-5
+
+
 def _train_py(*args, cwd):
     return subprocess.run(
         [sys.executable, os.path.join(ROOT, "train.py"), *args],

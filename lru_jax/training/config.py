@@ -186,6 +186,10 @@ def default_config() -> ml_collections.ConfigDict:
             # > 0: evaluation, the test and sampling use an exponential moving average of the
             # parameters, over about 1 / (1 - ema_decay) steps (e.g. 0.99); 0: the parameters
             "ema_decay": 0.0,
+            # with ema_decay and BatchNorm: training batches that re-estimate BatchNorm's
+            # averages for the averaged parameters before each evaluation (theirs were
+            # gathered under the live parameters)
+            "ema_bn_batches": 50,
             "tbptt_length": 0,  # > 0: truncated BPTT with segments of this many steps
             # a length curriculum: ((seq_len, steps), ...) trains that many steps at each
             # seq_len in turn, then the task's own seq_len (tasks with a seq_len key)
@@ -497,7 +501,7 @@ def _validate_train(config) -> None:
     for name in ("batch_size", "num_steps", "log_every", "eval_every", "checkpoint_every"):
         _int(config, f"train.{name}")
     for name in ("per_device_batch_size", "warmup_steps", "eval_batches", "tbptt_length",
-                 "keep_checkpoints"):  # fmt: skip
+                 "keep_checkpoints", "ema_bn_batches"):  # fmt: skip
         _int(config, f"train.{name}", 0)
     _choice(config, "train.optimizer", OPTIMIZERS)
     if not (isinstance(t.learning_rate, float) and t.learning_rate > 0):

@@ -30,7 +30,14 @@ from lru_jax.training.metrics import MetricsWriter
 from lru_jax.training.optim import make_optimizer, schedule
 from lru_jax.training.progress import Progress
 from lru_jax.training.state import TrainState
-from lru_jax.training.steps import make_eval_step, make_train_step, model_inputs, summarise
+from lru_jax.training.steps import (
+    make_eval_step,
+    make_statistics_step,
+    make_train_step,
+    model_inputs,
+    recalibrated,
+    summarise,
+)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -257,9 +264,25 @@ def _train_and_evaluate(config, workdir: str, task, layout: sharding.Layout) -> 
 
     eval_step = AheadOfTime(compiled_eval)  # its compilation kept off the progress clock
 
-    def run_eval(state, split):
+    statistics_step = make_statistics_step(model, config.seed + 2)
+    evaluated_at = {}  # {step: the state evaluation reads at that step}
+
+    def for_evaluation(state, step: int):
+        """The parameter average (with train.ema_decay), BatchNorm's averages re-estimated
+        for it on the training batches of the last ema_bn_batches steps."""
+        if step not in evaluated_at:
+            evaluated = state.for_evaluation()
+            if evaluated is not state and "batch_stats" in state.model_state:
+                indices = [max(step - 1 - i, 0) for i in range(tc.ema_bn_batches)]
+                batches = (next_batch("train", index) for index in indices)
+                evaluated = recalibrated(statistics_step, evaluated, batches)
+            evaluated_at.clear()  # older entries share buffers the train step has donated
+            evaluated_at[step] = evaluated
+        return evaluated_at[step]
+
+    def run_eval(state, split, step: int):
         compiling = eval_step.seconds
-        evaluated = state.for_evaluation()  # the parameter average, with train.ema_decay
+        evaluated = for_evaluation(state, step)
         metrics = evaluate(
             eval_step, evaluated, task, split, batch_size, tc.eval_batches, layout.put_batch
         )
@@ -291,7 +314,7 @@ def _train_and_evaluate(config, workdir: str, task, layout: sharding.Layout) -> 
             means["learning_rate"] = float(lr(done - 1))
             with progress.paused():  # evaluation, saving and logging off the step clock
                 writer.write(done, "train", means)
-                valid = run_eval(state, "valid") if evaluate_now else None
+                valid = run_eval(state, "valid", done) if evaluate_now else None
                 if valid is not None:
                     writer.write(done, "valid", valid)
             if valid is not None:  # after the pause: the times include this evaluation
@@ -309,15 +332,15 @@ def _train_and_evaluate(config, workdir: str, task, layout: sharding.Layout) -> 
         "steps": reached,
         "train_time_s": train_time,
         "compile_time_s": train_step.seconds,
-        "valid": valid or run_eval(state, "valid"),
-        "test": run_eval(state, "test"),
+        "valid": valid or run_eval(state, "valid", reached),
+        "test": run_eval(state, "test", reached),
         "baseline": {spec.baseline_metric: spec.baseline},
     }
     if main:
         print("final: valid " + _format(final["valid"]) + " | test " + _format(final["test"]))
     if spec.is_language_model and config.generate.num_samples:  # every process generates
         final["samples"] = write_samples(
-            model, state.for_evaluation(), task, config.generate, workdir, main
+            model, for_evaluation(state, reached), task, config.generate, workdir, main
         )
         if hasattr(task, "known_word_share"):  # text: how many sampled words are real ones
             continuations = [s[len(config.generate.prompt) :] for s in final["samples"]]

@@ -271,6 +271,34 @@ def make_train_step(
     return jax.jit(train_step, donate_argnums=0, **shardings)
 
 
+def make_statistics_step(model, seed: int = 0):
+    """A compiled `(state, batch) -> state` that runs the model forward in training mode on
+    `batch` and keeps the state collections (BatchNorm's running averages) it leaves, the
+    parameters untouched: `recalibrated` re-estimates BatchNorm's statistics for parameters
+    they were not gathered under (a parameter average)."""
+    root = jax.random.key(seed)
+
+    def statistics_step(state, batch):
+        inputs, lengths, *extra = model_inputs(batch)
+        key = jax.random.fold_in(root, state.step)
+        _, _, model_state, _ = _apply(
+            model, state.params, state.model_state, inputs, lengths, None, key, *extra,
+            feedback={**training_feedback(batch), **model_keywords(batch)},
+        )  # fmt: skip
+        return state.replace(model_state=model_state)
+
+    return jax.jit(statistics_step)
+
+
+def recalibrated(statistics_step, state, batches):
+    """`state` with its BatchNorm averages moved by one `statistics_step` per batch of
+    `batches` (an iterable); with BatchNorm's momentum m, n batches leave m^n of the old
+    averages."""
+    for batch in batches:
+        state = statistics_step(state, batch)
+    return state
+
+
 def make_eval_step(model, spec: TaskSpec):
     """A compiled `(state, batch) -> sums` (add them up over batches, then `summarise`)."""
 
