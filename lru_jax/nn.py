@@ -61,6 +61,9 @@ from lru_jax.scan_table import ScanTable
 # what the layers wrote, checkpoints save and restore it with the parameters.
 LOSSES = "losses"
 TRANSIENT_COLLECTIONS = ("intermediates", LOSSES)  # made afresh by every apply: never state
+# BatchNorm's running averages move by (1 - momentum) of each training batch's statistics
+BATCHNORM_MOMENTUM = 0.9
+BATCH_STATS = "batch_stats"
 
 
 def add_loss(module: nn.Module, name: str, value) -> None:
@@ -924,7 +927,9 @@ class SequenceBlock(nn.Module):
         if self.norm == "layer":
             self.norm_layer = nn.LayerNorm(use_bias=self.norm_bias, **dtypes)
         else:
-            self.norm_layer = nn.BatchNorm(momentum=0.9, use_bias=self.norm_bias, **dtypes)
+            self.norm_layer = nn.BatchNorm(
+                momentum=BATCHNORM_MOMENTUM, use_bias=self.norm_bias, **dtypes
+            )
         width = 2 * self.d_model if self.ffn == "glu" else self.d_model
         self.out = nn.Dense(width, **dtypes)
         self.dropout = nn.Dropout(self.dropout_rate)

@@ -403,9 +403,10 @@ def test_evaluation_reads_the_parameter_average(tmp_path):
 
 def test_batchnorm_averages_are_re_estimated_for_the_parameter_average(tmp_path):
     """BatchNorm's running averages were gathered under the live parameters; evaluation of
-    the averaged ones re-estimates them on training batches: many steps on one batch converge
-    to that batch's statistics of the first norm's input (the embedding rows of its tokens,
-    computed here in numpy), and the final metrics are those of the re-estimated state."""
+    the averaged ones replaces them by the mean statistics of training batches: on copies of
+    one batch, that batch's statistics of the first norm's input (the embedding rows of its
+    tokens, computed here in numpy); and the final metrics are those of the re-estimated
+    state."""
     config = tiny_config(ema_decay=0.7, num_steps=8, ema_bn_batches=3)
     config.model.update({"norm": "batch", "dropout_rate": 0.0})
     final = loop.train_and_evaluate(config, str(tmp_path))
@@ -414,14 +415,19 @@ def test_batchnorm_averages_are_re_estimated_for_the_parameter_average(tmp_path)
     statistics_step = steps.make_statistics_step(model, config.seed + 2)
 
     batch = task.batch("train", 0, 4)
-    converged = steps.recalibrated(statistics_step, averaged, [batch] * 80)
+    recalibrated = steps.recalibrated(statistics_step, averaged, [batch] * 3)
     rows = np.asarray(averaged.params["encoder"]["embedding"])[np.asarray(batch["inputs"])]
-    stats = converged.model_state["batch_stats"]["blocks_0"]["norm_layer"]
+    stats = recalibrated.model_state["batch_stats"]["blocks_0"]["norm_layer"]
     np.testing.assert_allclose(stats["mean"], rows.mean(axis=(0, 1)), rtol=1e-3, atol=1e-4)
     np.testing.assert_allclose(stats["var"], rows.var(axis=(0, 1)), rtol=1e-3, atol=1e-4)
     np.testing.assert_array_equal(  # the parameters stay the average
-        converged.params["encoder"]["embedding"], averaged.params["encoder"]["embedding"]
+        recalibrated.params["encoder"]["embedding"], averaged.params["encoder"]["embedding"]
     )
+    two = [task.batch("train", index, 4) for index in (1, 2)]  # weighted equally
+    embedded = [np.asarray(averaged.params["encoder"]["embedding"])[b["inputs"]] for b in two]
+    stats = steps.recalibrated(statistics_step, averaged, two).model_state["batch_stats"]
+    want = np.mean([e.mean(axis=(0, 1)) for e in embedded], axis=0)
+    np.testing.assert_allclose(stats["blocks_0"]["norm_layer"]["mean"], want, rtol=1e-3, atol=1e-4)
 
     last_steps = [task.batch("train", index, 4) for index in (7, 6, 5)]
     evaluated = steps.recalibrated(statistics_step, averaged, last_steps)

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lru_jax import models, scan_choices, tasks
+from lru_jax import nn as lnn
 from lru_jax.training import autotune, record, sharding
 from lru_jax.training import config as config_lib
 from lru_jax.training.checkpoints import Checkpointer
@@ -269,10 +270,11 @@ def _train_and_evaluate(config, workdir: str, task, layout: sharding.Layout) -> 
 
     def for_evaluation(state, step: int):
         """The parameter average (with train.ema_decay), BatchNorm's averages re-estimated
-        for it on the training batches of the last ema_bn_batches steps."""
+        for it as the mean statistics of the training batches of the last ema_bn_batches
+        steps."""
         if step not in evaluated_at:
             evaluated = state.for_evaluation()
-            if evaluated is not state and "batch_stats" in state.model_state:
+            if evaluated is not state and lnn.BATCH_STATS in state.model_state:
                 indices = [max(step - 1 - i, 0) for i in range(tc.ema_bn_batches)]
                 batches = (next_batch("train", index) for index in indices)
                 evaluated = recalibrated(statistics_step, evaluated, batches)

@@ -274,8 +274,8 @@ def make_train_step(
 def make_statistics_step(model, seed: int = 0):
     """A compiled `(state, batch) -> state` that runs the model forward in training mode on
     `batch` and keeps the state collections (BatchNorm's running averages) it leaves, the
-    parameters untouched: `recalibrated` re-estimates BatchNorm's statistics for parameters
-    they were not gathered under (a parameter average)."""
+    parameters untouched: `recalibrated` re-estimates BatchNorm's statistics with it for
+    parameters they were not gathered under (a parameter average)."""
     root = jax.random.key(seed)
 
     def statistics_step(state, batch):
@@ -291,12 +291,24 @@ def make_statistics_step(model, seed: int = 0):
 
 
 def recalibrated(statistics_step, state, batches):
-    """`state` with its BatchNorm averages moved by one `statistics_step` per batch of
-    `batches` (an iterable); with BatchNorm's momentum m, n batches leave m^n of the old
-    averages."""
+    """`state` with BatchNorm's averages replaced by the mean of `batches`' own statistics
+    (an iterable of batches, each weighted equally, where the running average would weigh the
+    last few most). Each batch's statistics come from a `statistics_step` that starts from
+    zero averages, which leaves (1 - momentum) times them."""
+    stats = state.model_state[lnn.BATCH_STATS]
+    start = state.replace(
+        model_state={**state.model_state, lnn.BATCH_STATS: jax.tree.map(jnp.zeros_like, stats)}
+    )
+    total, count = None, 0
     for batch in batches:
-        state = statistics_step(state, batch)
-    return state
+        moved = statistics_step(start, batch).model_state[lnn.BATCH_STATS]
+        total = moved if total is None else jax.tree.map(jnp.add, total, moved)
+        count += 1
+    if total is None:
+        return state
+    scale = 1.0 / (count * (1.0 - lnn.BATCHNORM_MOMENTUM))
+    mean = jax.tree.map(lambda t: t * scale, total)
+    return state.replace(model_state={**state.model_state, lnn.BATCH_STATS: mean})
 
 
 def make_eval_step(model, spec: TaskSpec):
