@@ -193,7 +193,7 @@ def test_attention_pooling_matches_numpy_and_ignores_padding():
 def mixer_setup():
     mixer = lnn.CausalSelfAttention(d_model=8, num_heads=2, max_len=9)
     x = _normal(0, 2, 7, 8)
-    return mixer, mixer.init(jax.random.key(0), x), x
+    return mixer, jax.jit(mixer.init)(jax.random.key(0), x), x
 
 
 def test_cached_steps_equal_full_causal_attention(mixer_setup):
@@ -234,11 +234,11 @@ def test_generation_with_the_attention_mixer_equals_rerunning_the_prefix():
         num_outputs=11, vocab_size=11, mixer="attention", d_model=8, num_layers=2, max_len=10
     )
     prompt = np.array([[1, 2, 3], [4, 5, 6]], np.int32)
-    variables = model.init(jax.random.key(0), prompt)
+    variables = jax.jit(model.init)(jax.random.key(0), prompt)  # one compile, not one per op
     fast = models.generate(model, variables, prompt, 6, temperature=0.0)
     # Reference: one parallel pass over prompt + continuation. The model is causal (tested
     # above), so its argmax after each prefix is the greedy token that prefix should produce.
-    logits = model.apply(variables, np.concatenate([prompt, fast], 1))
+    logits = jax.jit(model.apply)(variables, np.concatenate([prompt, fast], 1))
     np.testing.assert_array_equal(fast, np.argmax(np.asarray(logits)[:, 2:-1], -1))
     with pytest.raises(ValueError, match="length: prompt"):
         models.generate(model, variables, prompt, 8)
@@ -249,12 +249,13 @@ def test_attention_pooling_in_a_classifier():
         num_outputs=3, mixer="attention", d_model=8, num_layers=1, pooling="attention", max_len=6
     )
     x = _normal(0, 2, 6, 3)
-    variables = model.init(jax.random.key(0), x)
+    variables = jax.jit(model.init)(jax.random.key(0), x)
     lengths = np.array([6, 2])
     noisy = x.copy()
     noisy[1, 2:] = 9.0
-    a = model.apply(variables, x, lengths)
-    b = model.apply(variables, noisy, lengths)
+    apply = jax.jit(model.apply)  # one compile for both inputs
+    a = apply(variables, x, lengths)
+    b = apply(variables, noisy, lengths)
     assert a.shape == (2, 3)
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
 

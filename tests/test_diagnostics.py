@@ -105,7 +105,7 @@ def test_probe_gradients_equal_finite_differences(cell):
     rng = np.random.default_rng(0)
     with jax.enable_x64(x64):
         inputs, targets = jnp.asarray(batch["inputs"], dtype), jnp.asarray(batch["targets"], dtype)
-        variables = model.init(jax.random.key(0), inputs)
+        variables = jax.jit(model.init)(jax.random.key(0), inputs)  # one compile, not per op
         variables = jax.tree.map(lambda v: v.astype(dtype), variables)
 
         def loss_fn(out):

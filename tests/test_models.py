@@ -19,21 +19,24 @@ def _lm(mixer="lru", remat=False):
 def test_greedy_generation_equals_rerunning_the_prefix(cell):
     model = _lm(cell)
     prompt = np.array([[1, 2, 3], [4, 5, 6]], np.int32)
-    variables = model.init(jax.random.key(0), prompt)
+    variables = jax.jit(model.init)(jax.random.key(0), prompt)  # one compile, not one per op
     fast = models.generate(model, variables, prompt, 6, temperature=0.0)
-    # Reference: run the whole growing sequence each time and take the argmax at its end.
-    seq, apply = prompt, jax.jit(model.apply)  # compiled: op by op each prefix takes longer
-    for _ in range(6):
-        logits = apply(variables, seq)
-        seq = np.concatenate([seq, np.argmax(np.asarray(logits[:, -1]), -1)[:, None]], 1)
-    np.testing.assert_array_equal(fast, seq[:, 3:])
+    # Reference: the whole sequence rerun for each prefix, prompt + fast[:, :i] for i < 6, the
+    # argmax at its end the token after it. The 6 prefixes run as one padded batch (lengths
+    # 3..8): one compiled forward, not one per prefix length.
+    seq = np.concatenate([prompt, fast], 1)
+    lengths = np.repeat(np.arange(3, 9), 2)  # [12]: prefix i of each prompt
+    prefixes = np.where(np.arange(9) < lengths[:, None], np.tile(seq, (6, 1)), 0)
+    logits = np.asarray(jax.jit(model.apply)(variables, prefixes, lengths))
+    after = np.argmax(logits[np.arange(12), lengths - 1], -1).reshape(6, 2).T
+    np.testing.assert_array_equal(fast, after)
 
 
 def test_sampling_respects_top_k_and_seed():
     model = _lm()
     prompt = np.zeros((64, 1), np.int32)
-    variables = model.init(jax.random.key(1), prompt)
-    logits = np.asarray(model.apply(variables, prompt))[0, -1]
+    variables = jax.jit(model.init)(jax.random.key(1), prompt)  # one compile, not one per op
+    logits = np.asarray(jax.jit(model.apply)(variables, prompt))[0, -1]
     top2 = set(np.argsort(logits)[-2:])
     first = models.generate(model, variables, prompt, 1, temperature=1.0, top_k=2, seed=3)
     assert set(first[:, 0]) <= top2
@@ -48,7 +51,7 @@ def test_pooling_last_and_mean_with_lengths():
     lengths = np.array([7, 3, 1])
     kw = dict(num_outputs=4, mixer="gru", d_model=8, num_layers=1)
     per_step = models.SequenceModel(pooling="none", **kw)
-    variables = per_step.init(jax.random.key(0), x, lengths)
+    variables = jax.jit(per_step.init)(jax.random.key(0), x, lengths)  # one compile, not per op
     # The head is affine, so pooling its per-step outputs equals the head of pooled features.
     steps = np.asarray(per_step.apply(variables, x, lengths))
     last = models.SequenceModel(pooling="last", **kw).apply(variables, x, lengths)
@@ -67,7 +70,7 @@ def test_remat_gives_the_same_outputs_and_gradients(cell, pooling):
     kw = dict(num_outputs=3, vocab_size=11, mixer=cell, d_model=8, num_layers=2, d_state=6)
     plain = models.SequenceModel(pooling=pooling, **kw)
     remat = models.SequenceModel(pooling=pooling, remat=True, remat_chunk=4, **kw)
-    variables = plain.init(jax.random.key(2), tokens, lengths)
+    variables = jax.jit(plain.init)(jax.random.key(2), tokens, lengths)
     carry = jax.tree.map(
         lambda c: jnp.asarray(rng.normal(size=c.shape), c.dtype),
         plain.apply(variables, 3, method="initial_carry"),
@@ -100,7 +103,7 @@ def test_remat_shrinks_the_compiled_memory_plan():
         models.SequenceModel(**kw),
         models.SequenceModel(remat=True, remat_chunk=16, **kw),
     ):
-        params = model.init(jax.random.key(0), x)["params"]
+        params = jax.eval_shape(model.init, jax.random.key(0), x)["params"]  # shapes suffice
         grad = jax.grad(lambda p, model=model: jnp.mean(model.apply({"params": p}, x) ** 2))
         planned.append(jax.jit(grad).lower(params).compile().memory_analysis().temp_size_in_bytes)
     assert planned[1] < planned[0] / 3, planned  # (the benchmark measures the real sizes)
@@ -130,7 +133,7 @@ def test_config_grad_chunk_zero_selects_autodiff_with_the_same_gradient():
     autodiff = config_lib.build_model(config.model, task.spec)
     assert (chunked.grad_chunk, autodiff.grad_chunk) == (16, None)
     x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 6, 2)), jnp.float32)
-    variables = chunked.init(jax.random.key(0), x)
+    variables = jax.jit(chunked.init)(jax.random.key(0), x)
 
     def loss(model):
         return lambda p: jnp.sum(model.apply({"params": p}, x) ** 2)

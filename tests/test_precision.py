@@ -41,12 +41,13 @@ def _check_against_float32(make, x=X):
     """make(dtype) -> a module; its bfloat16 form (the float32 form's parameters) must give
     bfloat16 outputs within RELATIVE_TOLERANCE of float32's, keep float32 parameters, and run
     every matmul of its forward and backward pass in bfloat16."""
-    variables = make(jnp.float32).init(jax.random.key(1), x)
+    # jitted: run eagerly, op by op, init and apply compile every operation on its own
+    variables = jax.jit(make(jnp.float32).init)(jax.random.key(1), x)
     low = make(BF16)
     params = jax.eval_shape(low.init, jax.random.key(1), x)["params"]  # shapes, not values
     assert {leaf.dtype for leaf in jax.tree.leaves(params)} == {jnp.dtype(jnp.float32)}
-    want = make(jnp.float32).apply(variables, x)
-    got = low.apply(variables, x)
+    want = jax.jit(make(jnp.float32).apply)(variables, x)
+    got = jax.jit(low.apply)(variables, x)
     assert got.dtype == BF16
     error = float(jnp.max(jnp.abs(got.astype(jnp.float32) - want)))
     assert 0.0 < error <= RELATIVE_TOLERANCE * float(jnp.max(jnp.abs(want)))

@@ -2,6 +2,7 @@
 and a run of train.py (resumes after kills, damaged checkpoints and train.py's mistakes are
 in test_faults.py)."""
 
+import functools
 import json
 import os
 import subprocess
@@ -61,7 +62,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
     assert saved == [4]
 
 
-def _tbptt_parts(k, mixer="lru"):
+@functools.cache  # the same model, batch and full gradients for every segment length k
+def _tbptt_setup(mixer):
     task = tasks.get_task("text", corpus="jokes", seq_len=20)
     config = tiny_config()
     config.model.dropout_rate = 0.0
@@ -69,12 +71,17 @@ def _tbptt_parts(k, mixer="lru"):
     model = config_lib.build_model(config.model, task.spec)
     batch = jax.tree.map(jnp.asarray, task.batch("train", 0, 3))
     tx = make_optimizer(config.train)
-    state = TrainState.create(model.init(jax.random.key(0), batch["inputs"]), tx)
-    key = jax.random.key(1)
     # jitted: run eagerly, op by op, these take several times longer than compiling them
+    state = TrainState.create(jax.jit(model.init)(jax.random.key(0), batch["inputs"]), tx)
+    key = jax.random.key(1)
     full = jax.jit(steps.gradients, static_argnums=(0, 1))(model, task.spec, state, batch, key)
+    return model, task.spec, state, batch, key, full
+
+
+def _tbptt_parts(k, mixer="lru"):
+    model, spec, state, batch, key, full = _tbptt_setup(mixer)
     truncated = jax.jit(steps._truncated_bptt, static_argnums=(0, 1, 5))(
-        model, task.spec, state, batch, key, k
+        model, spec, state, batch, key, k
     )
     return full, truncated
 

@@ -42,6 +42,12 @@ def _grad_of_squares(apply):
     return jax.grad(lambda p, x: jnp.sum(apply(p, x) ** 2), argnums=(0, 1))
 
 
+def _init(module, x) -> dict:
+    """`module`'s variables for input `x` (key 0), initialised under jit: run eagerly, init
+    would compile each of its operations on its own."""
+    return jax.jit(module.init)(jax.random.key(0), x)
+
+
 def _module_fn(module):
     """(params, x) -> module output, for a Flax module whose variables are only params."""
     return lambda params, x: module.apply({"params": params}, x)
@@ -74,7 +80,7 @@ def rnn_layer_rows(batch, length, inputs, hidden, repeats, limits) -> list[Row]:
     for cell_name in ("simple_rnn", "lstm", "gru"):
         group = f"{cell_name} B={batch} T={length} in={inputs} H={hidden} fwd+bwd"
         flax_rnn = _flax_rnn(cell_name, hidden)
-        flax_params = flax_rnn.init(jax.random.key(0), x)
+        flax_params = _init(flax_rnn, x)
         candidates = {
             f"flax nn.RNN({type(flax_rnn.cell).__name__})": (
                 _grad_of_squares(lambda p, v, m=flax_rnn: m.apply(p, v)),
@@ -83,7 +89,7 @@ def rnn_layer_rows(batch, length, inputs, hidden, repeats, limits) -> list[Row]:
         }
         for suffix, grad_chunk in (("", 16), (" (autodiff)", None)):
             ours = lnn.RecurrentLayer(hidden, cell=cell_name, grad_chunk=grad_chunk)
-            our_params = ours.init(jax.random.key(0), x)["params"]
+            our_params = _init(ours, x)["params"]
             candidates[f"lru_jax {cell_name}{suffix}"] = (
                 _grad_of_squares(_module_fn(ours)),
                 (our_params, x),
@@ -243,7 +249,7 @@ def lru_layer_rows(batch, length, width, repeats, limits) -> list[Row]:
     each layer row's "of limit" is floor / its time (1.0 would be at the floor)."""
     rows = []
     u = jax.random.normal(jax.random.key(1), (batch, length, width))
-    params = lnn.LRU(width).init(jax.random.key(0), u)["params"]  # the functional params
+    params = _init(lnn.LRU(width), u)["params"]  # the functional params
     group = f"lru B={batch} T={length} N=H={width} fwd+bwd"
     candidates = [("paper-style associative LRU", paper_lru_forward)]
     for method in (*scan_choices.methods_to_time(jax.default_backend()), "auto"):
@@ -302,7 +308,7 @@ def mixer_layer_rows(batch, length, width, repeats, limits, kinds=None) -> list[
     rows = []
     u = jax.random.normal(jax.random.key(1), (batch, length, width))
     modules = mixer_modules(width, kinds)
-    params = {name: m.init(jax.random.key(0), u)["params"] for name, m in modules.items()}
+    params = {name: _init(m, u)["params"] for name, m in modules.items()}
     for mode in ("fwd", "fwd+bwd"):
         group = f"mixers B={batch} T={length} H=N={width} {mode}"
         named = []
@@ -329,7 +335,7 @@ def mixer_precision_rows(batch, length, width, repeats, modules=None) -> list[Ro
     modules = mixer_modules(width) if modules is None else modules
     for name, module in modules.items():
         group = f"{name} B={batch} T={length} H=N={width} fwd+bwd float32 vs bfloat16"
-        params = module.init(jax.random.key(0), u)["params"]
+        params = _init(module, u)["params"]
         named = []
         for dtype in PRECISIONS:
             fn = _grad_of_squares(_module_fn(module.clone(dtype=jnp.dtype(dtype))))

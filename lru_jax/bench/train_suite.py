@@ -85,7 +85,7 @@ def memory_suite(length: int, repeats: int) -> list[Row]:
                 pooling="none",
                 remat=remat,
             )
-            params = model.init(jax.random.key(1), x)["params"]
+            params = jax.jit(model.init)(jax.random.key(1), x)["params"]  # one compile, not per op
 
             def loss(p, v, model=model):
                 return jnp.mean(model.apply({"params": p}, v) ** 2)
