@@ -44,6 +44,7 @@ def get_config():
             "eval_every": 250,
             "checkpoint_every": 500,
             "eval_batches": 16,
+            "ema_decay": 0.99,
         }
     )
     c.generate.num_samples = 0

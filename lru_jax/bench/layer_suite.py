@@ -147,23 +147,19 @@ def rnn_profile_candidates(cell_name, batch, length, inputs, hidden) -> list:
     return [
         (
             f"lru_jax {cell_name}",
-            (_grad_of_squares(_module_fn(ours)), (_params(ours, inputs_x), inputs_x)),
+            (_grad_of_squares(_module_fn(ours)), (_init(ours, inputs_x)["params"], inputs_x)),
         ),
         (
             f"flax nn.RNN({type(flax_rnn.cell).__name__})",
             (
                 _grad_of_squares(flax_rnn.apply),
-                (flax_rnn.init(jax.random.key(0), inputs_x), inputs_x),
+                (_init(flax_rnn, inputs_x), inputs_x),
             ),
         ),
         ("batched matmuls (projection, weight gradients)", (batched, (x, w, h, dz))),
         ("step-by-step matmuls (h U, g Uᵀ)", (stepwise, (u, dz))),
         ("the two loops alone (a multiply-add per step)", (loops, (jnp.float32(0.5), dz))),
     ]
-
-
-def _params(module, x):
-    return module.init(jax.random.key(0), x)["params"]
 
 
 def rnn_profile_rows(batch, length, inputs, hidden, repeats) -> list[Row]:
