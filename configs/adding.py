@@ -7,7 +7,10 @@ The recipe (docs/results.md says why each part is there):
   values are U(0, 1), so the raw input has one); LayerNorm, per step, cannot;
 - block 1 keeps the full ring, so its fast modes pass each step's (value, marker) to the GLU that
   forms their product; block 2's ring sits at 0.99 <= |λ| <= 0.9999 with phases below 2π/1000,
-  to add up over 1000 steps.
+  to add up over 1000 steps;
+- evaluation reads an exponential moving average of the parameters (`train.ema_decay`), with
+  BatchNorm's statistics re-estimated for it: the last steps' parameters wander around the
+  solution at the MSE the target asks for.
 
 LSTM instead of the LRU: `--config.model.mixer=lstm`.
 """
