@@ -43,7 +43,8 @@ class TrainState:
     def for_evaluation(self) -> TrainState:
         """This state with the optimiser's parameter average as its parameters, if it keeps
         one (`train.ema_decay` > 0), else itself: what evaluation, the test and sampling use.
-        BatchNorm's running statistics stay those of training."""
+        BatchNorm's averages are still those of training (the loop re-estimates them for
+        the average: `steps.recalibrated`)."""
         average = averaged_params(self.opt_state)
         return self if average is None else self.replace(params=average)
 
