@@ -39,7 +39,7 @@ from lru_jax import nn as linen_nn
 from lru_jax.scan_table import ScanTable
 
 # NNX variable types and the Linen collections that hold the same arrays.
-COLLECTIONS = {nnx.Param: "params", nnx.BatchStat: "batch_stats"}
+COLLECTIONS = {nnx.Param: "params", nnx.BatchStat: linen_nn.BATCH_STATS}
 
 
 def _dtypes(dtype, param_dtype) -> dict:

@@ -51,7 +51,7 @@ class TrainState:
 
 # Checkpoints saved before `model_state` existed hold BatchNorm's averages in a top-level
 # `batch_stats` field; they restore through this layout.
-LEGACY_FIELD = "batch_stats"
+LEGACY_FIELD = lnn.BATCH_STATS
 
 
 def legacy_layout(state: TrainState) -> dict:
