@@ -3,9 +3,10 @@ then answer 8 queries (keys, at random later steps of the 64) with their values.
 
 The memoryless baseline, a uniform guess among the 32 values, scores ln(32) = 3.466 nats per
 query. Note a weaker shortcut than recall: remembering only WHICH values occurred (a bag of
-values, no binding to keys) already scores about 1.93 nats. In this CPU budget neither the LRU
-nor an LSTM (`--config.model.mixer=lstm`) gets below that level; true recall needs longer
-training or a larger model.
+values, no binding to keys) already scores about 1.93 nats. In this CPU budget no recurrence
+gets below that level: the input-gated ones (`--config.model.mixer=mingru`, `rglru`, `mamba`,
+...) reach it, the LRU and the S5 stay above it, and only attention (`attention`) binds keys
+(docs/results.md). True recall without attention needs longer training or a larger model.
 """
 
 from lru_jax.training.config import LONG_RANGE_RING, default_config
