@@ -19,8 +19,10 @@ each block builds its own, so a model sets block k's `lower_bound` to k/L (the p
 values) and the bounds then learn independently (docs/recurrences-min.md).
 
 Parameters (float32): W_f [N, H], W_c [2N, H] (rows: real part, then imaginary), W_g [2N, H],
-W_o [H, 2N], uniform in ±1/sqrt(fan in) (PyTorch's Linear); biases zero; θ [N] = 10000^(-2k/N)
-(the authors' code); LayerNorm scale [2N] one and bias [2N] zero (epsilon 1e-5).
+W_o [H, 2N], uniform in ±1/sqrt(fan in) (PyTorch's Linear); biases zero, except b_f with
+`max_timescale` T (chrono initialisation, `mingru.chrono_log_odds`: μ starts at u/(1 + u),
+u ~ U(1, T − 1), a memory of at least 1 + u steps); θ [N] = 10000^(-2k/N) (the authors' code);
+LayerNorm scale [2N] one and bias [2N] zero (epsilon 1e-5).
 
 The recurrence runs through `scan.linear_scan` with the time-varying complex decay λ_t e^{iθ}.
 
@@ -36,7 +38,7 @@ import jax
 import jax.numpy as jnp
 
 from lru_jax import _checks, padding, scan
-from lru_jax.mingru import dense, uniform
+from lru_jax.mingru import check_max_timescale, chrono_log_odds, dense, uniform
 
 Params = dict[str, jax.Array]
 
@@ -54,13 +56,21 @@ def check_lower_bound(lower_bound) -> float:
     return _checks.number("lower_bound", lower_bound, 0, 1, closed_high=False)
 
 
-def init(key, d_model: int, d_state: int | None = None, lower_bound: float = 0.0) -> Params:
-    """Fresh HGRU parameters for width H = d_model, state size N = d_state (default H) and a
-    learned lower bound starting at `lower_bound` in [0, 1) (none if 0)."""
+def init(
+    key,
+    d_model: int,
+    d_state: int | None = None,
+    lower_bound: float = 0.0,
+    max_timescale: float = 0.0,
+) -> Params:
+    """Fresh HGRU parameters for width H = d_model, state size N = d_state (default H), a
+    learned lower bound starting at `lower_bound` in [0, 1) (none if 0) and, with
+    `max_timescale` T > 2, the forget gate's bias by chrono initialisation (0: zero)."""
     d_state = d_model if d_state is None else d_state
     _checks.positive_int("d_model", d_model)
     _checks.positive_int("d_state", d_state)
     check_lower_bound(lower_bound)
+    check_max_timescale(max_timescale)
     h, n = d_model, d_state
     k = jax.random.split(key, 4)
     params = {
@@ -79,6 +89,8 @@ def init(key, d_model: int, d_state: int | None = None, lower_bound: float = 0.0
     if lower_bound > 0:
         logit = math.log(lower_bound) - math.log1p(-lower_bound)
         params["bound_logit"] = jnp.full((n,), logit, jnp.float32)
+    if max_timescale:  # a key of its own: the other parameters are the zero-bias init's
+        params["b_f"] = chrono_log_odds(jax.random.fold_in(key, 1), n, max_timescale)
     return params
 
 

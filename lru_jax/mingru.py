@@ -24,7 +24,10 @@ computed in one of two forms that give the same h (tested):
   It needs act "g" and h0 >= 0.
 
 Parameters are float32: W_h, W_z (minGRU) or W_f, W_i (minLSTM) [N, H], uniform in ±1/sqrt(H)
-(PyTorch's Linear); their biases b_* [N], zero; W_out [H, N], uniform in ±1/sqrt(N).
+(PyTorch's Linear); their biases b_* [N], zero (the paper's); W_out [H, N], uniform in
+±1/sqrt(N). With `max_timescale` T the gate biases start instead with chrono initialisation
+(Tallec and Ollivier 2018): unit n keeps its state with odds u_n ~ U(1, T − 1) at x = 0, a
+memory of 1 + u_n steps, instead of the zero biases' two steps (`chrono_log_odds`).
 
 Precision: the matmuls run in x's dtype (`dense` casts the weights), the gates, a, b and the
 state in float32 whatever x's dtype; y comes back in x's dtype.
@@ -84,13 +87,40 @@ def dense(x, w, b=None):
     return flat.reshape(x.shape[:-1] + flat.shape[-1:])
 
 
+def check_max_timescale(
+    max_timescale, name: str = "max_timescale", *, type_error=TypeError
+) -> float:
+    """0 (the papers' zero gate biases) or a chrono initialisation's longest memory T > 2."""
+    expected = "0 (zero gate biases) or a number > 2 (the chrono initialisation's T)"
+    _checks.number(name, max_timescale, 0, expected=expected, type_error=type_error)
+    if 0 < max_timescale <= 2:
+        _checks.fail(name, expected, max_timescale)
+    return max_timescale
+
+
+def chrono_log_odds(key, size: int, max_timescale: float) -> jax.Array:
+    """log u [size], u ~ U(1, T − 1): the log-odds of keeping the state that give a gated unit
+    a memory of 1 + u steps at zero input (Tallec and Ollivier 2018, "Can recurrent neural
+    networks warp time?"), so that gradients reach back up to T steps from the start."""
+    u = jax.random.uniform(key, (size,), jnp.float32, 1.0, max_timescale - 1.0)
+    return jnp.log(u)
+
+
 def init(
-    key, d_model: int, d_state: int | None = None, *, cell: str = "mingru", proj_out=None
+    key,
+    d_model: int,
+    d_state: int | None = None,
+    *,
+    cell: str = "mingru",
+    proj_out=None,
+    max_timescale: float = 0.0,
 ) -> Params:
     """Fresh parameters of `cell` ("mingru" | "minlstm") for width H = d_model and state size
-    N = d_state (default H); `proj_out` (default N != H) adds W_out."""
+    N = d_state (default H); `proj_out` (default N != H) adds W_out; `max_timescale` T > 2
+    starts the gate biases with chrono initialisation (see the module; 0: zero biases)."""
     d_state = d_model if d_state is None else d_state
     proj_out = check_cell(cell, d_model, d_state, proj_out)
+    check_max_timescale(max_timescale)
     gates = ("h", *GATES[cell])
     keys = jax.random.split(key, len(gates) + 1)
     params = {}
@@ -99,6 +129,13 @@ def init(
         params[f"b_{gate}"] = jnp.zeros((d_state,), jnp.float32)
     if proj_out:
         params["W_out"] = uniform(keys[-1], (d_model, d_state), d_state)
+    if max_timescale:
+        # a key of its own: the other parameters are those of the zero-bias init
+        log_odds = chrono_log_odds(jax.random.fold_in(key, 1), d_state, max_timescale)
+        if cell == "mingru":  # keep: 1 − z = σ(−b_z)
+            params["b_z"] = -log_odds
+        else:  # keep: f' = σ(b_f) / (σ(b_f) + σ(b_i)) = σ(b_f) when b_i = −b_f
+            params["b_f"], params["b_i"] = log_odds, -log_odds
     return params
 
 

@@ -360,13 +360,15 @@ RECURRENT_MIXERS = (
 
 def _min_rnn(module):
     """The builder of minGRU/minLSTM: options expansion (N = round(expansion * d_model)),
-    log_space, activation, scan_method."""
+    log_space, activation, max_timescale (chrono initialisation; 0: zero gate biases),
+    scan_method."""
 
     def build(d_model, options, context):
         return module(
             d_state=max(1, round(options["expansion"] * d_model)),
             log_space=options["log_space"],
             activation=options["activation"],
+            max_timescale=options["max_timescale"],
             scan_method=options["scan_method"],
             scan_table=context.scan_table,
         )
@@ -375,12 +377,14 @@ def _min_rnn(module):
 
 
 def _hgrn(d_model, options, context):
-    """HGRN with options expansion and scan_method; with `lower_bound`, block k of L starts
-    with the forget gate's lower bound at k/L, the paper's initial values (block 0: none)."""
+    """HGRN with options expansion, max_timescale (chrono initialisation of the forget gate;
+    0: zero bias) and scan_method; with `lower_bound`, block k of L starts with the forget
+    gate's lower bound at k/L, the paper's initial values (block 0: none)."""
     bound = context.layer / context.num_layers if options["lower_bound"] else 0.0
     return lnn.HGRN(
         d_state=max(1, round(options["expansion"] * d_model)),
         lower_bound=bound,
+        max_timescale=options["max_timescale"],
         scan_method=options["scan_method"],
         scan_table=context.scan_table,
     )

@@ -334,6 +334,8 @@ class MinRNN(nn.Module):
     (`scan.log_linear_scan`; `scan_method` then one of `scan.LOG_METHODS` or "auto"), else the
     plain form through `linear_scan` (any method, `scan_table` for "auto"); both compute the same
     outputs. `activation`: "g" (positive candidates, either form) or "linear" (plain form only).
+    `max_timescale` T > 2: the gate biases start by chrono initialisation, memories of 2 to T
+    steps (`mingru.init`; 0, the default: zero biases, the paper's).
     """
 
     d_state: int
@@ -341,6 +343,7 @@ class MinRNN(nn.Module):
     proj_out: bool | None = None
     log_space: bool = False
     activation: str = "g"
+    max_timescale: float = 0.0
     scan_method: str = "auto"
     scan_table: ScanTable | None = None
     dtype: Any = jnp.float32  # computation (see the module docstring)
@@ -367,13 +370,19 @@ class MinRNN(nn.Module):
         x, seq_lengths = check_sequence(x, seq_lengths)
         x = _in_compute_dtype(self, x)
         proj_out = mingru.check_cell(self.cell, x.shape[-1], self.d_state, self.proj_out)
+        mingru.check_max_timescale(self.max_timescale)
         if self.has_variable("params", "W_h"):
             _checks.feature_size("x", x.shape[-1], self.get_variable("params", "W_h").shape[1])
         params = _declare_params(
             self,
             mingru.param_names(self.cell, proj_out),
             lambda key: mingru.init(
-                key, x.shape[-1], self.d_state, cell=self.cell, proj_out=proj_out
+                key,
+                x.shape[-1],
+                self.d_state,
+                cell=self.cell,
+                proj_out=proj_out,
+                max_timescale=self.max_timescale,
             ),
         )
         return _call_forward(
@@ -420,10 +429,13 @@ class HGRN(nn.Module):
     `lower_bound` (its initial value, in [0, 1)) is above 0; made by `hgrn.init` from the
     module's first "params" key. The carry is the complex64 state [batch, N]. In a stack of L
     blocks the paper's bounds start at k/L for block k (`models` builds them so).
+    `max_timescale` T > 2: the forget gate's bias starts by chrono initialisation (`hgrn.init`;
+    0, the default: zero).
     """
 
     d_state: int
     lower_bound: float = 0.0
+    max_timescale: float = 0.0
     scan_method: str = "auto"
     scan_table: ScanTable | None = None
     dtype: Any = jnp.float32  # computation (see the module docstring)
@@ -446,6 +458,7 @@ class HGRN(nn.Module):
         """
         _checks.positive_int("d_state", self.d_state)
         hgrn.check_lower_bound(self.lower_bound)
+        mingru.check_max_timescale(self.max_timescale)
         _check_scan(self.scan_method, self.scan_table)
         x, seq_lengths = check_sequence(x, seq_lengths)
         x = _in_compute_dtype(self, x)
@@ -454,7 +467,9 @@ class HGRN(nn.Module):
         params = _declare_params(
             self,
             hgrn.param_names(self.lower_bound),
-            lambda key: hgrn.init(key, x.shape[-1], self.d_state, self.lower_bound),
+            lambda key: hgrn.init(
+                key, x.shape[-1], self.d_state, self.lower_bound, self.max_timescale
+            ),
         )
         return _call_forward(
             hgrn.forward,

@@ -142,7 +142,8 @@ def test_module_steps_padding_and_resets():
 
 
 def test_a_model_starts_block_k_of_l_at_the_papers_bound_k_over_l():
-    options = tuple(sorted({"expansion": 1.0, "lower_bound": True, "scan_method": "auto"}.items()))
+    options = {"expansion": 1.0, "lower_bound": True, "max_timescale": 0.0, "scan_method": "auto"}
+    options = tuple(sorted(options.items()))
     model = models.SequenceModel(
         num_outputs=3, mixer="hgrn", d_model=4, num_layers=3, mixer_options=options
     )
@@ -154,6 +155,21 @@ def test_a_model_starts_block_k_of_l_at_the_papers_bound_k_over_l():
     unbounded = dict(options, lower_bound=False)
     build = models.OPTION_MIXERS["hgrn"]
     assert build(4, unbounded, models.MixerContext(None, 2, 3)).lower_bound == 0.0
+
+
+def test_chrono_initialisation_starts_the_forget_gate_with_memories_up_to_t():
+    """With max_timescale T and no lower bound, λ at zero input is u/(1 + u), u ~ U(1, T − 1):
+    memories 1/(1 − λ) = 1 + u spread over [2, T]; the other parameters are unchanged."""
+    key, T = jax.random.key(5), 1000.0
+    plain, chrono = hgrn.init(key, 4, 2000), hgrn.init(key, 4, 2000, max_timescale=T)
+    lam = np.abs(np.asarray(hgrn.terms(chrono, jnp.zeros((1, 4)))[0][0])).astype(np.float64)
+    memory = 1.0 / (1.0 - lam)
+    assert 2.0 - 1e-3 <= memory.min() < 20 and T - 20 < memory.max() <= T * 1.001
+    assert abs(memory.mean() - T / 2) < 0.05 * T  # u uniform: mean T/2
+    for name in set(plain) - {"b_f"}:
+        np.testing.assert_array_equal(np.asarray(chrono[name]), np.asarray(plain[name]), name)
+    with pytest.raises(ValueError, match="max_timescale: expected 0 .* or a number > 2"):
+        hgrn.init(key, 4, 4, max_timescale=2)
 
 
 def test_bad_input_is_named():

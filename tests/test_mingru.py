@@ -170,6 +170,30 @@ def test_module_parameters_are_the_functional_init_of_its_key():
             np.testing.assert_array_equal(np.asarray(got[name]), np.asarray(want[name]), name)
 
 
+@pytest.mark.parametrize("cell", ["mingru", "minlstm"])
+def test_chrono_initialisation_starts_the_gates_with_memories_up_to_t(cell):
+    """With max_timescale T the decay at zero input is a = u/(1 + u), u ~ U(1, T − 1) (Tallec
+    and Ollivier 2018): memories 1/(1 − a) = 1 + u spread over [2, T], in both forms; without
+    it a = 1/2, the paper's zero biases; the weights are the same either way."""
+    key, T = jax.random.key(6), 1000.0
+    plain = mingru.init(key, 4, 2000, cell=cell)
+    chrono = mingru.init(key, 4, 2000, cell=cell, max_timescale=T)
+    zero = jnp.zeros((1, 4))
+    np.testing.assert_allclose(np.asarray(mingru.terms(plain, zero)[0]), 0.5)
+    a = np.asarray(mingru.terms(chrono, zero)[0][0], np.float64)
+    np.testing.assert_allclose(np.exp(np.asarray(mingru.log_gates(chrono, zero)[0][0])), a, 1e-5)
+    memory = 1.0 / (1.0 - a)
+    assert 2.0 - 1e-3 <= memory.min() < 20 and T - 20 < memory.max() <= T * 1.001
+    assert abs(memory.mean() - T / 2) < 0.05 * T  # u uniform: mean T/2
+    for name in (n for n in plain if n.startswith("W")):
+        np.testing.assert_array_equal(np.asarray(chrono[name]), np.asarray(plain[name]), name)
+    layer = lnn.MinRNN(2000, cell=cell, max_timescale=T)
+    got = layer.init(key, zero[None])["params"]
+    want = mingru.init(first_params_key(key), 4, 2000, cell=cell, max_timescale=T)
+    for name in want:
+        np.testing.assert_array_equal(np.asarray(got[name]), np.asarray(want[name]), name)
+
+
 @pytest.mark.parametrize("layer", [lnn.MinGRU(5, log_space=True), lnn.MinLSTM(5)])
 def test_module_steps_equal_the_full_call(layer):
     rng = np.random.default_rng(4)
@@ -229,6 +253,10 @@ def test_bad_input_is_named():
         lnn.MinGRU(3, log_space=True, scan_method="chunked").init(jax.random.key(0), x)
     with pytest.raises(ValueError, match="d_state: expected d_model=3 without proj_out"):
         lnn.MinGRU(4, proj_out=False).init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match="max_timescale: expected 0 .* or a number > 2"):
+        lnn.MinGRU(3, max_timescale=1.5).init(jax.random.key(0), x)
+    with pytest.raises(TypeError, match="max_timescale: expected 0"):
+        mingru.init(jax.random.key(0), 3, max_timescale="long")
     p = variables["params"]
     with pytest.raises(ValueError, match="h0: expected a state >= 0 for the log-space form"):
         mingru.forward(p, jnp.ones((5, 2, 3)), -jnp.ones((2, 3)), log_space=True)
@@ -255,6 +283,10 @@ def test_mixers_from_the_config():
         config_lib.validate(config)
     config.model.mingru.expansion = 0
     with pytest.raises(ValueError, match="config.model.mingru.expansion: expected a positive"):
+        config_lib.validate(config)
+    config.model.mingru.expansion = 1.0
+    config.model.hgrn.max_timescale = 1.0
+    with pytest.raises(ValueError, match="config.model.hgrn.max_timescale: expected 0 "):
         config_lib.validate(config)
 
 

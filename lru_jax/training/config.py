@@ -48,7 +48,15 @@ LONG_RANGE_RING = {"r_min": 0.9, "r_max": 0.999, "max_phase": 2 * math.pi / 10}
 # model.dtype: what the model computes in (parameters and optimiser state stay float32)
 DTYPES = ("float32", "bfloat16")
 
-MIN_RNN_OPTIONS = {"expansion": 1.0, "log_space": False, "activation": "g", "scan_method": "auto"}
+# max_timescale (minGRU, minLSTM, HGRN): T > 2 starts the gate biases by chrono initialisation,
+# memories of 2 to T steps (mingru.chrono_log_odds); 0: zero biases, the papers'
+MIN_RNN_OPTIONS = {
+    "expansion": 1.0,
+    "log_space": False,
+    "activation": "g",
+    "max_timescale": 0.0,
+    "scan_method": "auto",
+}
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -124,6 +132,7 @@ def default_config() -> ml_collections.ConfigDict:
                 # block k of L starts with the forget gate's lower bound at k/L (the paper's);
                 # False: no lower bound
                 "lower_bound": True,
+                "max_timescale": 0.0,  # as minGRU's: chrono initialisation of the forget gate
                 "scan_method": "auto",
             },
             "rglru": {  # Griffin's recurrent block around the RG-LRU (lru_jax.rglru)
@@ -436,6 +445,9 @@ def _validate_diagonal_mixers(config) -> None:
         _checks.positive_number(
             expansion, _get(config, f"model.{name}.expansion"), type_error=ValueError
         )
+    for name in ("mingru", "minlstm", "hgrn"):
+        key = f"model.{name}.max_timescale"
+        mingru.check_max_timescale(_get(config, key), _key(key), type_error=ValueError)
     for name in ("mingru", "minlstm"):
         group = config.model[name]
         _choice(config, f"model.{name}.log_space", (True, False))
