@@ -8,6 +8,10 @@ The recipe (docs/results.md says why each part is there):
 - block 1 keeps the full ring, so its fast modes pass each step's (value, marker) to the GLU that
   forms their product; block 2's ring sits at 0.99 <= |λ| <= 0.9999 with phases below 2π/1000,
   to add up over 1000 steps;
+- minGRU, minLSTM and HGRN (the input-gated recurrences) start their gate biases by chrono
+  initialisation with memories up to T = 1000 steps (`max_timescale`): with the papers' zero
+  biases each step keeps half the state, and the gradient from the answer never reaches the
+  first marker;
 - evaluation reads an exponential moving average of the parameters (`train.ema_decay`), with
   BatchNorm's statistics re-estimated for it: the last steps' parameters wander around the
   solution at the MSE the target asks for.
@@ -38,6 +42,8 @@ def get_config():
             "layer_rings": ((0.0, 1.0, 2 * math.pi), (0.99, 0.9999, 2 * math.pi / 1000)),
         }
     )
+    for gated in ("mingru", "minlstm", "hgrn"):
+        c.model[gated].max_timescale = 1000.0
     c.train.update(
         {
             "batch_size": 32,
