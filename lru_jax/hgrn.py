@@ -89,8 +89,8 @@ def init(
     if lower_bound > 0:
         logit = math.log(lower_bound) - math.log1p(-lower_bound)
         params["bound_logit"] = jnp.full((n,), logit, jnp.float32)
-    if max_timescale:  # a key of its own: the other parameters are the zero-bias init's
-        params["b_f"] = chrono_log_odds(jax.random.fold_in(key, 1), n, max_timescale)
+    if max_timescale:
+        params["b_f"] = chrono_log_odds(key, n, max_timescale)
     return params
 
 

@@ -98,10 +98,14 @@ def check_max_timescale(
     return max_timescale
 
 
-def chrono_log_odds(key, size: int, max_timescale: float) -> jax.Array:
+def chrono_log_odds(init_key, size: int, max_timescale: float) -> jax.Array:
     """log u [size], u ~ U(1, T − 1): the log-odds of keeping the state that give a gated unit
     a memory of 1 + u steps at zero input (Tallec and Ollivier 2018, "Can recurrent neural
-    networks warp time?"), so that gradients reach back up to T steps from the start."""
+    networks warp time?"), so that gradients reach back up to T steps from the start.
+
+    Drawn from a key folded out of the layer's `init_key`, never one of the keys its other
+    parameters use: with or without chrono, the weights are those of the same key."""
+    key = jax.random.fold_in(init_key, 1)
     u = jax.random.uniform(key, (size,), jnp.float32, 1.0, max_timescale - 1.0)
     return jnp.log(u)
 
@@ -130,8 +134,7 @@ def init(
     if proj_out:
         params["W_out"] = uniform(keys[-1], (d_model, d_state), d_state)
     if max_timescale:
-        # a key of its own: the other parameters are those of the zero-bias init
-        log_odds = chrono_log_odds(jax.random.fold_in(key, 1), d_state, max_timescale)
+        log_odds = chrono_log_odds(key, d_state, max_timescale)
         if cell == "mingru":  # keep: 1 − z = σ(−b_z)
             params["b_z"] = -log_odds
         else:  # keep: f' = σ(b_f) / (σ(b_f) + σ(b_i)) = σ(b_f) when b_i = −b_f
