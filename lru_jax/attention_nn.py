@@ -425,6 +425,8 @@ class CausalSelfAttention(nn.Module):
     Positions: rotary embeddings (Su et al. 2021) on queries and keys, so attention is not
     order-blind, depends on relative positions, has no max-length parameter and works the
     same in the parallel and the cached form. head_dim = d_model / num_heads must be even.
+    With `reverse=True` it reads each sequence backwards, from its last valid step (the
+    backward half of an `nn.Bidirectional` pair; no carry).
     """
 
     d_model: int
@@ -546,9 +548,14 @@ def self_attention_forward(
     time, d_model]); `cache`, a KVCache or None, holds earlier steps the new ones also see
     (those of their own document); `resets`, bool [batch, time] or None, marks where
     documents start: a query attends only to keys of its own document; x is cast to `dtype`
-    (the compute dtype; None: as it is)."""
+    (the compute dtype; None: as it is).
+
+    `reverse`: each query attends to its own and the later valid steps, at positions counted
+    from its sequence's last valid step: the forward layer over each sequence reversed within
+    its length, as the recurrent layers' `reverse` (one half of a `Bidirectional` pair). It
+    returns no carry (None) and takes neither `cache` nor `resets`."""
     if reverse:
-        raise ValueError("reverse: causal self-attention runs forwards only; got True")
+        return None, _reverse_self_attention(project, out, x, seq_lengths, cache, resets, dtype)
     x = _checks.sequence("x", x)
     x = x if dtype is None else x.astype(dtype)
     _checks.feature_size("x", x.shape[-1], d_model, "features (d_model)")
@@ -586,6 +593,21 @@ def self_attention_forward(
         cache = empty_cache(batch, max_len, d_model, num_heads, x.dtype)
     lengths = jnp.full((batch,), time, jnp.int32) if seq_lengths is None else seq_lengths
     return _write(cache, k, v, lengths, resets), y
+
+
+def _reverse_self_attention(project, out, x, seq_lengths, cache, resets, dtype):
+    if cache is not None or resets is not None:
+        raise ValueError("reverse: self-attention reads backwards without initial_carry or resets")
+    x = _checks.sequence("x", x)
+    x = x if dtype is None else x.astype(dtype)
+    batch, time = x.shape[:2]
+    lengths = _checks.seq_lengths(seq_lengths, batch, time)
+    if lengths is None:
+        lengths = jnp.full((batch,), time, jnp.int32)
+    q, k, v = project(x, lengths[:, None] - 1 - jnp.arange(time))
+    mask = att.causal_mask(time).T & att.padding_mask(lengths, time)  # later, valid keys
+    o, _ = att.dot_product_attention(q, k, v, mask=mask)
+    return _zero_padded_queries(out(o), att.query_padding_mask(lengths, time))
 
 
 def _check_cache(cache, batch, time, d_model, num_heads, max_len):

@@ -90,6 +90,11 @@ class SequenceModel(nn.Module):
         ignore it. Lets a first block
         keep fast modes (it sees each step's input) while later blocks hold long memory.
       norm_bias: the blocks' norms learn a shift (see `nn.SequenceBlock`).
+      bidirectional: each block's mixer is a pair, one reading forwards and one backwards
+        within each sequence's length (`nn.Bidirectional`, outputs concatenated), as the LRU
+        and S5 papers' classifiers on the Long Range Arena. Only for pooled models (a
+        per-step model would see its own future); not with `remat`, `sequence_axis` or
+        `resets`.
       encoder_bias: the Dense encoder of float inputs has a bias. Without it (and without norm
         bias) an input that is zero carries no constant into the recurrences.
       dtype, param_dtype: the computation's and the parameters' dtypes, of every module the
@@ -122,11 +127,13 @@ class SequenceModel(nn.Module):
     layer_rings: tuple = ()
     norm_bias: bool = True
     encoder_bias: bool = True
+    bidirectional: bool = False
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
     def setup(self):
         _checks.one_of("mixer", self.mixer, MIXERS)
+        self._check_bidirectional()
         if self.mixer == "lru":
             check_layer_rings(self.layer_rings, self.num_layers)
         if self.sequence_axis is not None and self.mixer != "lru":
@@ -162,7 +169,25 @@ class SequenceModel(nn.Module):
             self.attention_pool = lnn.AttentionPooling(**dtypes)
         self.head = nn.Dense(self.num_outputs, **dtypes)
 
+    def _check_bidirectional(self):
+        if not self.bidirectional:
+            return
+        if self.pooling == "none":
+            raise ValueError(
+                "bidirectional: needs a pooled model (pooling 'last', 'mean' or 'attention'); "
+                "a per-step model would see its own future, got pooling 'none'"
+            )
+        if self.remat:
+            raise ValueError("remat: False with bidirectional (chunks run forwards only)")
+        if self.sequence_axis is not None:
+            raise ValueError("sequence_axis: None with bidirectional")
+
     def _make_mixer(self, layer: int) -> nn.Module:
+        if self.bidirectional:
+            return lnn.Bidirectional(self._one_way_mixer(layer), self._one_way_mixer(layer))
+        return self._one_way_mixer(layer)
+
+    def _one_way_mixer(self, layer: int) -> nn.Module:
         if self.mixer == "lru":
             mixer = lnn.LRU(
                 self.d_state,
@@ -205,6 +230,8 @@ class SequenceModel(nn.Module):
         self._check_inputs(x)
         _checks.rank("inputs", x, 2 if self.vocab_size is not None else 3)
         resets = _checks.resets(resets, x.shape[:2])
+        if resets is not None and self.bidirectional:
+            raise ValueError("resets: None for a bidirectional model (packing is for LMs)")
         h = self.encoder(x)
         if self.remat and not self.is_initializing():
             carries, h = self._chunked_blocks(h, lengths, initial_carry, deterministic, resets)

@@ -171,3 +171,44 @@ def test_layer_rings_and_bias_free_options_shape_the_parameters():
     bad = models.SequenceModel(num_outputs=1, num_layers=2, layer_rings=(rings[0], (0.9, 0.5, 1)))
     with pytest.raises(ValueError, match=r"layer_rings\[1\]: r_min, r_max: expected 0 <= r_min"):
         bad.init(jax.random.key(0), jnp.ones((1, 3, 2)))
+
+
+@pytest.mark.parametrize("mixer", ["lru", "attention"])
+def test_a_bidirectional_model_read_backwards_with_its_directions_swapped_is_unchanged(mixer):
+    """Reversing each sequence within its length and swapping every block's forward and
+    backward mixers (and the rows of the Dense that reads their concatenated outputs) mirrors
+    every step's output, so the mean-pooled logits stay the same; tokens past the lengths are
+    noise that must not reach either direction."""
+    model = models.SequenceModel(
+        num_outputs=3, vocab_size=9, mixer=mixer, d_model=8, num_layers=2, d_state=4,
+        num_heads=2, pooling="mean", bidirectional=True,
+    )  # fmt: skip
+    lengths = np.array([7, 4, 1], np.int32)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(1, 9, (3, 7)).astype(np.int32)
+    reversed_tokens = rng.integers(1, 9, (3, 7)).astype(np.int32)  # noise past each length
+    for row, n in enumerate(lengths):
+        reversed_tokens[row, :n] = tokens[row, n - 1 :: -1][:n]
+    variables = jax.jit(model.init)(jax.random.key(0), tokens, lengths)
+
+    def swapped(block):
+        mixer_params = block["mixer"]
+        kernel = block["out"]["kernel"]
+        rows = np.concatenate([kernel[8:], kernel[:8]])
+        mixer_params = {
+            "forward_layer": mixer_params["backward_layer"],
+            "backward_layer": mixer_params["forward_layer"],
+        }
+        return {**block, "mixer": mixer_params, "out": {**block["out"], "kernel": rows}}
+
+    params = variables["params"]
+    mirror = {**params, **{k: swapped(v) for k, v in params.items() if k.startswith("blocks_")}}
+    apply = jax.jit(model.apply)
+    expected = apply(variables, tokens, lengths)
+    got = apply({**variables, "params": mirror}, reversed_tokens, lengths)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    assert np.std(np.asarray(expected)[:, 0]) > 1e-3  # the rows differ: not a constant
+    with pytest.raises(ValueError, match="bidirectional: needs a pooled model"):
+        models.SequenceModel(num_outputs=3, vocab_size=9, bidirectional=True).init(
+            jax.random.key(0), tokens
+        )

@@ -349,6 +349,12 @@ def test_choices_that_depend_on_the_task():
     config.train.tbptt_length = 5
     with pytest.raises(ValueError, match="truncated BPTT needs per-step targets"):
         config_lib.check_against_task(config, adding)
+    config.train.tbptt_length = 0
+    config.model.bidirectional_blocks = True
+    config_lib.check_against_task(config, adding)
+    config.model.pooling = "none"
+    with pytest.raises(ValueError, match="bidirectional_blocks: expected False for the"):
+        config_lib.check_against_task(config, text)
 
 
 def test_optimizer_groups_and_lru_learning_rate_factor():

@@ -96,6 +96,10 @@ def default_config() -> ml_collections.ConfigDict:
             "ffn": "glu",  # glu | gelu
             "dropout_rate": 0.1,
             "pooling": "none",  # none (per-step outputs) | last | mean | attention
+            # pooled tasks: every block's mixer reads the sequence forwards and backwards (a
+            # pair of mixers, outputs concatenated; SequenceModel.bidirectional). Not
+            # `bidirectional`: that old key is seq2seq.bidirectional, the encoder's.
+            "bidirectional_blocks": False,
             "remat": False,  # rematerialised BPTT over time chunks (see SequenceModel)
             "remat_chunk": 256,
             # False: no learned constant before the mixers (the blocks' norm shift, the Dense
@@ -401,6 +405,7 @@ def _validate_model(config) -> None:
     _int(config, "model.rnn.grad_chunk", 0)
     _choice(config, "model.mixer", models.MIXERS)
     _choice(config, "model.pooling", models.POOLINGS)
+    _choice(config, "model.bidirectional_blocks", (True, False))
     _choice(config, "model.norm", ("layer", "batch"))
     _choice(config, "model.ffn", ("glu", "gelu"))
     _choice(config, "model.lru.scan_method", (*scan.METHODS, "auto"))
@@ -564,6 +569,8 @@ def _check_against_task(config, spec: TaskSpec) -> None:
             f"'last' or 'mean' (or 'attention') for the {spec.kind} task {spec.name}",
             m.pooling,
         )
+    if m.bidirectional_blocks:
+        _check_bidirectional(config, spec)
     if spec.kind == "seq2seq" and m.mixer not in models.RECURRENT_MIXERS:
         _fail(
             "model.mixer",
@@ -593,6 +600,19 @@ def _check_against_task(config, spec: TaskSpec) -> None:
         _fail(
             "generate.top_k", f"at most the vocabulary ({spec.num_outputs})", config.generate.top_k
         )
+
+
+def _check_bidirectional(config, spec: TaskSpec) -> None:
+    if spec.kind == "seq2seq":
+        expected = "False for the encoder-decoder (its encoder's is model.seq2seq.bidirectional)"
+        _fail("model.bidirectional_blocks", expected, True)
+    if spec.kind == "per_step":
+        expected = f"False for the per-step task {spec.name} (each output would see its future)"
+        _fail("model.bidirectional_blocks", expected, True)
+    if config.model.remat:
+        _fail("model.remat", "False with model.bidirectional_blocks", True)
+    if config.sharding.sequence > 1:
+        _fail("sharding.sequence", "1 with model.bidirectional_blocks", config.sharding.sequence)
 
 
 def _mixer_options(m) -> tuple:
@@ -653,5 +673,6 @@ def build_model(
         max_len=m.attention.max_len,
         sequence_axis=sequence_axis,
         encoder_bias=m.encoder_bias,
+        bidirectional=m.bidirectional_blocks,
         **shared,
     )
