@@ -1,9 +1,18 @@
 """ListOps (Nangia & Bowman 2018) as in the Long Range Arena: evaluate a nested prefix
 expression of MIN, MAX, MED and SM (sum mod 10) over digits; ten classes.
 
-CPU-sized by default: 10000 training expressions of 32..128 tokens, nested at most 5 deep.
-The trivial baseline, always answering the training set's most frequent class, has accuracy
-about 0.12 (reported by the task as `baseline`).
+CPU-sized by default: 100,000 training expressions of 32..128 tokens, nested at most 5 deep
+(about 40 s to generate), so 3,000 steps of 32 see each about once; 2,000 valid and 2,000
+test expressions. The trivial baseline,
+always answering the training set's most frequent class, has accuracy about 0.12 (reported
+by the task as `baseline`).
+
+The blocks read both ways (`model.bidirectional_blocks`), as S5's ListOps
+models: an operator's arguments follow it, so a causal model must hold each operator until
+its closing bracket, while the backward half brings the arguments to the operator.
+docs/results.md (ListOps) has the runs behind this recipe: reading both ways and 100,000
+instead of 10,000 expressions (with which the training loss fell to 1.2 while the valid loss
+rose from 1.70) took the LRU from 31% to 45%.
 
 The Long Range Arena's sizes (lru_jax.tasks.listops.LRA_SIZES; generating them takes about a
 minute, training them needs an accelerator):
@@ -20,9 +29,9 @@ def get_config():
     c = default_config()
     c.task = {
         "name": "listops",
-        "num_train": 10000,
-        "num_valid": 500,
-        "num_test": 500,
+        "num_train": 100000,
+        "num_valid": 2000,  # at 500, one model's valid and test accuracy differed by 9 points
+        "num_test": 2000,
         "min_length": 32,
         "max_length": 128,
         "max_depth": 6,
@@ -35,6 +44,7 @@ def get_config():
             "lru": {"d_state": 64, **LONG_RANGE_RING},
             "dropout_rate": 0.1,
             "pooling": "mean",
+            "bidirectional_blocks": True,
         }
     )
     c.train.update(

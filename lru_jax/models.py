@@ -91,8 +91,8 @@ class SequenceModel(nn.Module):
         keep fast modes (it sees each step's input) while later blocks hold long memory.
       norm_bias: the blocks' norms learn a shift (see `nn.SequenceBlock`).
       bidirectional: each block's mixer is a pair, one reading forwards and one backwards
-        within each sequence's length (`nn.Bidirectional`, outputs concatenated), as the LRU
-        and S5 papers' classifiers on the Long Range Arena. Only for pooled models (a
+        within each sequence's length (`nn.Bidirectional`, outputs concatenated), as S5's
+        classifiers on the Long Range Arena. Only for pooled models (a
         per-step model would see its own future); not with `remat`, `sequence_axis` or
         `resets`.
       encoder_bias: the Dense encoder of float inputs has a bias. Without it (and without norm

@@ -58,6 +58,7 @@ EXPERIMENTS = [
     ),
     ("listops-lru", "listops.py", {}, "accuracy", "majority class"),
     ("listops-attention", "listops.py", {"model.mixer": "attention"}, "accuracy", "majority class"),
+    ("listops-lstm", "listops.py", {"model.mixer": "lstm"}, "accuracy", "majority class"),
     ("jokes-lru", "default.py", {}, "bits_per_char", "compressors"),
     ("copy-lru", "copy.py", {}, "loss", "baseline"),
     ("copy-attention", "copy.py", {"model.mixer": "attention"}, "loss", "baseline"),
