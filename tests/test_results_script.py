@@ -44,3 +44,12 @@ def test_the_committed_rows_make_the_committed_table():
         rows = json.load(f)
     with open(os.path.join(ROOT, "docs", "results", "table.md")) as f:
         assert f.read() == "# Results table\n\n" + results.table(rows)
+
+
+def test_every_committed_row_names_the_config_its_experiment_runs_now():
+    results = load_script()
+    with open(os.path.join(ROOT, "docs", "results", "rows.json")) as f:
+        rows = json.load(f)
+    configs = {name: results.config_text(f, o) for name, f, o, *_ in results.EXPERIMENTS}
+    for row in rows:
+        assert row["config"] == configs[row["name"]], row["name"]
