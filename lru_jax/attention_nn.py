@@ -555,7 +555,9 @@ def self_attention_forward(
     its length, as the recurrent layers' `reverse` (one half of a `Bidirectional` pair). It
     returns no carry (None) and takes neither `cache` nor `resets`."""
     if reverse:
-        return None, _reverse_self_attention(project, out, x, seq_lengths, cache, resets, dtype)
+        return None, _reverse_self_attention(
+            project, out, x, seq_lengths, cache, resets, dtype, d_model, max_len
+        )
     x = _checks.sequence("x", x)
     x = x if dtype is None else x.astype(dtype)
     _checks.feature_size("x", x.shape[-1], d_model, "features (d_model)")
@@ -595,12 +597,15 @@ def self_attention_forward(
     return _write(cache, k, v, lengths, resets), y
 
 
-def _reverse_self_attention(project, out, x, seq_lengths, cache, resets, dtype):
+def _reverse_self_attention(project, out, x, seq_lengths, cache, resets, dtype, d_model, max_len):
     if cache is not None or resets is not None:
         raise ValueError("reverse: self-attention reads backwards without initial_carry or resets")
     x = _checks.sequence("x", x)
     x = x if dtype is None else x.astype(dtype)
+    _checks.feature_size("x", x.shape[-1], d_model, "features (d_model)")
     batch, time = x.shape[:2]
+    if time > max_len:
+        raise ValueError(f"x: expected at most max_len={max_len} steps, got {time}")
     lengths = _checks.seq_lengths(seq_lengths, batch, time)
     if lengths is None:
         lengths = jnp.full((batch,), time, jnp.int32)

@@ -60,6 +60,11 @@ CASES = {
         nn.CausalSelfAttention(H, num_heads=2, max_len=8),
         {"resets": True},
     ),
+    "CausalSelfAttention-reverse": (  # one half of a Bidirectional pair
+        lambda: nnx.CausalSelfAttention(H, num_heads=2, max_len=8, rngs=_rngs()),
+        nn.CausalSelfAttention(H, num_heads=2, max_len=8),
+        {"reverse": True},
+    ),
     "SequenceBlock": (  # batch norm after the residual, the plain feed-forward
         lambda: nnx.SequenceBlock(
             H, nnx.LRU(H, 6, rngs=_rngs()), norm="batch", prenorm=False, ffn="gelu", rngs=_rngs()
@@ -402,8 +407,13 @@ def test_bad_input_is_named():
         layer.step(layer.initial_carry(B), jnp.zeros((B, T, H)))
     with pytest.raises(TypeError, match="d_state: expected a positive int"):
         nnx.LRU(H, 0.5, rngs=_rngs())
-    with pytest.raises(ValueError, match="reverse: causal self-attention runs forwards only"):
-        fnnx.eval_shape(CASES["CausalSelfAttention"][0])(_x(), reverse=True)
+    attention = fnnx.eval_shape(CASES["CausalSelfAttention"][0])
+    with pytest.raises(ValueError, match="reverse: self-attention reads backwards without"):
+        attention(_x(), reverse=True, resets=jnp.zeros((B, T), bool))
+    with pytest.raises(
+        ValueError, match=r"x: the parameters expect 4 features \(d_model\) on the last axis, got 3"
+    ):
+        attention(jnp.zeros((B, T, 3)), reverse=True)
     variables = _drawn(_shapes(_flat(nnx.linen_variables(layer))))
     with pytest.raises(ValueError, match=r"variables\['params'\].*\('D',\) missing"):
         nnx.load_linen(
