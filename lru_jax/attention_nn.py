@@ -554,20 +554,22 @@ def self_attention_forward(
     from its sequence's last valid step: the forward layer over each sequence reversed within
     its length, as the recurrent layers' `reverse` (one half of a `Bidirectional` pair). It
     returns no carry (None) and takes neither `cache` nor `resets`."""
-    if reverse:
-        return None, _reverse_self_attention(
-            project, out, x, seq_lengths, cache, resets, dtype, d_model, max_len
-        )
     x = _checks.sequence("x", x)
     x = x if dtype is None else x.astype(dtype)
     _checks.feature_size("x", x.shape[-1], d_model, "features (d_model)")
     batch, time = x.shape[:2]
     seq_lengths = _checks.seq_lengths(seq_lengths, batch, time)
+    if cache is None and time > max_len:
+        raise ValueError(f"x: expected at most max_len={max_len} steps, got {time}")
+    if reverse:
+        if cache is not None or resets is not None:
+            raise ValueError(
+                "reverse: self-attention reads backwards without initial_carry or resets"
+            )
+        return None, _reverse_self_attention(project, out, x, seq_lengths)
     resets = _checks.resets(resets, (batch, time))
     if cache is not None:
         _check_cache(cache, batch, time, d_model, num_heads, max_len)
-    elif time > max_len:
-        raise ValueError(f"x: expected at most max_len={max_len} steps, got {time}")
     start = jnp.zeros((batch,), jnp.int32) if cache is None else cache.index
     q, k, v = project(x, start[:, None] + jnp.arange(time))
     # Causality alone keeps valid queries off padded keys (they come later); padded
@@ -597,18 +599,10 @@ def self_attention_forward(
     return _write(cache, k, v, lengths, resets), y
 
 
-def _reverse_self_attention(project, out, x, seq_lengths, cache, resets, dtype, d_model, max_len):
-    if cache is not None or resets is not None:
-        raise ValueError("reverse: self-attention reads backwards without initial_carry or resets")
-    x = _checks.sequence("x", x)
-    x = x if dtype is None else x.astype(dtype)
-    _checks.feature_size("x", x.shape[-1], d_model, "features (d_model)")
+def _reverse_self_attention(project, out, x, seq_lengths):
+    """x [batch, time, d_model] (checked and cast), seq_lengths int [batch] or None -> y."""
     batch, time = x.shape[:2]
-    if time > max_len:
-        raise ValueError(f"x: expected at most max_len={max_len} steps, got {time}")
-    lengths = _checks.seq_lengths(seq_lengths, batch, time)
-    if lengths is None:
-        lengths = jnp.full((batch,), time, jnp.int32)
+    lengths = jnp.full((batch,), time, jnp.int32) if seq_lengths is None else seq_lengths
     q, k, v = project(x, lengths[:, None] - 1 - jnp.arange(time))
     mask = att.causal_mask(time).T & att.padding_mask(lengths, time)  # later, valid keys
     o, _ = att.dot_product_attention(q, k, v, mask=mask)
