@@ -6,8 +6,8 @@
     python scripts/results.py --resume         # keep runs that already finished
 
 Each experiment is a config file plus overrides, trained from scratch in its own directory,
-once per seed (the headline rows, and the Transformer row the ListOps target is a margin over,
-run seeds 0, 1, 2 and report mean ± standard deviation).
+once per seed (the headline rows, and the Transformer and LSTM rows the ListOps target is a
+margin over, run seeds 0, 1, 2 and report mean ± standard deviation).
 The table (metric, the task's trivial baseline or a published reference, wall time) goes to
 docs/results/table.md, each experiment's validation curve to docs/results/<name>.png. The rows
 are kept in docs/results/rows.json: a run with --only replaces its own rows and keeps the rest.
@@ -36,7 +36,7 @@ from lru_jax.training.loop import build_task, train_and_evaluate  # noqa: E402
 
 HEADLINE = ("adding-lru", "mnist1d-lru", "listops-lru", "stdlib-lru")  # run with 3 seeds
 # rows a headline target is a margin over: as many seeds as the headline row they are set against
-MARGIN_BASELINES = ("listops-attention",)
+MARGIN_BASELINES = ("listops-attention", "listops-lstm")
 # name, config file, overrides, the metric to report, reference shown beside it.
 EXPERIMENTS = [
     ("adding-lru", "adding.py", {}, "mse", "baseline 0.167"),
