@@ -15,7 +15,8 @@ The recipe (docs/results.md says why each part is there):
 - the RG-LRU's base decay σ(Λ) starts on 0.99 <= σ(Λ) <= 0.9999 (recurrentgemma's 0.9–0.999,
   raised to the power 8 r_t with r_t near 0.5, gives memories of at most about 250 steps); it
   leaves the mean only after 1,000–1,500 steps, so train it with
-  `--config.train.num_steps=3000` (its row in scripts/results.py does);
+  `--config.train.num_steps=3000` (its row in scripts/results.py does); even so seed 1 stays
+  at the mean (docs/results.md);
 - evaluation reads an exponential moving average of the parameters (`train.ema_decay`), with
   BatchNorm's statistics re-estimated for it: the last steps' parameters wander around the
   solution at the MSE the target asks for.
